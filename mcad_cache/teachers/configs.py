@@ -1,0 +1,86 @@
+"""Architectures of the small teachers trained on the embedded default world.
+
+They are ordinary open_clip / transformers configs: the same loaders that read
+ViT-L-14 or blip-itm-large read these.
+"""
+
+from __future__ import annotations
+
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from transformers import BlipConfig
+
+from pipeline.config import TowerShape
+
+IMAGE_MEAN = tuple(OPENAI_DATASET_MEAN)
+IMAGE_STD = tuple(OPENAI_DATASET_STD)
+
+
+def clip_model_cfg(shape: TowerShape, image_size: int, vocab_size: int, context_length: int, eos_id: int) -> dict:
+    """An open_clip model config whose text tower reads a BERT-style WordPiece tokenizer.
+
+    ``pool_type="eos"`` with the causal mask pools the ``[SEP]`` token, which has
+    seen the whole caption and none of the padding after it.
+    """
+    return {
+        "embed_dim": shape.embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "patch_size": shape.patch_size,
+            "width": shape.width,
+            "layers": shape.layers,
+            "head_width": shape.width // shape.heads,
+            "mlp_ratio": 2.0,
+        },
+        "text_cfg": {
+            "context_length": context_length,
+            "vocab_size": vocab_size,
+            "width": shape.width,
+            "heads": shape.heads,
+            "layers": shape.layers,
+            "mlp_ratio": 2.0,
+            "hf_tokenizer_name": "bundled",
+            "pad_id": 0,
+            "eos_id": eos_id,
+            "pool_type": "eos",
+        },
+    }
+
+
+def clip_preprocess_cfg(image_size: int) -> dict:
+    return {
+        "size": image_size,
+        "mean": list(IMAGE_MEAN),
+        "std": list(IMAGE_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def blip_config(shape: TowerShape, image_size: int, vocab_size: int, context_length: int, tokens: dict) -> BlipConfig:
+    """A BLIP ITM config; ``tokens`` holds the tokenizer's pad/cls/sep ids."""
+    return BlipConfig(
+        vision_config={
+            "hidden_size": shape.width,
+            "intermediate_size": 2 * shape.width,
+            "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads,
+            "image_size": image_size,
+            "patch_size": shape.patch_size,
+            "projection_dim": shape.embed_dim,
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": shape.width,
+            "intermediate_size": 2 * shape.width,
+            "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads,
+            "max_position_embeddings": context_length,
+            "projection_dim": shape.embed_dim,
+            "pad_token_id": tokens["pad"],
+            "bos_token_id": tokens["cls"],
+            "sep_token_id": tokens["sep"],
+            "eos_token_id": tokens["sep"],
+        },
+        projection_dim=shape.embed_dim,
+        image_text_hidden_size=shape.embed_dim,
+    )

@@ -1,0 +1,157 @@
+"""The single-stream teacher: BLIP image-text matching (`BlipForImageTextRetrieval`).
+
+Loaded with ``from_pretrained`` from a hub id (``Salesforce/blip-itm-base-coco``)
+or a local directory holding the same files, which is what the default world's
+teacher training writes. The model is used through its own submodules so that
+the image tower runs once per image, however many texts it is paired with:
+
+- ``vision_tokens``: the ViT token sequence, computed once per image;
+- ``itc_images`` / ``itc_texts``: the contrastive (ITC) embeddings, normalized;
+- ``itm``: ITM logits and the fused (cross-attended) pair feature for any list
+  of (image row, text row) pairs, batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+from mcad_cache.teachers.identity import TeacherIdentity, state_dict_sha256
+from pipeline.atomic import atomic_dir
+
+
+@dataclass(frozen=True)
+class SingleTeacherSpec:
+    name: str  # hub id or local directory
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "TextBatch":
+        return TextBatch(self.input_ids[rows], self.attention_mask[rows])
+
+
+@dataclass
+class ItmOutput:
+    logits: torch.Tensor  # (P,) match-minus-no-match logit, the pair's ITM score
+    fused: torch.Tensor  # (P, hidden) the multimodal [CLS] feature the ITM head reads
+
+
+class SingleStreamTeacher(torch.nn.Module):
+    def __init__(self, model: BlipForImageTextRetrieval, processor: BlipProcessor, spec: SingleTeacherSpec):
+        super().__init__()
+        self.model = model.eval()
+        self.processor = processor
+        self.spec = spec
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+        image_processor = processor.image_processor
+        self.image_size = int(image_processor.size["height"])
+        self.register_buffer("mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def load(cls, spec: SingleTeacherSpec, device: str | torch.device = "cpu") -> "SingleStreamTeacher":
+        model = BlipForImageTextRetrieval.from_pretrained(spec.name).to(device)
+        processor = BlipProcessor.from_pretrained(spec.name)
+        return cls(model, processor, spec)
+
+    def identity(self) -> TeacherIdentity:
+        return TeacherIdentity("single", _display_name(self.spec.name), None, state_dict_sha256(self.model))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.image_text_hidden_size)
+
+    @property
+    def fused_dim(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    def pixels_from_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        batch = self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")
+        return batch["pixel_values"]
+
+    def pixels_from_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])}, this teacher expects {self.image_size}x{self.image_size}"
+            )
+        return (images.to(self.mean.device, torch.float32) / 255.0 - self.mean) / self.std
+
+    def tokenize(self, texts: Sequence[str]) -> TextBatch:
+        encoded = self.processor.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        return TextBatch(encoded["input_ids"], encoded["attention_mask"])
+
+    def vision_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixels.to(self.mean.device)).last_hidden_state
+
+    def itc_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.vision_proj(tokens[:, 0, :]), dim=-1)
+
+    def text_states(self, text: TextBatch) -> torch.Tensor:
+        return self.model.text_encoder(
+            input_ids=text.input_ids.to(self.mean.device),
+            attention_mask=text.attention_mask.to(self.mean.device),
+        ).last_hidden_state
+
+    def itc_texts(self, text: TextBatch) -> torch.Tensor:
+        return F.normalize(self.model.text_proj(self.text_states(text)[:, 0, :]), dim=-1)
+
+    def itm(self, image_tokens: torch.Tensor, text: TextBatch) -> ItmOutput:
+        """Score aligned pairs: row i of ``image_tokens`` with row i of ``text``."""
+        if image_tokens.shape[0] != len(text):
+            raise ValueError(f"{image_tokens.shape[0]} images for {len(text)} texts: ITM scores aligned pairs")
+        device = self.mean.device
+        image_atts = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=device)
+        states = self.model.text_encoder(
+            input_ids=text.input_ids.to(device),
+            attention_mask=text.attention_mask.to(device),
+            encoder_hidden_states=image_tokens.to(device),
+            encoder_attention_mask=image_atts,
+        ).last_hidden_state
+        fused = states[:, 0, :]
+        two_way = self.model.itm_head(fused)
+        return ItmOutput(logits=two_way[:, 1] - two_way[:, 0], fused=fused)
+
+
+def _display_name(name: str) -> str:
+    path = Path(name)
+    return str(path.resolve()) if path.exists() else name
+
+
+def save_local(
+    model: BlipForImageTextRetrieval,
+    tokenizer_dir: str | Path,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    out_dir: str | Path,
+) -> SingleTeacherSpec:
+    """Save in the hub layout (``save_pretrained`` of model and processor), atomically."""
+    from transformers import AutoTokenizer, BlipImageProcessor
+
+    image_processor = BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=list(mean), image_std=list(std)
+    )
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+    return SingleTeacherSpec(str(Path(out_dir).resolve()))

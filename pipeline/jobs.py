@@ -1,0 +1,92 @@
+"""Orchestration on top of the library (the only pipeline module besides the CLI that imports the stages)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.atomic import atomic_write_json
+from pipeline.config import EvalConfig
+from pipeline.evaluation import evaluate_dual_stream
+from pipeline.shards import SplitData, list_shards, load_split
+
+METRIC_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
+
+
+def parse_dual(text: str):
+    """'ViT-B-16:openai' -> (name, tag); 'local-dir:/p' and 'hf-hub:org/repo' keep their schema."""
+    from mcad_cache.teachers.dual import DualTeacherSpec
+
+    if text.startswith(("local-dir:", "hf-hub:")):
+        return DualTeacherSpec(text)
+    name, _, tag = text.partition(":")
+    return DualTeacherSpec(name, tag or None)
+
+
+def teacher_specs(teachers_dir: Path) -> tuple[list, list]:
+    """The dual- and single-stream specs that `mcad teachers` wrote under ``teachers_dir``."""
+    from mcad_cache.teachers.dual import DualTeacherSpec
+    from mcad_cache.teachers.single import SingleTeacherSpec
+    from mcad_cache.teachers.train import load_report
+
+    report = load_report(teachers_dir)
+    duals = [DualTeacherSpec(report[name]["spec"]) for name in ("clip_a", "clip_b")]
+    return duals, [SingleTeacherSpec(report["blip"]["spec"])]
+
+
+def evaluate_models(cfg: EvalConfig, teachers_dir: Path | None, duals: list[str], singles: list[str]) -> dict:
+    """Evaluate every named model on ``cfg.shards``; returns {row name: metrics + seconds}."""
+    from mcad_cache.evaluate import evaluate_single_stream
+    from mcad_cache.teachers.dual import DualStreamTeacher
+    from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
+
+    dual_specs = [parse_dual(text) for text in duals]
+    single_specs = [SingleTeacherSpec(text) for text in singles]
+    if teachers_dir is not None:
+        trained_duals, trained_singles = teacher_specs(teachers_dir)
+        dual_specs += trained_duals
+        single_specs += trained_singles
+    if not dual_specs and not single_specs:
+        raise ValueError("nothing to evaluate: give --teachers DIR, --dual SPEC or --single SPEC")
+
+    shards = list_shards(cfg.shards)
+    splits: dict[int, SplitData] = {}
+
+    def split_at(size: int):
+        if size not in splits:
+            splits[size] = load_split(shards, image_size=size)
+        return splits[size]
+
+    results: dict[str, dict] = {}
+    for spec in dual_specs:
+        start = time.perf_counter()
+        teacher = DualStreamTeacher.load(spec)
+        metrics = evaluate_dual_stream(teacher, split_at(teacher.image_size), cfg.ks, cfg.batch_size)
+        results[_row_name(spec.name)] = {**metrics, "seconds": time.perf_counter() - start}
+    for spec in single_specs:
+        start = time.perf_counter()
+        teacher = SingleStreamTeacher.load(spec)
+        both = evaluate_single_stream(teacher, split_at(teacher.image_size), cfg.ks, cfg.rerank_k, cfg.batch_size)
+        seconds = time.perf_counter() - start
+        results[f"{_row_name(spec.name)} (itc)"] = {**both["itc"], "seconds": seconds}
+        results[f"{_row_name(spec.name)} (itm rerank top-{cfg.rerank_k})"] = {**both["itm_rerank"], "seconds": seconds}
+
+    if cfg.out_json is not None:
+        split = next(iter(splits.values()))
+        n_texts = sum(len(captions) for captions in split.captions)
+        atomic_write_json(cfg.out_json, {"shards": shards, "n_images": len(split.keys), "n_texts": n_texts,
+                                         "results": results})
+    return results
+
+
+def _row_name(name: str) -> str:
+    return Path(name.removeprefix("local-dir:")).name if name.startswith("local-dir:") or Path(name).exists() else name
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A markdown table, one row per model."""
+    header = "| model | " + " | ".join(METRIC_COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(METRIC_COLUMNS)
+    rows = [f"| {name} | " + " | ".join(f"{metrics[c]:.1f}" for c in METRIC_COLUMNS) + " |"
+            for name, metrics in results.items()]
+    return "\n".join([header, rule, *rows])
