@@ -67,6 +67,9 @@ def blip_config(shape: TowerShape, image_size: int, vocab_size: int, context_len
             "image_size": image_size,
             "patch_size": shape.patch_size,
             "projection_dim": shape.embed_dim,
+            # BlipVisionConfig defaults to 1e-10, which starts the image tower at ~zero weights:
+            # fine for loading pretrained checkpoints, crippling for training from scratch.
+            "initializer_range": 0.02,
         },
         text_config={
             "vocab_size": vocab_size,

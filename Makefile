@@ -1,0 +1,36 @@
+# MCAD: run the teachers once into a cache, distill students from it.
+# Every target works offline on the embedded default world.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= data/default
+TEACHERS ?= artifacts/teachers
+
+.DEFAULT_GOAL := help
+.PHONY: help install data teachers eval cache distill test
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## Create $(VENV) and install the project with pip (pinned torch/torchvision pair)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e .
+
+data:  ## Generate the default image-text world (22k samples, ~15 s) into $(DATA)
+	$(BIN)/mcad data --out $(DATA)
+
+teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, ~15 min)
+	$(BIN)/mcad teachers --data $(DATA) --out $(TEACHERS)
+
+eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/eval/teachers.json
+	$(BIN)/mcad eval --teachers $(TEACHERS) --shards $(DATA)/test --out artifacts/eval/teachers.json
+
+cache:  ## Stage 1: teachers once -> Zarr cache (not built yet)
+	$(BIN)/mcad cache
+
+distill:  ## Stage 2: student from the cache alone (not built yet)
+	$(BIN)/mcad distill
+
+test:  ## Run the test suite (tiny random-init models, tiny generated shards)
+	$(BIN)/python -m pytest -q

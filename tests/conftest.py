@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny generated worlds and tiny random-init teachers saved in hub layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from transformers import BlipForImageTextRetrieval
+
+from mcad_cache.teachers import dual, single
+from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
+from pipeline.config import TowerShape
+from pipeline.synth import WorldConfig, generate
+from pipeline.tokenizer import train_wordpiece
+
+TINY = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)
+IMAGE_SIZE = 32
+CONTEXT = 24
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate(out, WorldConfig(seed=1, image_size=IMAGE_SIZE, n_train=64, n_val=16, n_test=16,
+                              samples_per_shard=16), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, tiny_world) -> Path:
+    from pipeline.shards import iter_samples, list_shards
+
+    captions = [c for s in iter_samples(list_shards(tiny_world / "train")) for c in s.captions]
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_wordpiece(captions, out, vocab_size=128)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, tokenizer_dir):
+    """(model, spec): a random-init open_clip CLIP saved as a local-dir teacher."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    cfg = clip_model_cfg(TINY, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
+    model = open_clip.model.CLIP(**cfg).eval()
+    spec = dual.save_local(model, cfg, clip_preprocess_cfg(IMAGE_SIZE), tokenizer_dir,
+                           tmp_path_factory.mktemp("clip") / "clip")
+    return model, spec
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory, tokenizer_dir):
+    """(model, spec): a random-init BLIP ITM saved with save_pretrained."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    tokens = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
+    model = BlipForImageTextRetrieval(blip_config(TINY, IMAGE_SIZE, len(tok), CONTEXT, tokens)).eval()
+    spec = single.save_local(model, tokenizer_dir, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD,
+                             tmp_path_factory.mktemp("blip") / "blip")
+    return model, spec

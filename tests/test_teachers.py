@@ -1,0 +1,135 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTeacherSpec
+from mcad_cache.teachers.identity import state_dict_sha256
+from mcad_cache.teachers.single import SingleStreamTeacher
+from mcad_cache.teachers.train import CaptionTable, blip_losses, tokenize_captions, warmup_cosine
+from pipeline.config import Schedule
+
+
+def _images(n=3, size=32):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+
+
+def test_dual_teacher_round_trip_through_local_dir(tiny_clip):
+    model, spec = tiny_clip
+    assert spec.name.startswith("local-dir:")
+    teacher = DualStreamTeacher.load(spec)
+    assert teacher.identity().weights_sha256 == state_dict_sha256(model)
+    texts = ["a red circle left of a blue square", "a blue circle left of a red square"]
+    pixels = teacher.pixels_from_uint8(_images())
+    with torch.no_grad():
+        expected_img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        expected_txt = torch.nn.functional.normalize(model.encode_text(teacher.tokenize(texts)), dim=-1)
+    assert torch.allclose(teacher.encode_images(pixels), expected_img, atol=1e-6)
+    assert torch.allclose(teacher.encode_texts(texts), expected_txt, atol=1e-6)
+    assert torch.allclose(teacher.encode_texts(texts).norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_dual_teacher_owns_its_preprocessing(tiny_clip):
+    teacher = DualStreamTeacher.load(tiny_clip[1])
+    images = _images(2)
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+    assert torch.allclose(teacher.pixels_from_pil(pil), teacher.pixels_from_uint8(images), atol=1e-5)
+    with pytest.raises(ValueError, match="expects 32x32"):
+        teacher.pixels_from_uint8(_images(1, size=16))
+
+
+def test_dual_tokenizer_is_the_bundled_wordpiece(tiny_clip):
+    teacher = DualStreamTeacher.load(tiny_clip[1])
+    config = json.loads((Path(teacher.spec.name.removeprefix("local-dir:")) / OPEN_CLIP_CONFIG).read_text())
+    tokens = teacher.tokenize(["a red circle"])
+    assert tokens.shape == (1, config["model_cfg"]["text_cfg"]["context_length"])
+    assert tokens[0, 0].item() == teacher.tokenizer.tokenizer.cls_token_id
+    assert (tokens[0] == config["model_cfg"]["text_cfg"]["eos_id"]).sum() == 1
+
+
+def test_weight_hash_changes_with_weights(tiny_clip):
+    model, _ = tiny_clip
+    before = state_dict_sha256(model)
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    try:
+        assert state_dict_sha256(model) != before
+    finally:
+        with torch.no_grad():
+            model.logit_scale.sub_(1.0)
+    assert state_dict_sha256(model) == before
+
+
+def test_single_teacher_matches_the_model_forward(tiny_blip):
+    model, spec = tiny_blip
+    teacher = SingleStreamTeacher.load(spec)
+    assert teacher.identity().weights_sha256 == state_dict_sha256(model)
+    texts = ["a red circle left of a blue square", "a green cross above a yellow triangle", "a red square"]
+    pixels = teacher.pixels_from_uint8(_images())
+    batch = teacher.tokenize(texts)
+    with torch.no_grad():
+        vision = teacher.vision_tokens(pixels)
+        itm = teacher.itm(vision, batch)
+        reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
+        itc = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels,
+                    use_itm_head=False)
+        ours_itc = teacher.itc_images(vision) @ teacher.itc_texts(batch).t()
+    ref = reference.itm_score
+    assert torch.allclose(itm.logits, ref[:, 1] - ref[:, 0], atol=1e-5)
+    assert itm.fused.shape == (3, teacher.fused_dim)
+    assert torch.allclose(ours_itc, itc.itm_score, atol=1e-5)
+
+
+def test_itm_refuses_misaligned_pairs(tiny_blip):
+    teacher = SingleStreamTeacher.load(tiny_blip[1])
+    vision = teacher.vision_tokens(teacher.pixels_from_uint8(_images(2)))
+    with pytest.raises(ValueError, match="aligned pairs"):
+        teacher.itm(vision, teacher.tokenize(["one text"]))
+
+
+def test_blip_losses_train_both_heads(tiny_blip, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    model, _ = tiny_blip
+    model.train()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    table = tokenize_captions(tok, [["a red circle"], ["a blue square", "a square that is blue"], ["a cross"]], 24)
+    images = torch.tensor([0, 1, 2])
+    rows = table.first[images]
+    pixels = torch.randn(3, 3, 32, 32)
+    terms = blip_losses(model, pixels, table.input_ids[rows], table.attention_mask[rows],
+                        images[:, None] == images[None, :], torch.Generator().manual_seed(0))
+    terms["loss"].backward()
+    assert set(terms) == {"itc", "itm", "loss"}
+    assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() > 0
+    assert model.vision_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.eval()
+
+
+def test_caption_table_samples_only_own_captions():
+    table = CaptionTable(
+        input_ids=torch.zeros(5, 2, dtype=torch.long), attention_mask=torch.ones(5, 2, dtype=torch.long),
+        image_of=torch.tensor([0, 0, 1, 2, 2]), first=torch.tensor([0, 2, 3]), count=torch.tensor([2, 1, 2]),
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = torch.tensor([0, 1, 2] * 50)
+    rows = table.sample(images, generator)
+    assert torch.equal(table.image_of[rows], images)
+    assert set(rows[images == 0].tolist()) == {0, 1}
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(Schedule(steps=110, warmup=10))
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5)
+    assert factor(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dual_spec_local_is_absolute(tmp_path):
+    spec = DualTeacherSpec.local(tmp_path / "x")
+    assert spec.name == f"local-dir:{(tmp_path / 'x').resolve()}"
