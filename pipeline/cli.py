@@ -63,7 +63,9 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--clip-steps", type=int, default=TeachersConfig.clip_schedule.steps, show_default=True)
 @click.option("--blip-steps", type=int, default=TeachersConfig.blip_schedule.steps, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int) -> None:
+@click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
+              help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
+def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
     Each is saved in its hub layout (open_clip local-dir, Hugging Face
@@ -78,10 +80,13 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         data_dir=data_dir,
         out_dir=out_dir,
         seed=seed,
+        on_error=on_error,
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
         blip_schedule=replace(defaults.blip_schedule, steps=blip_steps),
     )
     report = train_teachers(cfg)
+    if report["skipped"]:
+        click.echo(f"skipped bad training samples: {report['skipped']}", err=True)
     for name in ("clip_a", "clip_b", "blip"):
         entry = report[name]
         click.echo(f"{name}: {entry['steps']} steps, loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f}, "
@@ -102,8 +107,10 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
               help="ITC candidates per query that the single-stream ITM head re-ranks.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), default=None,
               help="Write the results as JSON here.")
+@click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
+              help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
 def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], singles: tuple[str, ...],
-             rerank_k: int, out_json: Path | None) -> None:
+             rerank_k: int, out_json: Path | None, on_error: str) -> None:
     """Recall@1/5/10 (image-to-text, text-to-image) and mean recall on a shard set.
 
     Scores dual-stream models by embedding similarity, and single-stream models
@@ -111,13 +118,16 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
     An image query is a hit if any of its captions is in the top k.
     """
     from pipeline.jobs import evaluate_models, format_table
+    from pipeline.shards import ShardReadError
 
-    cfg = EvalConfig(shards=shards, rerank_k=rerank_k, out_json=out_json)
+    cfg = EvalConfig(shards=shards, rerank_k=rerank_k, out_json=out_json, on_error=on_error)
     try:
-        results = evaluate_models(cfg, teachers_dir, list(duals), list(singles))
-    except (FileNotFoundError, ValueError) as err:
+        results, skipped = evaluate_models(cfg, teachers_dir, list(duals), list(singles))
+    except (FileNotFoundError, ValueError, ShardReadError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(format_table(results))
+    if skipped:
+        click.echo(f"skipped bad samples: {skipped}", err=True)
 
 
 def _not_built(stage: str, issue: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -43,6 +43,7 @@ class TeachersConfig:
     clip_schedule: Schedule = Schedule(steps=500)
     blip_schedule: Schedule = Schedule(steps=400)
     threads: int = 2
+    on_error: str = "raise"  # shard error policy: "warn" skips and counts, "raise" stops
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -57,7 +58,7 @@ class EvalConfig:
     rerank_k: int = 16
     batch_size: int = 256
     out_json: Path | None = None
-    extra: dict = field(default_factory=dict)
+    on_error: str = "raise"
 
 
 def _jsonable(obj):

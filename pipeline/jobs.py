@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_write_json
 from pipeline.config import EvalConfig
 from pipeline.evaluation import evaluate_dual_stream
-from pipeline.shards import SplitData, list_shards, load_split
+from pipeline.shards import ReadStats, SplitData, list_shards, load_split
 
 METRIC_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 
@@ -34,8 +34,13 @@ def teacher_specs(teachers_dir: Path) -> tuple[list, list]:
     return duals, [SingleTeacherSpec(report["blip"]["spec"])]
 
 
-def evaluate_models(cfg: EvalConfig, teachers_dir: Path | None, duals: list[str], singles: list[str]) -> dict:
-    """Evaluate every named model on ``cfg.shards``; returns {row name: metrics + seconds}."""
+def evaluate_models(
+    cfg: EvalConfig, teachers_dir: Path | None, duals: list[str], singles: list[str]
+) -> tuple[dict, dict]:
+    """Evaluate every named model on ``cfg.shards``.
+
+    Returns ({row name: metrics + seconds}, {skip reason: count}).
+    """
     from mcad_cache.evaluate import evaluate_single_stream
     from mcad_cache.teachers.dual import DualStreamTeacher
     from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
@@ -51,10 +56,12 @@ def evaluate_models(cfg: EvalConfig, teachers_dir: Path | None, duals: list[str]
 
     shards = list_shards(cfg.shards)
     splits: dict[int, SplitData] = {}
+    stats = ReadStats()
 
     def split_at(size: int):
         if size not in splits:
-            splits[size] = load_split(shards, image_size=size)
+            # count skips on the first read only: later reads at other sizes see the same samples
+            splits[size] = load_split(shards, image_size=size, policy=cfg.on_error, stats=None if splits else stats)
         return splits[size]
 
     results: dict[str, dict] = {}
@@ -75,8 +82,8 @@ def evaluate_models(cfg: EvalConfig, teachers_dir: Path | None, duals: list[str]
         split = next(iter(splits.values()))
         n_texts = sum(len(captions) for captions in split.captions)
         atomic_write_json(cfg.out_json, {"shards": shards, "n_images": len(split.keys), "n_texts": n_texts,
-                                         "results": results})
-    return results
+                                         "skipped": dict(stats.by_reason), "results": results})
+    return results, dict(stats.by_reason)
 
 
 def _row_name(name: str) -> str:

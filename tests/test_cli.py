@@ -66,3 +66,28 @@ def test_teachers_then_eval_end_to_end(tmp_path, tiny_world):
     for metrics in written["results"].values():
         assert 0.0 <= metrics["i2t_R@1"] <= metrics["i2t_R@5"] <= metrics["i2t_R@10"] <= 100.0
     assert "| clip_a |" in result.output
+
+
+def test_eval_on_error_policy(tmp_path, tiny_world, tiny_clip):
+    """A corrupt image stops eval under raise (naming shard and key) and is skipped and counted under warn."""
+    import shutil
+
+    import webdataset as wds
+
+    shards = tmp_path / "test"
+    shutil.copytree(tiny_world / "test", shards)
+    with wds.TarWriter(str(shards / "00099.tar")) as sink:
+        sink.write({"__key__": "999999999", "jpg": b"not a jpeg", "txt": b"a red circle"})
+    spec = tiny_clip[1].name
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", "--shards", str(shards), "--dual", spec])
+    assert result.exit_code == 1
+    assert "00099.tar" in result.output and "999999999" in result.output
+
+    out_json = tmp_path / "eval.json"
+    result = runner.invoke(main, ["eval", "--shards", str(shards), "--dual", spec, "--on-error", "warn",
+                                  "--out", str(out_json)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(out_json.read_text())
+    assert written["skipped"] == {"corrupt_image": 1}
+    assert written["n_images"] == 16

@@ -33,7 +33,7 @@ from mcad_cache.teachers import dual, single
 from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
 from pipeline.atomic import atomic_write_json
 from pipeline.config import Schedule, TeachersConfig
-from pipeline.shards import SplitData, list_shards, load_split
+from pipeline.shards import ReadStats, list_shards, load_split
 from pipeline.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,15 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    train = load_split(list_shards(Path(cfg.data_dir) / "train"))
+    stats = ReadStats()
+    train = load_split(list_shards(Path(cfg.data_dir) / "train"), policy=cfg.on_error, stats=stats)
     image_size = int(train.images.shape[-1])
-    report: dict = {"config": cfg.to_dict(), "image_size": image_size, "n_train": len(train.keys)}
+    report: dict = {
+        "config": cfg.to_dict(),
+        "image_size": image_size,
+        "n_train": len(train.keys),
+        "skipped": dict(stats.by_reason),
+    }
 
     start = time.perf_counter()
     tokenizer_dir = out / "tokenizer"
