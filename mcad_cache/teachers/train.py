@@ -103,6 +103,31 @@ def _batches(n: int, schedule: Schedule, generator: torch.Generator):
         order = order[schedule.batch_size :]
 
 
+def _fit(
+    model: torch.nn.Module,
+    n_images: int,
+    schedule: Schedule,
+    seed: int,
+    desc: str,
+    batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+) -> dict:
+    """The shared loop: AdamW + warmup/cosine, clip at norm 1; ``batch_loss(images, generator)``."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer, scheduler = _optimizer(model, schedule)
+    model.train()
+    losses = []
+    for images in tqdm(_batches(n_images, schedule, generator), total=schedule.steps, desc=desc):
+        loss = batch_loss(images, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    model.eval()
+    return _loss_summary(losses)
+
+
 def train_clip(
     model: open_clip.model.CLIP,
     pixels: torch.Tensor,
@@ -112,25 +137,15 @@ def train_clip(
     desc: str,
 ) -> dict:
     """Contrastive training with open_clip's ``ClipLoss``; returns the loss curve's ends."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer, scheduler = _optimizer(model, schedule)
     loss_fn = ClipLoss()
-    model.train()
-    losses = []
-    for images in tqdm(_batches(len(pixels), schedule, generator), total=schedule.steps, desc=desc):
-        rows = table.sample(images, generator)
-        out = model(pixels[images], table.input_ids[rows])
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+
+    def batch_loss(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-    model.eval()
-    return _loss_summary(losses)
+        out = model(pixels[images], table.input_ids[table.sample(images, generator)])
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+
+    return _fit(model, len(pixels), schedule, seed, desc, batch_loss)
 
 
 def blip_losses(
@@ -185,24 +200,15 @@ def train_blip(
     schedule: Schedule,
     seed: int,
 ) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    optimizer, scheduler = _optimizer(model, schedule)
-    model.train()
-    losses = []
-    for images in tqdm(_batches(len(pixels), schedule, generator), total=schedule.steps, desc="blip"):
+    def batch_loss(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         rows = table.sample(images, generator)
         same_image = images[:, None] == images[None, :]
         terms = blip_losses(
             model, pixels[images], table.input_ids[rows], table.attention_mask[rows], same_image, generator
         )
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(terms["loss"].item())
-    model.eval()
-    return _loss_summary(losses)
+        return terms["loss"]
+
+    return _fit(model, len(pixels), schedule, seed, "blip", batch_loss)
 
 
 def _loss_summary(losses: list[float]) -> dict:
