@@ -133,4 +133,3 @@ def test_warmup_cosine_schedule():
 def test_dual_spec_local_is_absolute(tmp_path):
     spec = DualTeacherSpec.local(tmp_path / "x")
     assert spec.name == f"local-dir:{(tmp_path / 'x').resolve()}"
-
