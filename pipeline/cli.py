@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import EvalConfig, Schedule, TeachersConfig
+from pipeline.config import EvalConfig, TeachersConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
