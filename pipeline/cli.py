@@ -52,7 +52,8 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
         raise click.BadParameter(str(err)) from err
     start = time.perf_counter()
     world = generate(out_dir, cfg)
-    click.echo(f"wrote {out_dir} in {time.perf_counter() - start:.1f}s: {json.dumps(world.get('counts', {}))}")
+    counts = {split: info["samples"] for split, info in world["splits"].items()}
+    click.echo(f"wrote {out_dir} in {time.perf_counter() - start:.1f}s: {json.dumps(counts)} samples")
 
 
 @main.command()
