@@ -12,8 +12,20 @@ assumptions the writer did not make. Layout (schema version 1):
         emb/<teacher>/image (n, V, D)  float16  normalized image embedding per view
         emb/<teacher>/text  (t, D)     float16  normalized text embedding
 
+      blocks/<block>/                  one group per candidate-search block (rows = its shards' rows, in order)
+        i2t/ids  (n, k)  int32     top-k candidate text rows per image, best first (search)
+        i2t/dual (n, k)  float32   their dual-stream logits                        (search)
+        i2t/itm  (n, k)  float32   their single-stream ITM logits                  (rescore)
+        i2t/fused (n, k) float32   the fused target logits                         (fuse)
+        t2i/...  (t, k)            the same per text, candidates are image rows
+        pos/itm  (t,)    float32   ITM logit of every caption with its own image   (rescore)
+        pos/feature (t, H) float16 the fused (cross-attended) feature of that pair (rescore)
+        integrated/image (n, E), integrated/text (t, E) float16                    (integrate)
+      integration/<param>              float32  the integration module's weights (its state dict)
+
 Because each shard's writer owns a whole group, two writers never share a
 chunk, which is what lets Slurm array tasks write one store concurrently.
+Block groups are written by the one job that runs the block passes.
 """
 
 from __future__ import annotations
@@ -61,6 +73,25 @@ def teacher_arrays(teacher: str) -> tuple[ArraySpec, ...]:
     )
 
 
+def _direction(prefix: str, rows: str, names: tuple[str, ...]) -> tuple[ArraySpec, ...]:
+    dtypes = {"ids": "int32"}
+    return tuple(ArraySpec(f"{prefix}/{name}", dtypes.get(name, "float32"), (rows, "k")) for name in names)
+
+
+SEARCH_ARRAYS = _direction("i2t", "n", ("ids", "dual")) + _direction("t2i", "t", ("ids", "dual"))
+RESCORE_ARRAYS = _direction("i2t", "n", ("itm",)) + _direction("t2i", "t", ("itm",)) + (
+    ArraySpec("pos/itm", "float32", ("t",)),
+    ArraySpec("pos/feature", "float16", ("t", "H")),
+)
+FUSE_ARRAYS = _direction("i2t", "n", ("fused",)) + _direction("t2i", "t", ("fused",))
+INTEGRATE_ARRAYS = (
+    ArraySpec("integrated/image", "float16", ("n", "E")),
+    ArraySpec("integrated/text", "float16", ("t", "E")),
+)
+BLOCK_PASSES = {"search": SEARCH_ARRAYS, "rescore": RESCORE_ARRAYS, "fuse": FUSE_ARRAYS,
+                "integrate": INTEGRATE_ARRAYS}
+
+
 class SchemaError(ValueError):
     """A store, or data written to it, does not match the schema."""
 
@@ -85,16 +116,30 @@ def write_shard_group(
     sizes = _sizes(arrays)
     group = root.require_group(f"shards/{shard}")
     for spec in specs:
-        value = np.asarray(arrays[spec.path])
         dims = dict(sizes, D=teachers[spec.path.split("/")[1]]) if spec.path.startswith("emb/") else sizes
-        shape = spec.shape(dims)
-        if value.shape != shape:
-            raise SchemaError(f"shard {shard}: {spec.path} has shape {value.shape}, schema says {shape}")
-        dtype = str if spec.dtype == "str" else spec.dtype
-        array = group.create_array(spec.path, shape=shape, dtype=dtype, chunks=shape or (1,),
-                                   compressors=compressors(spec), overwrite=True)
-        array[...] = value.astype(spec.dtype) if spec.dtype != "str" else value.astype(str)
+        write_array(group, spec, arrays[spec.path], dims)
     return group
+
+
+def write_array(group: zarr.Group, spec: ArraySpec, value: np.ndarray, sizes: dict[str, int]) -> None:
+    """One schema array written whole as a single chunk: its writer owns the chunk."""
+    shape = spec.shape(sizes)
+    value = np.asarray(value)
+    if value.shape != shape:
+        raise SchemaError(f"{group.path}/{spec.path}: shape {value.shape}, schema says {shape}")
+    chunks = tuple(max(1, s) for s in shape) or (1,)
+    dtype = str if spec.dtype == "str" else spec.dtype
+    array = group.create_array(spec.path, shape=shape, dtype=dtype, chunks=chunks,
+                               compressors=compressors(spec), overwrite=True)
+    if value.size:
+        array[...] = value.astype(str) if spec.dtype == "str" else value.astype(spec.dtype)
+
+
+def read_array(group: zarr.Group, spec: ArraySpec) -> np.ndarray:
+    try:
+        return group[spec.path][...]
+    except KeyError as err:
+        raise SchemaError(f"{group.path}: array {spec.path} is missing") from err
 
 
 def read_shard_group(root: zarr.Group, shard: str, teachers: list[str]) -> dict[str, np.ndarray]:

@@ -1,0 +1,187 @@
+"""Stage-1 pass 1, embed: every teacher's embeddings of every sample and view, one shard at a time.
+
+A shard is the unit of work: ``embed_shard`` reads one shard, embeds every
+stored view with every dual-stream teacher and the single-stream teacher's ITC
+towers, tokenizes the captions with the student's tokenizer, and returns the
+arrays of its shard group. The caller writes them and then the done marker.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcad_cache.schema import SCHEMA_VERSION, VIEW_PARAMS
+from mcad_cache.store import file_sha256, plan_blocks, source_list
+from mcad_cache.teachers.dual import DualStreamTeacher
+from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
+from pipeline.config import CacheConfig
+from pipeline.shards import ReadStats, load_split
+from pipeline.views import render_views, view_boxes
+
+
+@dataclass
+class TeacherSet:
+    """The loaded teachers of a cache run, under the names the store uses."""
+
+    duals: dict[str, DualStreamTeacher]
+    single_name: str
+    single: SingleStreamTeacher
+    tokenizer: object  # a transformers tokenizer: the student's, for the stored caption tokens
+    tokenizer_path: str
+    context_length: int
+
+    def widths(self) -> dict[str, int]:
+        return {**{name: t.embed_dim for name, t in self.duals.items()}, self.single_name: self.single.embed_dim}
+
+    def dual_weights(self, cfg: CacheConfig) -> list[float]:
+        """Per-teacher weights of the fused dual-stream similarity, summing to 1."""
+        if not cfg.dual_weights:
+            return [1.0 / len(self.duals)] * len(self.duals)
+        if len(cfg.dual_weights) != len(self.duals):
+            raise ValueError(f"dual_weights has {len(cfg.dual_weights)} entries for {len(self.duals)} dual teachers")
+        total = sum(cfg.dual_weights)
+        if total <= 0 or any(w < 0 for w in cfg.dual_weights):
+            raise ValueError(f"dual_weights must be non-negative with a positive sum, got {cfg.dual_weights}")
+        return [w / total for w in cfg.dual_weights]
+
+
+def teacher_name(spec: str) -> str:
+    """A store-safe name for an explicitly given teacher: 'ViT-B-16:openai' -> 'ViT-B-16_openai'."""
+    tail = spec.rstrip("/").split("local-dir:")[-1].split("hf-hub:")[-1]
+    if "/" in tail:
+        tail = tail.rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tail).strip("_") or "teacher"
+
+
+def load_teacher_set(cfg: CacheConfig, device: str = "cpu") -> TeacherSet:
+    from transformers import AutoTokenizer
+
+    from pipeline.jobs import parse_dual, teacher_specs
+
+    if cfg.dual or cfg.single:
+        if not (cfg.dual and cfg.single and cfg.tokenizer):
+            raise ValueError("explicit teachers need all of dual (one or more), single and tokenizer")
+        names = [teacher_name(text) for text in cfg.dual]
+        dual_specs = dict(zip(names, [parse_dual(text) for text in cfg.dual], strict=True))
+        single_name, single_spec = teacher_name(cfg.single), SingleTeacherSpec(cfg.single)
+        tokenizer_path = cfg.tokenizer
+    elif cfg.teachers_dir is not None:
+        duals, singles = teacher_specs(cfg.teachers_dir)
+        dual_specs = dict(zip(("clip_a", "clip_b"), duals, strict=True))
+        single_name, single_spec = "blip", singles[0]
+        tokenizer_path = cfg.tokenizer or str(Path(cfg.teachers_dir) / "tokenizer")
+    else:
+        raise ValueError("no teachers: set teachers_dir, or dual + single + tokenizer")
+    if len(set(dual_specs) | {single_name}) != len(dual_specs) + 1:
+        raise ValueError(f"teacher names collide: {list(dual_specs)} + {single_name!r}; give distinct specs")
+    duals = {name: DualStreamTeacher.load(spec, device) for name, spec in dual_specs.items()}
+    single = SingleStreamTeacher.load(single_spec, device)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return TeacherSet(duals, single_name, single, tokenizer, str(tokenizer_path), cfg.context_length)
+
+
+def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]) -> dict:
+    """Everything that decides what the stored numbers mean; no timings, so it is the same for every task."""
+    described = {}
+    for name, teacher in teachers.duals.items():
+        described[name] = {**teacher.identity().to_dict(), "embed_dim": teacher.embed_dim,
+                           "logit_scale": round(teacher.logit_scale, 6), "image_size": teacher.image_size}
+    single = teachers.single
+    described[teachers.single_name] = {**single.identity().to_dict(), "embed_dim": single.embed_dim,
+                                       "fused_dim": single.fused_dim, "image_size": single.image_size}
+    sources = source_list(shards)
+    tokenizer_file = Path(teachers.tokenizer_path) / "tokenizer.json"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teachers": described,
+        "dual_teachers": list(teachers.duals),
+        "single_teacher": teachers.single_name,
+        "tokenizer": {
+            "path": teachers.tokenizer_path,
+            "sha256": file_sha256(tokenizer_file) if tokenizer_file.exists() else None,
+            "context_length": teachers.context_length,
+        },
+        "preprocessing": {"source_size": cfg.source_size, "views": cfg.views, "view_scale": list(cfg.view_scale),
+                          "view_params": list(VIEW_PARAMS), "seed": cfg.seed},
+        "search": {"k": cfg.k, "block_shards": cfg.block_shards, "dual_weights": teachers.dual_weights(cfg),
+                   "blocks": plan_blocks([s["name"] for s in sources], cfg.block_shards)},
+        "fusion": {"rule": cfg.fusion_rule, "a": cfg.fusion_a},
+        "integration": {"dim": cfg.integration_dim, "steps": cfg.integration_steps},
+        "shards": sources,
+    }
+
+
+@torch.no_grad()
+def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of one shard group, and its status (samples, skips by reason, seconds)."""
+    start = time.perf_counter()
+    stats = ReadStats()
+    data = load_split([shard], image_size=cfg.source_size, policy=cfg.on_error, stats=stats)
+    read_seconds = time.perf_counter() - start
+    texts = [text for captions in data.captions for text in captions]
+    text_image = np.repeat(np.arange(len(data)), [len(c) for c in data.captions]).astype(np.int32)
+    boxes = view_boxes(data.keys, cfg.views, cfg.seed, tuple(cfg.view_scale))
+    tokens = teachers.tokenizer(texts, padding="max_length", truncation=True, max_length=teachers.context_length,
+                                return_tensors="np")["input_ids"] if texts else np.zeros((0, teachers.context_length))
+    arrays: dict[str, np.ndarray] = {
+        "keys": np.asarray(data.keys, dtype=str),
+        "text_image": text_image,
+        "text_tokens": np.asarray(tokens, dtype=np.int32),
+        "view_params": boxes,
+    }
+    clock = {"seconds": 0.0}  # time inside teacher forward passes only, for the overhead ratio
+    for name, teacher in teachers.duals.items():
+        arrays[f"emb/{name}/image"] = _image_embeddings(
+            data.images, boxes, teacher.image_size, teacher.pixels_from_uint8, teacher.encode_images,
+            cfg.batch_size, teacher.embed_dim, clock)
+        arrays[f"emb/{name}/text"] = _text_embeddings(
+            texts, cfg.batch_size, teacher.tokenize, teacher.encode_texts, teacher.embed_dim, clock)
+    single = teachers.single
+    arrays[f"emb/{teachers.single_name}/image"] = _image_embeddings(
+        data.images, boxes, single.image_size, single.pixels_from_uint8,
+        lambda px: single.itc_images(single.vision_tokens(px)), cfg.batch_size, single.embed_dim, clock)
+    arrays[f"emb/{teachers.single_name}/text"] = _text_embeddings(
+        texts, cfg.batch_size, single.tokenize, single.itc_texts, single.embed_dim, clock)
+    status = {
+        "samples": len(data),
+        "texts": len(texts),
+        "skipped": stats.skipped,
+        "skipped_by_reason": dict(stats.by_reason),
+        "skip_records": [list(r) for r in stats.records[:20]],
+        "seconds": round(time.perf_counter() - start, 3),
+        "read_seconds": round(read_seconds, 3),
+        "teacher_seconds": round(clock["seconds"], 3),
+    }
+    return arrays, status
+
+
+def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, size: int, prepare, encode, batch: int, dim: int,
+                      clock: dict) -> np.ndarray:
+    n, views = boxes.shape[:2]
+    out = np.zeros((n, views, dim), dtype=np.float16)
+    box_tensor = torch.from_numpy(boxes)
+    for view in range(views):
+        for start in range(0, n, batch):
+            stop = min(n, start + batch)
+            pixels = prepare(render_views(images[start:stop], box_tensor[start:stop, view], size))
+            tick = time.perf_counter()
+            out[start:stop, view] = encode(pixels).float().numpy()
+            clock["seconds"] += time.perf_counter() - tick
+    return out
+
+
+def _text_embeddings(texts: list[str], batch: int, tokenize, encode, dim: int, clock: dict) -> np.ndarray:
+    out = np.zeros((len(texts), dim), dtype=np.float16)
+    for start in range(0, len(texts), batch):
+        tokens = tokenize(texts[start : start + batch])
+        tick = time.perf_counter()
+        out[start : start + batch] = encode(tokens).float().numpy()
+        clock["seconds"] += time.perf_counter() - tick
+    return out

@@ -1,0 +1,118 @@
+"""`mcad cache-info`: what a store holds, how big it is per sample and view, and what is missing."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import zarr
+
+from mcad_cache.schema import BLOCK_PASSES
+from mcad_cache.store import CacheStore, block_name
+
+
+def _array_sizes(group: zarr.Group) -> dict[str, tuple[int, int]]:
+    """path -> (stored bytes, uncompressed bytes) of every array under ``group``."""
+    out = {}
+    for path, member in group.members(max_depth=None):
+        if isinstance(member, zarr.Array):
+            out[path] = (int(member.nbytes_stored()), int(member.nbytes))
+    return out
+
+
+def describe(path: str | Path) -> dict:
+    store = CacheStore.open(path)
+    manifest = store.manifest
+    shards = {"done": [], "missing": [], "failed": []}
+    samples = texts = skipped = 0
+    embed_seconds = teacher_seconds = 0.0
+    sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for source in manifest["shards"]:
+        status = store.shard_status(source["name"])
+        if not status.get("done"):
+            shards["missing"].append(source["name"])
+            continue
+        shards["failed" if status.get("failed") else "done"].append(source["name"])
+        samples += status.get("samples", 0)
+        texts += status.get("texts", 0)
+        skipped += status.get("skipped", 0)
+        embed_seconds += status.get("seconds", 0.0)
+        teacher_seconds += status.get("teacher_seconds", 0.0)
+        for array, (stored, raw) in _array_sizes(store.shard_group(source["name"])).items():
+            sizes[f"shards/*/{array}"][0] += stored
+            sizes[f"shards/*/{array}"][1] += raw
+    blocks = []
+    for index, block_shards in enumerate(manifest["search"]["blocks"]):
+        name = block_name(index)
+        group = store.root["blocks"].get(name)
+        passes = dict(group.attrs.get("passes", {})) if group is not None else {}
+        blocks.append({"name": name, "shards": len(block_shards), "passes": passes,
+                       "missing": [p for p in BLOCK_PASSES if p not in passes]})
+        if group is not None:
+            for array, (stored, raw) in _array_sizes(group).items():
+                sizes[f"blocks/*/{array}"][0] += stored
+                sizes[f"blocks/*/{array}"][1] += raw
+    views = manifest["preprocessing"]["views"]
+    total = sum(stored for stored, _ in sizes.values())
+    return {
+        "store": str(path),
+        "manifest": manifest,
+        "integration": dict(store.root.attrs.get("integration", {})),
+        "shards": {k: len(v) for k, v in shards.items()},
+        "missing_shards": shards["missing"],
+        "failed_shards": shards["failed"],
+        "samples": samples,
+        "texts": texts,
+        "skipped_samples": skipped,
+        "embed_seconds": round(embed_seconds, 3),
+        "teacher_seconds": round(teacher_seconds, 3),
+        "blocks": blocks,
+        "arrays": {k: {"stored_bytes": v[0], "raw_bytes": v[1]} for k, v in sorted(sizes.items())},
+        "stored_bytes": total,
+        "bytes_per_sample_per_view": round(total / (samples * views), 1) if samples else None,
+        "itm_pairs": sum(b["passes"].get("rescore", {}).get("pairs", 0) for b in blocks),
+    }
+
+
+def format_report(report: dict) -> str:
+    m = report["manifest"]
+    lines = [f"cache store {report['store']}  (schema v{m['schema_version']})"]
+    lines.append("teachers:")
+    for name, t in m["teachers"].items():
+        role = "single-stream" if name == m["single_teacher"] else "dual-stream"
+        tag = f" [{t['pretrained']}]" if t.get("pretrained") else ""
+        lines.append(f"  {name:<10} {role:<13} {t['name']}{tag}  width {t['embed_dim']}  "
+                     f"sha256 {t['weights_sha256'][:12]}")
+    p, s, f = m["preprocessing"], m["search"], m["fusion"]
+    lines.append(f"views {p['views']} (source {p['source_size']}px, seed {p['seed']}); k {s['k']}; "
+                 f"{len(s['blocks'])} blocks of {s['block_shards']} shards; dual weights {s['dual_weights']}; "
+                 f"fusion {f['rule']} a={f['a']}")
+    sh = report["shards"]
+    lines.append(f"shards: {sh['done']} done, {sh['failed']} failed, {sh['missing']} missing "
+                 f"(of {len(m['shards'])}); {report['samples']} samples, {report['texts']} captions, "
+                 f"{report['skipped_samples']} skipped samples")
+    if report["missing_shards"]:
+        more = " ..." if len(report["missing_shards"]) > 10 else ""
+        lines.append(f"  missing: {report['missing_shards'][:10]}{more}")
+    if report["failed_shards"]:
+        lines.append(f"  failed: {report['failed_shards']}")
+    lines.append(f"embed: {report['embed_seconds']:.1f}s in shard tasks, of which teacher forward "
+                 f"{report['teacher_seconds']:.1f}s")
+    for block in report["blocks"]:
+        done = ", ".join(f"{k} {v.get('seconds', 0):.1f}s" for k, v in block["passes"].items()) or "-"
+        missing = f"; missing {block['missing']}" if block["missing"] else ""
+        lines.append(f"  block {block['name']} ({block['shards']} shards): {done}{missing}")
+    if report["itm_pairs"]:
+        per = report["itm_pairs"] / max(1, report["samples"])
+        lines.append(f"ITM pairs scored: {report['itm_pairs']} ({per:.1f} per sample)")
+    integration = report["integration"]
+    if integration:
+        lines.append(f"integration: dim {integration['config']['dim']}, {integration['config']['steps']} steps, "
+                     f"loss {integration['summary'].get('first_loss')} -> {integration['summary'].get('last_loss')}")
+    lines.append("arrays (stored / raw MiB):")
+    for name, size in report["arrays"].items():
+        lines.append(f"  {name:<34} {size['stored_bytes'] / 2**20:8.2f} / {size['raw_bytes'] / 2**20:8.2f}")
+    per = report["bytes_per_sample_per_view"]
+    lines.append(f"total {report['stored_bytes'] / 2**20:.1f} MiB; "
+                 f"{per if per is not None else '-'} bytes per sample per view")
+    return "\n".join(lines)

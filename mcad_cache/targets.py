@@ -1,0 +1,137 @@
+"""In-batch target logits from the cache, and the batching that makes the cached candidates count.
+
+A *block* holds ``n`` images and ``t`` captions (``text_image[j]`` is caption ``j``'s image row).
+Stage 1 cached, per anchor, a top-k candidate list with fused target logits. A training batch
+sees only ``B`` of those rows, so the target for the batch is rebuilt: the dual-stream logits
+of the batch (a cheap matmul of cached embeddings) with every cached candidate that happens to
+be in the batch overwritten by its fused logit. The renormalization over what is in the batch
+is the softmax the loss applies, so nothing here normalizes.
+
+Candidates only help when they share a batch with their anchor; :func:`neighbor_batches`
+arranges that. All functions are pure (no I/O) and deterministic given the generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _overwrite(
+    base: torch.Tensor, cand_ids: torch.Tensor, cand_fused: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor:
+    """``base`` (B, B) with entry (r, c) replaced by the fused logit where ``columns[c]`` is in row r's list.
+
+    ``cand_ids``/``cand_fused`` are the (B, k) lists of the batch's row anchors. The (B, k, B)
+    match mask is small (k ~ 11) and keeps this loop-free; were an id listed twice, the first
+    (best-ranked) entry wins rather than the two being summed.
+    """
+    match = cand_ids[:, :, None] == columns[None, None, :]  # (B, k, B)
+    hit = match.any(dim=1)  # (B, B)
+    first = match.to(torch.uint8).argmax(dim=1)  # (B, B): first matching slot (0 where no hit)
+    value = cand_fused.to(base.dtype).gather(1, first)
+    return torch.where(hit, value, base)
+
+
+def _rows(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``table[rows]`` moved to ``device``: the cache tables may stay on CPU while the logits are on GPU."""
+    return table[rows.to(table.device)].to(device)
+
+
+def rebuild_target_logits(
+    dual_logits: torch.Tensor,
+    batch_images: torch.Tensor,
+    batch_texts: torch.Tensor,
+    text_image: torch.Tensor,
+    i2t_ids: torch.Tensor,
+    i2t_fused: torch.Tensor,
+    t2i_ids: torch.Tensor,
+    t2i_fused: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits (i2t (B, B), t2i (B, B)) for a batch, from its dual logits and the cached lists.
+
+    ``dual_logits[i, j]`` scores batch image ``i`` against batch text ``j``. Pairs outside an
+    anchor's list keep the dual-stream logit (the design's fusion convention); pairs inside
+    take the fused logit. Another caption of the same image is a different text row, so it
+    only matches if it is the caption the batch picked.
+    """
+    if dual_logits.shape != (len(batch_images), len(batch_texts)):
+        raise ValueError(f"dual logits {tuple(dual_logits.shape)} do not match a batch of "
+                         f"{len(batch_images)} images and {len(batch_texts)} texts")
+    if not torch.equal(_rows(text_image, batch_texts, batch_images.device), batch_images):
+        raise ValueError("batch_texts are not captions of batch_images (text_image[batch_texts] != batch_images)")
+    device = dual_logits.device
+    base = dual_logits.float()
+    images, texts = batch_images.to(device), batch_texts.to(device)
+    i2t = _overwrite(base, _rows(i2t_ids, batch_images, device), _rows(i2t_fused, batch_images, device), texts)
+    t2i = _overwrite(base.t(), _rows(t2i_ids, batch_texts, device), _rows(t2i_fused, batch_texts, device), images)
+    return i2t, t2i
+
+
+def candidates_in_batch(
+    batch_images: torch.Tensor, batch_texts: torch.Tensor, i2t_ids: torch.Tensor, t2i_ids: torch.Tensor
+) -> float:
+    """Fraction of the batch anchors' cached candidates that are in the batch, both directions pooled.
+
+    Stage 2 reports it: near zero means the fused targets are mostly unused (random batching),
+    which is what neighbor-aware batching is there to prevent.
+    """
+    i2t = _rows(i2t_ids, batch_images, i2t_ids.device)
+    t2i = _rows(t2i_ids, batch_texts, t2i_ids.device)
+    hits = torch.isin(i2t, batch_texts.to(i2t.device)).sum() + torch.isin(t2i, batch_images.to(t2i.device)).sum()
+    total = i2t.numel() + t2i.numel()
+    return float(hits) / total if total else 0.0
+
+
+def neighbor_batches(
+    i2t_ids: torch.Tensor,
+    text_image: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    neighbors: int | None = None,
+) -> list[torch.Tensor]:
+    """Image-row batches over one block, each image exactly once, anchors grouped with their candidates.
+
+    Greedy: anchors in a random order; an unassigned anchor joins the current batch and pulls
+    in the still-unassigned images of its top ``neighbors`` candidate texts while there is
+    room; a full batch is flushed. Every batch has ``batch_size`` images except possibly the
+    last. The walk is a Python loop over anchors (O(n k)); it runs once per block per epoch,
+    off the per-step path.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = i2t_ids.shape[0]
+    width = i2t_ids.shape[1] if neighbors is None else max(0, min(neighbors, i2t_ids.shape[1]))
+    order = torch.randperm(n, generator=generator).tolist()
+    cand = text_image.cpu()[i2t_ids[:, :width].cpu()].tolist()  # (n, width): candidate image rows
+    assigned = bytearray(n)
+    batches: list[torch.Tensor] = []
+    current: list[int] = []
+    for anchor in order:
+        if assigned[anchor]:
+            continue
+        assigned[anchor] = 1
+        current.append(anchor)
+        for image in cand[anchor]:
+            if len(current) >= batch_size:
+                break
+            if not assigned[image]:
+                assigned[image] = 1
+                current.append(image)
+        if len(current) >= batch_size:
+            batches.append(torch.tensor(current, dtype=torch.long))
+            current = []
+    if current:
+        batches.append(torch.tensor(current, dtype=torch.long))
+    return batches
+
+
+def pick_texts(
+    batch_images: torch.Tensor, first: torch.Tensor, count: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One uniformly random caption row per image: ``first[i] + U{0, count[i] - 1}``."""
+    images = batch_images.to(first.device)
+    n_captions = count[images]
+    if bool((n_captions < 1).any()):
+        raise ValueError("an image in the batch has no caption")
+    offset = (torch.rand(len(images), generator=generator).to(first.device) * n_captions).long()
+    return first[images] + torch.minimum(offset, n_captions - 1)

@@ -1,0 +1,326 @@
+"""`mcad cache`: the stage-1 teacher pass, as one job or as cluster tasks.
+
+Passes, in order (each skips what is already marked done, so a killed job is
+simply run again):
+
+1. ``embed``      per shard, partitioned over tasks (torchrun / Slurm array)
+2. ``search``     per block: top-k candidates by fused dual-stream logit
+3. ``rescore``    per block: ITM logits of the candidates and positives
+4. ``fuse``       per block: the fusion rule on (dual, ITM) logits
+5. ``integrate``  all blocks: train the integration module, write integrated features
+
+Passes 2-5 need every shard embedded and run as one task (on Slurm: a job
+that depends on the embed array job; see ``jobs/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mcad_cache import blocks as block_ops
+from mcad_cache.embed import TeacherSet, build_manifest, embed_shard, load_teacher_set
+from mcad_cache.schema import BLOCK_PASSES, read_array, teacher_arrays, write_array, write_shard_group
+from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, shard_name
+from mcad_cache.teachers.single import TextBatch
+from pipeline.config import CacheConfig
+from pipeline.dist import TaskPlace, partition
+from pipeline.shards import NoShardsError, ShardReadError, list_shards, load_split
+
+log = logging.getLogger(__name__)
+
+PASSES = ("embed", "search", "rescore", "fuse", "integrate")
+BLOCK_PASS_ORDER = ("search", "rescore", "fuse", "integrate")
+
+
+@dataclass
+class CacheSummary:
+    store: str
+    place: TaskPlace
+    seconds: dict[str, float] = field(default_factory=dict)
+    shards_embedded: int = 0
+    shards_skipped_done: int = 0
+    shards_failed: list[str] = field(default_factory=list)
+    samples: int = 0
+    skipped_samples: int = 0
+    itm_pairs: int = 0
+    itm_positions: int = 0  # candidate-list entries + positives the pairs serve (before deduplication)
+    teacher_seconds: float = 0.0
+    bytes_on_disk: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"store {self.store} (task {self.place.rank}/{self.place.world_size}, {self.place.source})"]
+        if "embed" in self.seconds:
+            out.append(f"  embed: {self.shards_embedded} shards ({self.shards_skipped_done} already done), "
+                       f"{self.samples} samples, {self.skipped_samples} skipped samples, "
+                       f"teacher forward {self.teacher_seconds:.1f}s of {self.seconds['embed']:.1f}s")
+        if self.shards_failed:
+            out.append(f"  FAILED shards (recorded in the store): {self.shards_failed}")
+        if self.itm_pairs:
+            out.append(f"  rescore: {self.itm_pairs} distinct pairs scored by the single-stream teacher "
+                       f"for {self.itm_positions} list entries")
+        out.append("  seconds per pass: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        if self.teacher_seconds:
+            wall = sum(self.seconds.values())
+            out.append(f"  teacher forward {self.teacher_seconds:.1f}s of {wall:.1f}s wall: "
+                       f"overhead ratio {wall / self.teacher_seconds:.2f}")
+        out.append(f"  store size: {self.bytes_on_disk / 2**20:.1f} MiB")
+        return out
+
+
+def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progress: bool = True) -> CacheSummary:
+    unknown = sorted(set(passes) - set(PASSES))
+    if unknown:
+        raise ValueError(f"unknown passes {unknown}; known: {list(PASSES)}")
+    block_passes = [p for p in BLOCK_PASS_ORDER if p in passes]
+    if block_passes and place.world_size > 1:
+        raise ValueError(f"passes {block_passes} run as one task after all embed tasks; this is task "
+                         f"{place.rank} of {place.world_size} ({place.source}). Run them in a separate "
+                         "single-task job (see jobs/README.md).")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    shards = list_shards(cfg.shards)
+    teachers = load_teacher_set(cfg)
+    store = CacheStore.create_or_open(cfg.store, build_manifest(cfg, teachers, shards))
+    summary = CacheSummary(str(cfg.store), place)
+    if "embed" in passes:
+        start = time.perf_counter()
+        embed_pass(store, cfg, teachers, partition(shards, place), summary, progress)
+        summary.seconds["embed"] = time.perf_counter() - start
+    if block_passes:
+        missing = [s["name"] for s in store.manifest["shards"] if not store.shard_done(s["name"])]
+        if missing:
+            raise CacheIncompleteError(f"{len(missing)} shard(s) are not embedded yet, e.g. {missing[:5]}: "
+                                       "run the embed pass (all tasks) first")
+        for pass_name in block_passes:
+            start = time.perf_counter()
+            if pass_name == "integrate":
+                integrate_pass(store, cfg, teachers, progress)
+            else:
+                blocks = store.manifest["search"]["blocks"]
+                for index, block in enumerate(tqdm(blocks, desc=pass_name, unit="block", disable=not progress)):
+                    block_pass(store, cfg, teachers, pass_name, block_name(index), block, summary, progress)
+            summary.seconds[pass_name] = time.perf_counter() - start
+    summary.bytes_on_disk = store.bytes_on_disk()
+    return summary
+
+
+# ---------------------------------------------------------------------- embed
+
+
+def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
+               summary: CacheSummary, progress: bool) -> None:
+    widths = teachers.widths()
+    for shard in tqdm(shards, desc="embed shards", unit="shard", disable=not progress):
+        name = shard_name(shard)
+        if store.shard_done(name):
+            summary.shards_skipped_done += 1
+            continue
+        try:
+            arrays, status = embed_shard(shard, cfg, teachers)
+        except (ShardReadError, NoShardsError, OSError) as err:
+            if cfg.on_error == "raise":
+                raise
+            # An unreadable shard is recorded as failed, with zero rows, never dropped silently.
+            log.warning("shard %s failed: %s", shard, err)
+            arrays = _empty_shard(cfg, teachers, widths)
+            status = {"samples": 0, "failed": f"{type(err).__name__}: {err}"}
+            summary.shards_failed.append(name)
+        write_shard_group(store.root, name, arrays, widths)
+        store.mark_shard(name, status)
+        summary.shards_embedded += 1
+        summary.samples += status["samples"]
+        summary.skipped_samples += status.get("skipped", 0)
+        summary.teacher_seconds += status.get("teacher_seconds", 0.0)
+
+
+def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int]) -> dict[str, np.ndarray]:
+    arrays = {
+        "keys": np.zeros(0, dtype=str),
+        "text_image": np.zeros(0, dtype=np.int32),
+        "text_tokens": np.zeros((0, teachers.context_length), dtype=np.int32),
+        "view_params": np.zeros((0, cfg.views, 4), dtype=np.float32),
+    }
+    for name, width in widths.items():
+        arrays[f"emb/{name}/image"] = np.zeros((0, cfg.views, width), dtype=np.float16)
+        arrays[f"emb/{name}/text"] = np.zeros((0, width), dtype=np.float16)
+    return arrays
+
+
+# ---------------------------------------------------------------------- blocks
+
+
+def load_block_embeddings(store: CacheStore, shards: Sequence[str], teacher_names: Sequence[str]):
+    keys, text_image, shard_rows = [], [], []
+    images = {t: [] for t in teacher_names}
+    texts = {t: [] for t in teacher_names}
+    n = t = 0
+    for name in shards:
+        group = store.shard_group(name)
+        shard_keys = group["keys"][...]
+        shard_rows.append((name, n, t))
+        keys.append(shard_keys)
+        text_image.append(torch.from_numpy(group["text_image"][...].astype(np.int64)) + n)
+        for teacher in teacher_names:
+            image_spec, text_spec = teacher_arrays(teacher)
+            images[teacher].append(torch.from_numpy(read_array(group, image_spec)[:, 0].astype(np.float32)))
+            texts[teacher].append(torch.from_numpy(read_array(group, text_spec).astype(np.float32)))
+        n += len(shard_keys)
+        t += len(text_image[-1])
+    return block_ops.BlockEmbeddings(
+        keys=np.concatenate(keys), text_image=torch.cat(text_image),
+        images={k: torch.cat(v) for k, v in images.items()}, texts={k: torch.cat(v) for k, v in texts.items()},
+        shard_rows=shard_rows,
+    )
+
+
+def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str, block: str,
+               shards: Sequence[str], summary: CacheSummary, progress: bool) -> None:
+    if store.pass_done(block, pass_name):
+        return
+    start = time.perf_counter()
+    manifest = store.manifest
+    group = store.block_group(block)
+    duals = manifest["dual_teachers"]
+    emb = load_block_embeddings(store, shards, duals)
+    sizes = {"n": len(emb.keys), "t": len(emb.text_image), "k": cfg.k,
+             "H": teachers.single.fused_dim, "E": cfg.integration_dim}
+    info: dict = {"rows": [sizes["n"], sizes["t"]]}
+    if pass_name == "search":
+        scales = [manifest["teachers"][name]["logit_scale"] for name in duals]
+        image_vecs, text_vecs = block_ops.dual_logit_embeddings(emb, duals, manifest["search"]["dual_weights"], scales)
+        arrays = block_ops.search(image_vecs, text_vecs, cfg.k)
+    elif pass_name == "rescore":
+        lists = {spec.path: read_array(group, spec) for spec in BLOCK_PASSES["search"]}
+        plan = block_ops.plan_pairs(torch.from_numpy(lists["i2t/ids"]), torch.from_numpy(lists["t2i/ids"]),
+                                    emb.text_image)
+        vision_tokens, itm, clock = _single_stream_scorer(store, cfg, teachers, shards, emb)
+        logits, fused = block_ops.rescore(plan, vision_tokens, itm, max(1, cfg.itm_batch_size // (2 * cfg.k)),
+                                          cfg.itm_batch_size, teachers.single.fused_dim, progress)
+        arrays = block_ops.rescore_arrays(plan, logits, fused)
+        positions = plan.i2t_slot.numel() + plan.t2i_slot.numel() + plan.pos_slot.numel()
+        info.update(pairs=len(plan), positions=positions, teacher_seconds=round(clock["seconds"], 3))
+        summary.teacher_seconds += clock["seconds"]
+        summary.itm_pairs += len(plan)
+        summary.itm_positions += positions
+    elif pass_name == "fuse":
+        lists = {spec.path: read_array(group, spec) for spec in BLOCK_PASSES["search"] + BLOCK_PASSES["rescore"]}
+        arrays = block_ops.fuse_arrays(lists, manifest["fusion"]["rule"], manifest["fusion"]["a"])
+    else:
+        raise ValueError(f"{pass_name} is not a per-block pass")
+    for spec in BLOCK_PASSES[pass_name]:
+        write_array(group, spec, arrays[spec.path], sizes)
+    group.attrs["shards"] = list(shards)
+    later = BLOCK_PASS_ORDER[BLOCK_PASS_ORDER.index(pass_name) + 1 :]
+    store.clear_passes(block, later)
+    store.mark_pass(block, pass_name, {**info, "seconds": round(time.perf_counter() - start, 3)})
+
+
+def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
+                          emb: block_ops.BlockEmbeddings):
+    """Closures giving vision tokens of block image rows and ITM scores of (tokens, text rows)."""
+    from pipeline.views import FULL_VIEW, render_views
+
+    paths = {s["name"]: s["path"] for s in store.manifest["shards"]}
+    data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
+    if list(data.keys) != [str(k) for k in emb.keys]:
+        raise CacheIncompleteError(f"block {shards}: the shards no longer yield the samples the store holds; "
+                                   "they changed after the embed pass")
+    single = teachers.single
+    texts = single.tokenize([text for captions in data.captions for text in captions])
+    full = torch.tensor(FULL_VIEW).expand(len(data), 4)
+    clock = {"seconds": 0.0}  # time inside the teacher's forward passes, for the overhead ratio
+
+    @torch.no_grad()
+    def vision_tokens(rows: torch.Tensor) -> torch.Tensor:
+        pixels = single.pixels_from_uint8(render_views(data.images[rows], full[: len(rows)], single.image_size))
+        start = time.perf_counter()
+        tokens = single.vision_tokens(pixels)
+        clock["seconds"] += time.perf_counter() - start
+        return tokens
+
+    @torch.no_grad()
+    def itm(tokens: torch.Tensor, text_rows: torch.Tensor):
+        batch = TextBatch(texts.input_ids[text_rows], texts.attention_mask[text_rows])
+        start = time.perf_counter()
+        out = single.itm(tokens, batch)
+        clock["seconds"] += time.perf_counter() - start
+        return out.logits, out.fused
+
+    return vision_tokens, itm, clock
+
+
+def integrate_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, progress: bool) -> None:
+    """Train the integration module on every block's cached features, then write its features per block."""
+    from mcad_cache.integrate import IntegrationConfig, integrated_features, train_integration
+
+    manifest = store.manifest
+    names = [block_name(i) for i in range(len(manifest["search"]["blocks"]))]
+    if all(store.pass_done(name, "integrate") for name in names) and "integration" in store.root.attrs:
+        return
+    start = time.perf_counter()
+    features, rows = _integration_features(store, names, manifest)
+    icfg = IntegrationConfig(dim=cfg.integration_dim, steps=cfg.integration_steps, seed=cfg.seed)
+    model, train_summary = train_integration(features, icfg, progress=progress)
+    image_int, text_int = integrated_features(model, features["dual_image"], features["single_image"],
+                                              features["dual_text"], features["single_text"])
+    # The weights live in the store as plain float32 arrays (group "integration"), read back without pickle.
+    weight_group = store.root.require_group("integration")
+    for key, value in model.state_dict().items():
+        weight_group.create_array(key, data=value.detach().float().numpy(), overwrite=True)
+    for name, (n0, n1, t0, t1) in zip(names, rows, strict=True):
+        group = store.block_group(name)
+        sizes = {"n": n1 - n0, "t": t1 - t0, "E": cfg.integration_dim}
+        arrays = {"integrated/image": image_int[n0:n1].numpy(), "integrated/text": text_int[t0:t1].numpy()}
+        for spec in BLOCK_PASSES["integrate"]:
+            write_array(group, spec, arrays[spec.path], sizes)
+        store.mark_pass(name, "integrate", {"rows": [n1 - n0, t1 - t0]})
+    store.root.attrs["integration"] = {
+        "config": {k: getattr(icfg, k) for k in icfg.__dataclass_fields__},
+        "dual_dim": int(features["dual_image"].shape[1]), "single_dim": int(features["single_image"].shape[1]),
+        "dual_scale": float(features["dual_scale"]), "weights": "integration/",
+        "summary": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in train_summary.items()},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _integration_features(store: CacheStore, names: list[str], manifest: dict):
+    """Every block's features and lists, concatenated with ids offset to the concatenated rows."""
+    duals = manifest["dual_teachers"]
+    weights = manifest["search"]["dual_weights"]
+    scales = [manifest["teachers"][name]["logit_scale"] for name in duals]
+    # The fused dual vectors have squared norm sum_t w_t s_t; unit vectors times that scale give the same logits.
+    dual_scale = float(sum(w * s for w, s in zip(weights, scales, strict=True)))
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in (
+        "dual_image", "dual_text", "single_image", "single_text", "text_image", "i2t_ids", "i2t_fused",
+        "t2i_ids", "t2i_fused")}
+    rows, n, t = [], 0, 0
+    for name, shards in zip(names, manifest["search"]["blocks"], strict=True):
+        group = store.block_group(name)
+        emb = load_block_embeddings(store, shards, duals)
+        image_vecs, text_vecs = block_ops.dual_logit_embeddings(emb, duals, weights, scales)
+        pos = torch.from_numpy(group["pos/feature"][...].astype(np.float32))
+        n_b, t_b = len(emb.keys), len(emb.text_image)
+        counts = torch.bincount(emb.text_image, minlength=n_b).clamp(min=1).unsqueeze(1)
+        single_image = torch.zeros(n_b, pos.shape[1]).index_add_(0, emb.text_image, pos) / counts
+        parts["dual_image"].append(image_vecs / dual_scale**0.5)
+        parts["dual_text"].append(text_vecs / dual_scale**0.5)
+        parts["single_image"].append(single_image)
+        parts["single_text"].append(pos)
+        parts["text_image"].append(emb.text_image + n)
+        parts["i2t_ids"].append(torch.from_numpy(group["i2t/ids"][...].astype(np.int64)) + t)
+        parts["t2i_ids"].append(torch.from_numpy(group["t2i/ids"][...].astype(np.int64)) + n)
+        parts["i2t_fused"].append(torch.from_numpy(group["i2t/fused"][...]))
+        parts["t2i_fused"].append(torch.from_numpy(group["t2i/fused"][...]))
+        rows.append((n, n + n_b, t, t + t_b))
+        n, t = n + n_b, t + t_b
+    features = {key: torch.cat(value) for key, value in parts.items()}
+    count = torch.bincount(features["text_image"], minlength=n)
+    features.update(first=torch.cumsum(count, 0) - count, count=count, dual_scale=dual_scale)
+    return features, rows

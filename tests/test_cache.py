@@ -1,0 +1,190 @@
+"""Stage 1 end to end on tiny teachers and shards: store contents, validation, resume, partitioning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from mcad_cache.schema import BLOCK_PASSES, SHARD_ARRAYS
+from mcad_cache.store import CacheIncompleteError, CacheMismatchError, CacheStore
+from pipeline.cache_job import PASSES, run_cache
+from pipeline.config import CacheConfig
+from pipeline.dist import explicit_place
+
+SINGLE = explicit_place(0, 1)
+
+
+@pytest.fixture()
+def cache_cfg(tmp_path, tiny_world, tokenizer_dir, tiny_clip, tiny_blip) -> CacheConfig:
+    return CacheConfig(
+        shards=str(tiny_world / "train"), store=tmp_path / "cache.zarr", teachers_dir=None,
+        dual=(tiny_clip[1].name,), single=tiny_blip[1].name, tokenizer=str(tokenizer_dir),
+        source_size=32, views=2, k=5, block_shards=2, batch_size=16, itm_batch_size=40,
+        integration_dim=8, integration_steps=5,
+    )
+
+
+def _store_contents(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a store by path, for equality checks."""
+    root = zarr.open_group(str(path), mode="r")
+    return {name: member[...] for name, member in root.members(max_depth=None) if isinstance(member, zarr.Array)}
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    left, right = _store_contents(a), _store_contents(b)
+    assert sorted(left) == sorted(right)
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, tiny_blip):
+    summary = run_cache(cache_cfg, PASSES, SINGLE, progress=False)
+    store = CacheStore.open(cache_cfg.store)
+    manifest = store.manifest
+    assert summary.samples == 64 and summary.shards_embedded == 4
+    assert manifest["search"]["blocks"] == [["00000", "00001"], ["00002", "00003"]]
+    dual = manifest["dual_teachers"][0]
+    group = store.shard_group("00000")
+    for spec in SHARD_ARRAYS:
+        assert spec.path in group
+    assert group["emb/" + dual + "/image"].shape == (16, 2, 16)
+    assert np.allclose(group["view_params"][:, 0], [0, 0, 1, 1])
+
+    # The stored view-0 embedding is the teacher's own embedding of the original image.
+    from mcad_cache.teachers.dual import DualStreamTeacher
+    from pipeline.shards import list_shards, load_split
+
+    teacher = DualStreamTeacher.load(tiny_clip[1])
+    data = load_split(list_shards(cache_cfg.shards)[:1])
+    expected = teacher.encode_images(teacher.pixels_from_uint8(data.images))
+    np.testing.assert_allclose(group["emb/" + dual + "/image"][:, 0].astype(np.float32), expected.numpy(),
+                               atol=2e-3)
+
+    # Candidate lists of block 0 equal brute force over the block's fused dual logits.
+    block = store.block_group("b00000")
+    images = np.concatenate([store.shard_group(s)["emb/" + dual + "/image"][:, 0] for s in ("00000", "00001")])
+    texts = np.concatenate([store.shard_group(s)["emb/" + dual + "/text"][...] for s in ("00000", "00001")])
+    scale = manifest["teachers"][dual]["logit_scale"]
+    logits = scale * images.astype(np.float32) @ texts.astype(np.float32).T
+    np.testing.assert_allclose(block["i2t/dual"][...], -np.sort(-logits, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(logits, block["i2t/ids"][...].astype(int), 1),
+                               block["i2t/dual"][...], rtol=1e-4, atol=1e-4)
+    # Fusion is the reconstruction rule on the stored logits.
+    a = manifest["fusion"]["a"]
+    np.testing.assert_allclose(block["t2i/fused"][...], a * block["t2i/dual"][...] + (1 - a) * block["t2i/itm"][...],
+                               rtol=1e-5, atol=1e-5)
+    for pass_name, specs in BLOCK_PASSES.items():
+        assert store.pass_done("b00000", pass_name)
+        for spec in specs:
+            assert spec.path in block
+
+    # ITM logits in the lists are the single-stream teacher's own scores of those pairs.
+    from mcad_cache.teachers.single import SingleStreamTeacher
+
+    single = SingleStreamTeacher.load(tiny_blip[1])
+    data = load_split(list_shards(cache_cfg.shards)[:2])
+    captions = [c for cs in data.captions for c in cs]
+    rows = torch.tensor([0, 5, 17])
+    ids = torch.from_numpy(block["i2t/ids"][...].astype(np.int64))[rows, 0]
+    with torch.no_grad():
+        tokens = single.vision_tokens(single.pixels_from_uint8(data.images[rows]))
+        out = single.itm(tokens, single.tokenize([captions[i] for i in ids]))
+    np.testing.assert_allclose(block["i2t/itm"][...][rows.numpy(), 0], out.logits.numpy(), atol=1e-4)
+
+
+def test_rerun_skips_done_work_and_other_config_is_refused(cache_cfg):
+    run_cache(cache_cfg, PASSES, SINGLE, progress=False)
+    again = run_cache(cache_cfg, PASSES, SINGLE, progress=False)
+    assert again.shards_embedded == 0 and again.shards_skipped_done == 4 and again.itm_pairs == 0
+    with pytest.raises(CacheMismatchError, match="candidate search"):
+        run_cache(replace(cache_cfg, k=7), PASSES, SINGLE, progress=False)
+    with pytest.raises(CacheMismatchError, match="preprocessing"):
+        run_cache(replace(cache_cfg, views=1), PASSES, SINGLE, progress=False)
+
+
+def test_block_passes_wait_for_every_shard(cache_cfg):
+    run_cache(cache_cfg, ["embed"], explicit_place(0, 2), progress=False)
+    with pytest.raises(CacheIncompleteError, match="not embedded"):
+        run_cache(cache_cfg, ["search"], SINGLE, progress=False)
+    with pytest.raises(ValueError, match="single-task job"):
+        run_cache(cache_cfg, ["embed", "search"], explicit_place(1, 2), progress=False)
+
+
+def test_changed_shard_is_refused(cache_cfg, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(cache_cfg.shards, shards)
+    cfg = replace(cache_cfg, shards=str(shards))
+    run_cache(cfg, ["embed"], SINGLE, progress=False)
+    with open(shards / "00001.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"changed!")
+    with pytest.raises(CacheMismatchError, match="changed content"):
+        run_cache(cfg, ["embed"], SINGLE, progress=False)
+
+
+def _cli(cfg: CacheConfig, *extra: str) -> list[str]:
+    cfg_file = Path(str(cfg.store) + ".json")
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    return [sys.executable, "-m", "pipeline.cli", "cache", "--config", str(cfg_file), *extra]
+
+
+@pytest.mark.slow
+def test_two_tasks_then_block_job_equal_one_job(cache_cfg, tmp_path):
+    one = replace(cache_cfg, store=tmp_path / "one.zarr")
+    two = replace(cache_cfg, store=tmp_path / "two.zarr")
+    run_cache(one, PASSES, SINGLE, progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2")
+    procs = [subprocess.Popen(_cli(two, "--passes", "embed"), env=dict(env, RANK=str(r))) for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    subprocess.run(_cli(two, "--passes", "search,rescore,fuse,integrate"), check=True, timeout=300)
+    _assert_same_store(one.store, two.store)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", ["embed", "rescore"])
+def test_kill_9_then_rerun_equals_uninterrupted(cache_cfg, tmp_path, kill_after):
+    clean = replace(cache_cfg, store=tmp_path / "clean.zarr")
+    killed = replace(cache_cfg, store=tmp_path / "killed.zarr")
+    run_cache(clean, PASSES, SINGLE, progress=False)
+    # Stop the job with SIGKILL as soon as the first unit of the chosen pass is marked done.
+    proc = subprocess.Popen(_cli(killed), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = "shards/00000/zarr.json" if kill_after == "embed" else "blocks/b00000/zarr.json"
+    needle = '"done": true' if kill_after == "embed" else '"rescore"'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        path = killed.store / marker
+        if path.exists() and needle in path.read_text():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    subprocess.run(_cli(killed), check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _assert_same_store(clean.store, killed.store)
+
+
+def test_cache_info_reports_sizes_and_missing(cache_cfg):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    run_cache(cache_cfg, ["embed"], explicit_place(0, 2), progress=False)
+    result = CliRunner().invoke(main, ["cache-info", str(cache_cfg.store)])
+    assert result.exit_code == 0, result.output
+    assert "2 done, 0 failed, 2 missing" in result.output
+    assert "missing ['search', 'rescore', 'fuse', 'integrate']" in result.output
+    report = json.loads(CliRunner().invoke(main, ["cache-info", "--json", str(cache_cfg.store)]).output)
+    assert report["samples"] == 32 and report["bytes_per_sample_per_view"] > 0
