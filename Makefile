@@ -6,9 +6,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data/default
 TEACHERS ?= artifacts/teachers
+CACHE  ?= artifacts/cache/default.zarr
 
 .DEFAULT_GOAL := help
-.PHONY: help install data teachers eval cache distill test
+.PHONY: help install data teachers eval cache distill ablation test
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,11 +27,15 @@ teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, ~15 min)
 eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/eval/teachers.json
 	$(BIN)/mcad eval --teachers $(TEACHERS) --shards $(DATA)/test --out artifacts/eval/teachers.json
 
-cache:  ## Stage 1: teachers once -> Zarr cache (not built yet)
-	$(BIN)/mcad cache
+cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE) (~3 min on the default world), then describe it
+	$(BIN)/mcad cache --teachers $(TEACHERS) --shards $(DATA)/train --store $(CACHE)
+	$(BIN)/mcad cache-info $(CACHE)
 
-distill:  ## Stage 2: student from the cache alone (not built yet)
-	$(BIN)/mcad distill
+distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split
+	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test
+
+ablation:  ## Rows (a)-(f) of the README's ablation table, 2 seeds, into runs/ablation
+	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --teachers $(TEACHERS)
 
 test:  ## Run the test suite (tiny random-init models, tiny generated shards)
 	$(BIN)/python -m pytest -q

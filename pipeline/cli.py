@@ -13,6 +13,8 @@ import click
 
 from pipeline.config import EvalConfig, TeachersConfig
 
+DISTILL_STEPS = 600
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
@@ -21,7 +23,8 @@ def main(verbose: bool) -> None:
 
     Typical order on the embedded default world: data -> teachers -> eval -> cache -> distill.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
@@ -131,21 +134,162 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
         click.echo(f"skipped bad samples: {skipped}", err=True)
 
 
-def _not_built(stage: str, issue: int) -> None:
-    click.echo(f"`mcad {stage}` is not built yet (tracked in issue #{issue}).", err=True)
-    sys.exit(2)
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A JSON or TOML file of CacheConfig fields; options given on the command line override it.")
+@click.option("--shards", help="Source shards: a directory of NNNNN.tar, a file, or a brace pattern.")
+@click.option("--store", type=click.Path(path_type=Path), help="The Zarr store to create or complete.")
+@click.option("--teachers", "teachers_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Directory written by `mcad teachers` (clip_a, clip_b, blip, tokenizer).")
+@click.option("--dual", "duals", multiple=True,
+              help="Explicit dual-stream teacher: 'ViT-B-16:openai', 'local-dir:PATH' or 'hf-hub:ORG/REPO'. "
+                   "Repeatable.")
+@click.option("--single", help="Explicit single-stream teacher: a BLIP ITM hub id or directory.")
+@click.option("--tokenizer", help="The student's tokenizer (hub id or directory) for the stored caption tokens.")
+@click.option("--views", type=int, help="Augmented views per image (view 0 is the whole image).")
+@click.option("-k", "--k", "k", type=int, help="Candidates per anchor in the fused top-k lists.")
+@click.option("--block-shards", type=int, help="Shards per candidate-search block.")
+@click.option("--fusion", "fusion_rule", help="Fusion rule: dual_only, itm_topk or reconstruction.")
+@click.option("--fusion-a", type=float, help="The fusion rule's weight a.")
+@click.option("--passes", default=",".join(("embed", "search", "rescore", "fuse", "integrate")), show_default=True,
+              help="Comma-separated passes to run; done work is skipped.")
+@click.option("--rank", type=int, help="This task's rank (default: from torchrun or Slurm environment variables).")
+@click.option("--world-size", type=int, help="Number of tasks (with --rank).")
+@click.option("--on-error", type=click.Choice(["warn", "raise"]),
+              help="Bad samples: warn skips, counts and records them in the store; raise stops.")
+@click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
+def cache(config_file: Path | None, passes: str, rank: int | None, world_size: int | None, **options) -> None:
+    """Stage 1: run the teachers once over the shards and write the Zarr cache store.
+
+    Passes: embed (per shard; split over torchrun/Slurm tasks) -> search -> rescore
+    -> fuse -> integrate (per block, one task, after every shard is embedded).
+    Re-running skips done shards and passes, so a killed job is simply run again.
+    A store made with other teachers, shards, k or schema is refused with the differences.
+    """
+    from mcad_cache.store import CacheIncompleteError, CacheMismatchError
+    from pipeline.cache_job import run_cache
+    from pipeline.config import CacheConfig, load_config_file
+    from pipeline.dist import PlacementError, explicit_place, task_place
+
+    try:
+        cfg = load_config_file(config_file, CacheConfig) if config_file else CacheConfig()
+        overrides = {k: v for k, v in options.items() if v is not None and v != ()}
+        if overrides.get("duals"):
+            overrides["dual"] = tuple(overrides.pop("duals"))
+        overrides.pop("duals", None)
+        if "dual" in overrides or "single" in overrides:
+            overrides.setdefault("teachers_dir", None)
+        cfg = replace(cfg, **overrides)
+        if (rank is None) != (world_size is None):
+            raise click.UsageError("--rank and --world-size go together")
+        place = explicit_place(rank, world_size) if rank is not None else task_place()
+    except (ValueError, PlacementError) as err:
+        raise click.UsageError(str(err)) from err
+    try:
+        summary = run_cache(cfg, [p.strip() for p in passes.split(",") if p.strip()], place)
+    except (CacheMismatchError, CacheIncompleteError, FileNotFoundError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo("\n".join(summary.lines()))
+
+
+@main.command("cache-info")
+@click.argument("store", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def cache_info(store: Path, as_json: bool) -> None:
+    """Describe a cache store: manifest, array sizes, bytes per sample per view, and what is missing."""
+    from mcad_cache.info import describe, format_report
+
+    report = describe(store)
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_report(report))
 
 
 @main.command()
-def cache() -> None:
-    """Stage 1: run the teachers once and write the Zarr cache (not built yet)."""
-    _not_built("cache", 4)
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A JSON or TOML file of DistillConfig fields (nested tables for student and loss); "
+                   "command-line options override it.")
+@click.option("--store", type=click.Path(path_type=Path), help="The cache store written by `mcad cache`.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Run directory: checkpoint.pt, metrics.csv, tb/, student/, summary.json. Re-running resumes.")
+@click.option("--mode", type=click.Choice(["contrastive", "dual_kd", "fused_kd", "mcad", "ammkd"]),
+              help="Targets and loss terms (see the README's ablation table).")
+@click.option("--steps", type=int, help="Optimizer steps in total (a resumed run continues to this count).")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--seed", type=int)
+@click.option("--alpha", type=float, help="Weight of the kd term.")
+@click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
+@click.option("--gamma", type=float, help="Weight of the ia (interactive alignment) term.")
+@click.option("--kd-temperature", type=float)
+@click.option("--image-model", help="timm image tower of the student (default mobilevitv2_050).")
+@click.option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (0: only at the end).")
+@click.option("--checkpoint-every", type=int)
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
+@click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
+def distill(config_file: Path | None, **options) -> None:
+    """Stage 2: train a student from the cache alone (no teacher is loaded).
+
+    Prints the student's recalls on --eval-shards; everything else lands in --out.
+    """
+    from mcad_cache.store import CacheMismatchError
+    from mcad_student.train import DistillConfig, NonFiniteLossError, ResumeMismatchError, distill as run_distill
+    from pipeline.config import load_config_file
+
+    try:
+        cfg = load_config_file(config_file, DistillConfig) if config_file else DistillConfig()
+        loss_keys = {"alpha", "beta", "gamma", "kd_temperature"}
+        loss = {k: v for k, v in options.items() if k in loss_keys and v is not None}
+        student = {"image_model": options["image_model"]} if options.get("image_model") else {}
+        top = {k: v for k, v in options.items() if k not in loss_keys | {"image_model"} and v is not None}
+        cfg = replace(cfg, **top, loss=replace(cfg.loss, **loss), student=replace(cfg.student, **student))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    try:
+        summary = run_distill(cfg)
+    except (CacheMismatchError, ResumeMismatchError, NonFiniteLossError, FileNotFoundError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    from pipeline.jobs import format_table
+
+    click.echo(f"{cfg.mode}: {summary['steps']} steps in {summary['seconds']:.0f}s "
+               f"({summary['steps_per_second']:.2f} steps/s), {summary['parameters'] / 1e6:.2f}M parameters, "
+               f"{100 * (summary['candidates_in_batch'] or 0):.1f}% of cached candidates in-batch")
+    click.echo(format_table({f"student ({cfg.mode})": summary["recalls"]}))
+    click.echo(f"student saved as {summary['student']}; run directory {cfg.out_dir}")
 
 
 @main.command()
-def distill() -> None:
-    """Stage 2: train a student from the cache alone (not built yet)."""
-    _not_built("distill", 5)
+@click.option("--store", type=click.Path(path_type=Path), default=Path("artifacts/cache/default.zarr"),
+              show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/ablation"), show_default=True)
+@click.option("--steps", type=int, default=DISTILL_STEPS, show_default=True, help="Steps of every row (equal steps).")
+@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; each row runs once per seed.")
+@click.option("--rows", default="a,b,c,d,e,f", show_default=True, help="Which rows: a..f (see the README).")
+@click.option("--eval-shards", default="data/default/val", show_default=True)
+@click.option("--teachers", "teachers_dir", type=click.Path(path_type=Path), default=Path("artifacts/teachers"),
+              show_default=True, help="Teachers of the online row (f); must be the cache's teachers.")
+def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, eval_shards: str,
+             teachers_dir: Path) -> None:
+    """Train every MCAD variant at equal steps from one cache; write a table and a plot.
+
+    Rows: (a) contrastive only, (b) + CLIP KD, (c) + single-stream top-k fused targets,
+    (d) full MCAD (+ fd + ia), (e) AMMKD with two CLIPs and adaptive weights,
+    (f) full MCAD with the teachers in the loop (online). Finished rows are reused.
+    """
+    from mcad_student.train import DistillConfig
+    from pipeline.ablation import run_ablation, write_report
+
+    base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards, online_teachers=teachers_dir)
+    seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+    results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()))
+    note = (f"{steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)}, recalls on {eval_shards} "
+            "(mean ± sd over seeds).")
+    table = write_report(results, out_dir, note)
+    click.echo((out_dir / "ablation.md").read_text())
+    click.echo(f"wrote {out_dir}/ablation.json, ablation.md, ablation.png ({len(table)} rows)")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,80 @@ class EvalConfig:
     on_error: str = "raise"
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """`mcad cache`: run the teachers once over ``shards`` and write the Zarr store ``store``.
+
+    Teachers come from ``teachers_dir`` (what `mcad teachers` wrote) or are named
+    explicitly: ``dual`` as open_clip specs ("ViT-B-16:openai", "local-dir:PATH",
+    "hf-hub:ORG/REPO"), ``single`` as a BLIP ITM hub id or directory, and
+    ``tokenizer`` (the student's, used for the stored caption tokens).
+    """
+
+    shards: str = "data/default/train"
+    store: Path = Path("artifacts/cache/default.zarr")
+    teachers_dir: Path | None = Path("artifacts/teachers")
+    dual: tuple[str, ...] = ()
+    single: str | None = None
+    tokenizer: str | None = None
+    context_length: int = 24  # caption tokens stored for the student
+    source_size: int = 64  # images are resized (shortest side) and centre-cropped to this before views
+    views: int = 1
+    view_scale: tuple[float, float] = (0.6, 1.0)
+    seed: int = 0
+    k: int = 11
+    block_shards: int = 4  # shards per candidate-search block (stage 2 shuffles within a block)
+    dual_weights: tuple[float, ...] = ()  # per dual teacher; empty = equal weights summing to 1
+    fusion_rule: str = "reconstruction"
+    fusion_a: float = 0.5
+    batch_size: int = 256
+    itm_batch_size: int = 512
+    integration_dim: int = 128
+    integration_steps: int = 300
+    on_error: str = "warn"  # bad samples are skipped, counted and recorded in the manifest
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+def load_config_file(path: str | Path, cls):
+    """A dataclass config from a JSON or TOML file; unknown keys are an error that names them.
+
+    Nested dataclass fields (e.g. ``student``, ``loss``) are given as tables/objects.
+    """
+    import json
+    import tomllib
+
+    path = Path(path)
+    text = path.read_text()
+    raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    return from_dict(cls, raw, str(path))
+
+
+def from_dict(cls, raw: dict, where: str = "config"):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        origins = typing.get_args(hint) or (hint,)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}.{name}")
+        elif Path in origins and value is not None:
+            value = Path(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}

@@ -53,6 +53,37 @@ def tiny_clip(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_b(tmp_path_factory, tokenizer_dir):
+    """A second random-init CLIP (another width and seed): AMMKD needs two dual-stream teachers."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(1)
+    shape = TowerShape(width=24, layers=1, heads=2, embed_dim=12, patch_size=8)
+    cfg = clip_model_cfg(shape, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
+    model = open_clip.model.CLIP(**cfg).eval()
+    spec = dual.save_local(model, cfg, clip_preprocess_cfg(IMAGE_SIZE), tokenizer_dir,
+                           tmp_path_factory.mktemp("clip_b") / "clip_b")
+    return model, spec
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_world, tokenizer_dir, tiny_clip, tiny_clip_b, tiny_blip) -> Path:
+    """A complete stage-1 store over the tiny world's train split: two CLIPs, 2 views, k=5, blocks of 2 shards."""
+    from pipeline.cache_job import PASSES, run_cache
+    from pipeline.config import CacheConfig
+    from pipeline.dist import explicit_place
+
+    store = tmp_path_factory.mktemp("cache") / "tiny.zarr"
+    cfg = CacheConfig(shards=str(tiny_world / "train"), store=store, teachers_dir=None,
+                      dual=(tiny_clip[1].name, tiny_clip_b[1].name), single=tiny_blip[1].name,
+                      tokenizer=str(tokenizer_dir), source_size=IMAGE_SIZE, views=2, k=5, block_shards=2,
+                      batch_size=16, itm_batch_size=40, integration_dim=8, integration_steps=5)
+    run_cache(cfg, PASSES, explicit_place(0, 1), progress=False)
+    return store
+
+
+@pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory, tokenizer_dir):
     """(model, spec): a random-init BLIP ITM saved with save_pretrained."""
     from transformers import AutoTokenizer

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
-COMMANDS = ["data", "teachers", "eval", "cache", "distill"]
+COMMANDS = ["data", "teachers", "eval", "cache", "cache-info", "distill"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
@@ -18,11 +18,23 @@ def test_help_explains_every_command(command):
         assert len(result.output.split("\n\n")[1].strip()) > 20
 
 
-@pytest.mark.parametrize("command,issue", [("cache", 4), ("distill", 5)])
-def test_unbuilt_stages_fail_loudly(command, issue):
-    result = CliRunner().invoke(main, [command])
+def test_cache_without_teachers_names_what_is_missing(tmp_path, tiny_world):
+    result = CliRunner().invoke(main, ["cache", "--shards", str(tiny_world / "train"), "--store",
+                                       str(tmp_path / "c.zarr"), "--teachers", str(tmp_path / "none")])
+    assert result.exit_code == 3
+    assert "run `mcad teachers` first" in result.output
+
+
+def test_cache_rejects_half_explicit_teachers(tmp_path, tiny_world):
+    result = CliRunner().invoke(main, ["cache", "--shards", str(tiny_world / "train"), "--single", "x"])
     assert result.exit_code == 2
-    assert f"not built yet (tracked in issue #{issue})" in result.output
+    assert "explicit teachers need all of dual" in result.output
+
+
+def test_distill_without_a_store_says_so(tmp_path):
+    result = CliRunner().invoke(main, ["distill", "--store", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 3
+    assert "no cache store" in result.output
 
 
 def test_data_rejects_bad_config(tmp_path):

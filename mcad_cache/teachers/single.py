@@ -150,7 +150,8 @@ def save_local(
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size}, image_mean=list(mean), image_std=list(std)
     )
-    processor = BlipProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))

@@ -1,0 +1,285 @@
+"""Stage-2 input: the training shards joined with their cache rows, block by block, in neighbour-aware batches.
+
+A block is read whole: every array of its shard groups and its block group in
+one read each (Zarr chunks follow shard order, so this is sequential I/O), and
+its source shards streamed once through the webdataset pipeline. Samples are
+joined to cache rows by key. Within the block, batches are built so that each
+anchor's cached candidates share its batch (``neighbor_batches``); the batch
+carries everything the losses need, including the rebuilt target logits, so
+the trainer never touches the store.
+
+The epoch plan is a pure function of ``(seed, epoch)``: block order, batches
+and per-sample view/caption choices come from generators seeded by the
+position, so a resumed run replays exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcad_cache.schema import BLOCK_PASSES, read_array, teacher_arrays
+from mcad_cache.store import CacheStore, block_name
+from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits
+from pipeline.shards import ReadStats, load_split
+from pipeline.views import render_views
+
+
+class CacheJoinError(RuntimeError):
+    """The shards and the cache disagree: a cached sample is missing from its shard."""
+
+
+@dataclass
+class Block:
+    """One block in memory: cache rows and the joined source images, both in cache row order."""
+
+    name: str
+    keys: np.ndarray
+    images: torch.Tensor  # (n, 3, S, S) uint8, joined by key
+    text_image: torch.Tensor  # (t,)
+    first: torch.Tensor  # (n,)
+    count: torch.Tensor  # (n,)
+    text_tokens: torch.Tensor  # (t, L) int64
+    view_params: torch.Tensor  # (n, V, 4)
+    image_emb: dict[str, torch.Tensor]  # dual teacher -> (n, V, D) float16
+    text_emb: dict[str, torch.Tensor]  # dual teacher -> (t, D) float16
+    lists: dict[str, torch.Tensor]  # "i2t/ids", "i2t/fused", "t2i/ids", "t2i/fused"
+    integrated_image: torch.Tensor  # (n, E) float16
+    integrated_text: torch.Tensor  # (t, E) float16
+    captions: list[str] = field(default_factory=list)  # (t,) caption strings (the online baseline needs them)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def read_block(store: CacheStore, index: int, policy: str = "warn") -> Block:
+    manifest = store.manifest
+    shards = manifest["search"]["blocks"][index]
+    duals = manifest["dual_teachers"]
+    name = block_name(index)
+    group = store.root["blocks"].get(name)
+    if group is None or any(p not in group.attrs.get("passes", {}) for p in BLOCK_PASSES):
+        raise CacheJoinError(f"block {name} is not complete in {store.path}; finish `mcad cache` first")
+    parts: dict[str, list] = {k: [] for k in ("keys", "text_image", "text_tokens", "view_params")}
+    image_emb: dict[str, list] = {t: [] for t in duals}
+    text_emb: dict[str, list] = {t: [] for t in duals}
+    rows = 0
+    for shard in shards:
+        g = store.shard_group(shard)
+        keys = g["keys"][...]
+        parts["keys"].append(keys)
+        parts["text_image"].append(torch.from_numpy(g["text_image"][...].astype(np.int64)) + rows)
+        parts["text_tokens"].append(torch.from_numpy(g["text_tokens"][...].astype(np.int64)))
+        parts["view_params"].append(torch.from_numpy(g["view_params"][...]))
+        for teacher in duals:
+            image_spec, text_spec = teacher_arrays(teacher)
+            image_emb[teacher].append(torch.from_numpy(read_array(g, image_spec)))
+            text_emb[teacher].append(torch.from_numpy(read_array(g, text_spec)))
+        rows += len(keys)
+    keys = np.concatenate(parts["keys"])
+    text_image = torch.cat(parts["text_image"])
+    count = torch.bincount(text_image, minlength=len(keys))
+    lists = {path: torch.from_numpy(group[path][...]) for path in ("i2t/ids", "i2t/fused", "t2i/ids", "t2i/fused")}
+    lists["i2t/ids"], lists["t2i/ids"] = lists["i2t/ids"].long(), lists["t2i/ids"].long()
+    images, captions, skipped = _join_images(store, shards, keys, manifest["preprocessing"]["source_size"], policy)
+    if len(captions) != len(text_image):
+        raise CacheJoinError(f"block {name}: shards give {len(captions)} captions, the cache holds {len(text_image)}")
+    return Block(
+        name=name, keys=keys, images=images, text_image=text_image, first=torch.cumsum(count, 0) - count,
+        count=count, text_tokens=torch.cat(parts["text_tokens"]), view_params=torch.cat(parts["view_params"]),
+        image_emb={t: torch.cat(v) for t, v in image_emb.items()},
+        text_emb={t: torch.cat(v) for t, v in text_emb.items()},
+        lists=lists, integrated_image=torch.from_numpy(group["integrated/image"][...]),
+        integrated_text=torch.from_numpy(group["integrated/text"][...]), captions=captions, skipped=skipped,
+    )
+
+
+def _join_images(store: CacheStore, shards: list[str], keys: np.ndarray, size: int, policy: str):
+    """Stream the block's source shards and place each image at its cache row (by key)."""
+    paths = {s["name"]: s["path"] for s in store.manifest["shards"]}
+    stats = ReadStats()
+    data = load_split([paths[s] for s in shards], image_size=size, policy=policy, stats=stats)
+    row_of = {str(k): i for i, k in enumerate(keys)}
+    images = torch.zeros((len(keys), 3, size, size), dtype=torch.uint8)
+    found = torch.zeros(len(keys), dtype=torch.bool)
+    rows = torch.tensor([row_of.get(k, -1) for k in data.keys], dtype=torch.long)
+    known = rows >= 0
+    images[rows[known]] = data.images[known]
+    found[rows[known]] = True
+    if not bool(found.all()):
+        missing = [str(k) for k in keys[~found.numpy()]][:5]
+        raise CacheJoinError(f"{int((~found).sum())} cached samples are missing from shards {shards}, e.g. {missing}")
+    by_row: list[list[str]] = [[] for _ in range(len(keys))]
+    for sample_row, row in enumerate(rows.tolist()):
+        if row >= 0:
+            by_row[row] = data.captions[sample_row]
+    skipped = dict(stats.by_reason)
+    if int((~known).sum()):
+        skipped["not_in_cache"] = int((~known).sum())
+    return images, [c for row in by_row for c in row], skipped
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """How the batch targets are built: which teachers, with what weights, and whether fused lists apply."""
+
+    teachers: tuple[str, ...]
+    weights: tuple[float, ...]  # fixed weights of the ensemble target (the cache's dual weights)
+    scales: tuple[float, ...]  # each teacher's logit scale
+    fused: bool  # overwrite candidate entries with the cache's fused logits
+
+
+def target_spec(manifest: dict, fused: bool) -> TargetSpec:
+    duals = tuple(manifest["dual_teachers"])
+    return TargetSpec(duals, tuple(manifest["search"]["dual_weights"]),
+                      tuple(manifest["teachers"][t]["logit_scale"] for t in duals), fused)
+
+
+def batch_targets(block: Block, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor,
+                  spec: TargetSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Target logits per teacher and for the weighted ensemble ("ensemble"): (i2t, t2i), each (B, B).
+
+    Teacher logits are rebuilt from the cached embeddings of exactly the views and
+    captions in the batch; with ``spec.fused`` the candidate entries take the fused logits.
+    """
+    out = {}
+    ensemble = None
+    for teacher, weight, scale in zip(spec.teachers, spec.weights, spec.scales, strict=True):
+        image = block.image_emb[teacher][images, views].float()
+        text = block.text_emb[teacher][texts].float()
+        logits = scale * image @ text.t()
+        ensemble = weight * logits if ensemble is None else ensemble + weight * logits
+        out[teacher] = _overwrite_or_plain(block, logits, images, texts, spec.fused)
+    out["ensemble"] = _overwrite_or_plain(block, ensemble, images, texts, spec.fused)
+    return out
+
+
+def _overwrite_or_plain(block: Block, logits: torch.Tensor, images: torch.Tensor, texts: torch.Tensor, fused: bool):
+    if not fused:
+        return logits, logits.t()
+    return rebuild_target_logits(logits, images, texts, block.text_image, block.lists["i2t/ids"],
+                                 block.lists["i2t/fused"], block.lists["t2i/ids"], block.lists["t2i/fused"])
+
+
+def choose_texts(block: Block, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One caption row per batch image: the caption an earlier anchor's list named, else a random one.
+
+    Neighbour batching pulls in the *images* of an anchor's candidate captions; an
+    image has several captions, so picking one at random would drop most cached
+    candidates from the batch. Where batch image ``j`` is the image of a cached
+    candidate of another batch anchor, ``j`` takes that very caption (best slot first).
+    """
+    texts = block.first[rows] + (torch.rand(len(rows), generator=gen) * block.count[rows]).long()
+    lists = block.lists["i2t/ids"][rows]  # (B, k) candidate caption rows of each anchor
+    owners = block.text_image[lists]  # (B, k) their images
+    match = owners[:, :, None] == rows[None, None, :]  # (B, k, B): anchor a's slot s names batch image j
+    match &= ~torch.eye(len(rows), dtype=torch.bool)[:, None, :]  # an anchor does not pick its own caption
+    flat = match.permute(2, 1, 0).reshape(len(rows), -1)  # (B, k*B): slot-major, so the best slot wins
+    named = flat.any(1)
+    first = flat.to(torch.uint8).argmax(1)
+    slot, anchor = first // len(rows), first % len(rows)
+    return torch.where(named, lists[anchor, slot], texts)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the data stream is: epoch and batches already taken within it (saved in checkpoints)."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def _generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class CacheBatches:
+    """The batch stream of stage 2 over a cache store: ``iter_from(position)`` yields (position_after, batch)."""
+
+    def __init__(self, store_path: str | Path, batch_size: int, image_size: int, seed: int, fused: bool,
+                 policy: str = "warn", expected_manifest: dict | None = None) -> None:
+        self.store = CacheStore.open(store_path, expected=expected_manifest)
+        self.manifest = self.store.manifest
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.policy = policy
+        self.spec = target_spec(self.manifest, fused)
+        self.n_blocks = len(self.manifest["search"]["blocks"])
+        self.views = self.manifest["preprocessing"]["views"]
+        self._cache: tuple[int, Block] | None = None
+        self.in_batch_hits: list[float] = []
+        self.skipped: dict[str, int] = {}
+
+    def block(self, index: int) -> Block:
+        if self._cache is None or self._cache[0] != index:
+            block = read_block(self.store, index, self.policy)
+            for reason, n in block.skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            self._cache = (index, block)
+        return self._cache[1]
+
+    def block_sizes(self) -> list[int]:
+        """Images per block, from the shard done markers (no array reads)."""
+        sizes = []
+        for shards in self.manifest["search"]["blocks"]:
+            sizes.append(sum(self.store.shard_status(s).get("samples", 0) for s in shards))
+        return sizes
+
+    def batches_per_epoch(self) -> int:
+        return sum(-(-n // self.batch_size) for n in self.block_sizes())
+
+    def iter_from(self, position: Position) -> Iterator[tuple[Position, dict]]:
+        epoch, skip = position.epoch, position.batch
+        sizes = self.block_sizes()
+        while True:
+            order = torch.randperm(self.n_blocks, generator=_generator(self.seed, epoch)).tolist()
+            taken = 0
+            for index in order:
+                n_batches = -(-sizes[index] // self.batch_size)
+                if taken + n_batches <= skip:  # whole block already consumed before the resume point
+                    taken += n_batches
+                    continue
+                block = self.block(index)
+                gen = _generator(self.seed, epoch, index)
+                plan = neighbor_batches(block.lists["i2t/ids"], block.text_image, self.batch_size, gen)
+                for rows in plan:
+                    if taken < skip:
+                        taken += 1
+                        continue
+                    taken += 1
+                    yield Position(epoch, taken), self.make_batch(block, rows, _generator(self.seed, epoch, index,
+                                                                                           taken))
+            epoch, skip = epoch + 1, 0
+
+    def make_batch(self, block: Block, rows: torch.Tensor, gen: torch.Generator) -> dict:
+        texts = choose_texts(block, rows, gen)
+        views = torch.randint(0, self.views, (len(rows),), generator=gen)
+        boxes = block.view_params[rows, views]
+        pixels = render_views(block.images[rows], boxes, self.image_size)
+        targets = batch_targets(block, rows, texts, views, self.spec)
+        hits = candidates_in_batch(rows, texts, block.lists["i2t/ids"], block.lists["t2i/ids"])
+        self.in_batch_hits.append(hits)
+        return {
+            "pixels": pixels,
+            "input_ids": block.text_tokens[texts],
+            "targets": targets,
+            "integrated_image": block.integrated_image[rows].float(),
+            "integrated_text": block.integrated_text[texts].float(),
+            "block": block.name,
+            "rows": rows,
+            "texts": texts,
+            "source_images": block.images[rows],
+            "boxes": boxes,
+            "captions": [block.captions[t] for t in texts.tolist()],
+            "views": views,
+            "candidates_in_batch": hits,
+        }

@@ -1,0 +1,90 @@
+"""The online baseline: MCAD's targets computed by running the teachers on every batch.
+
+This is the only stage-2 module that imports teacher code. It exists to measure
+what the cache saves (speed) and what it costs (quality): the same batches, the
+same losses, with the teacher outputs recomputed in the loop instead of read
+from the store. Candidates are the in-batch top-k by the dual-stream ensemble
+(the online method cannot search a whole block per step), rescored by the ITM
+head and fused with the store's fusion rule; the integration module is the
+one stage 1 trained (its weights are read from the store).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mcad_cache.embed import load_teacher_set
+from mcad_cache.fusion import fuse
+from mcad_cache.integrate import IntegrationModule
+from mcad_cache.store import CacheMismatchError, CacheStore
+from mcad_cache.teachers.single import TextBatch
+from mcad_cache.topk import fuse_embeddings
+from pipeline.config import CacheConfig
+from pipeline.views import render_views
+
+
+class OnlineTeachers:
+    def __init__(self, store: CacheStore, teachers_dir, device: str = "cpu") -> None:
+        manifest = store.manifest
+        self.teachers = load_teacher_set(CacheConfig(teachers_dir=teachers_dir), device)
+        differences = [
+            name for name, described in manifest["teachers"].items()
+            if self._identity(name) != described.get("weights_sha256")
+        ]
+        if differences:
+            raise CacheMismatchError(store.path, [f"online teachers differ from the cache's: {differences}"])
+        self.duals = manifest["dual_teachers"]
+        self.weights = manifest["search"]["dual_weights"]
+        self.scales = [manifest["teachers"][t]["logit_scale"] for t in self.duals]
+        self.k = manifest["search"]["k"]
+        self.rule, self.a = manifest["fusion"]["rule"], manifest["fusion"]["a"]
+        info = dict(store.root.attrs["integration"])
+        self.dual_scale = info["dual_scale"]
+        self.integration = IntegrationModule(info["dual_dim"], info["single_dim"], info["config"]["dim"])
+        group = store.root["integration"]
+        state = {key: torch.from_numpy(np.asarray(group[key][...])) for key in self.integration.state_dict()}
+        self.integration.load_state_dict(state)
+        self.integration.eval()
+
+    def _identity(self, name: str) -> str | None:
+        if name in self.teachers.duals:
+            return self.teachers.duals[name].identity().weights_sha256
+        if name == self.teachers.single_name:
+            return self.teachers.single.identity().weights_sha256
+        return None
+
+    @torch.no_grad()
+    def targets(self, source_images: torch.Tensor, boxes: torch.Tensor, captions: list[str]) -> dict:
+        """Ensemble targets (i2t, t2i) with fused in-batch top-k entries, and integrated features."""
+        images, texts = [], []
+        for name in self.duals:
+            teacher = self.teachers.duals[name]
+            pixels = teacher.pixels_from_uint8(render_views(source_images, boxes, teacher.image_size))
+            images.append(teacher.encode_images(pixels))
+            texts.append(teacher.encode_texts(captions))
+        factors = [w * s for w, s in zip(self.weights, self.scales, strict=True)]
+        image_vecs, text_vecs = fuse_embeddings(images, factors), fuse_embeddings(texts, factors)
+        dual = image_vecs @ text_vecs.t()
+        batch = len(captions)
+        k = min(self.k, batch)
+        i2t_ids = dual.topk(k, dim=1).indices  # (B, k) text columns
+        t2i_ids = dual.t().topk(k, dim=1).indices  # (B, k) image rows
+        rows = torch.cat([torch.arange(batch).repeat_interleave(k), t2i_ids.reshape(-1), torch.arange(batch)])
+        cols = torch.cat([i2t_ids.reshape(-1), torch.arange(batch).repeat_interleave(k), torch.arange(batch)])
+        single = self.teachers.single
+        tokens = single.vision_tokens(single.pixels_from_uint8(render_views(source_images, boxes, single.image_size)))
+        text = single.tokenize(captions)
+        out = single.itm(tokens[rows], TextBatch(text.input_ids[cols], text.attention_mask[cols]))
+        itm = torch.full_like(dual, float("nan"))
+        itm[rows, cols] = out.logits.float()
+        i2t = dual.clone()
+        i2t_entries = (torch.arange(batch).unsqueeze(1), i2t_ids)
+        i2t[i2t_entries] = fuse(self.rule, dual[i2t_entries], itm[i2t_entries], self.a)
+        t2i = dual.t().clone()
+        t2i_entries = (torch.arange(batch).unsqueeze(1), t2i_ids)
+        t2i[t2i_entries] = fuse(self.rule, dual.t()[t2i_entries], itm.t()[t2i_entries], self.a)
+        positive = out.fused[-batch:].float()
+        norm = self.dual_scale**0.5
+        int_image, int_text = self.integration(image_vecs / norm, positive, text_vecs / norm, positive)
+        return {"ensemble": (i2t, t2i), "integrated_image": int_image, "integrated_text": int_text}

@@ -1,0 +1,357 @@
+"""Stage 2, `mcad distill`: train a small dual-stream student from the cache alone.
+
+One loop serves every ablation row; ``mode`` picks the targets and loss terms:
+
+    contrastive   itc only                                             (a)
+    dual_kd       itc + kd to the fixed-weight CLIP ensemble            (b)
+    fused_kd      itc + kd to targets with the fused top-k entries      (c)
+    mcad          itc + kd(fused) + fd + ia                             (d)
+    ammkd         itc + kd to each CLIP with adaptive min-norm weights  (e)
+
+Checkpoints are written atomically every ``checkpoint_every`` steps and hold
+the resolved config, step, model, optimizer, scheduler, RNG state and the data
+position, so a killed run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mcad_student.data import CacheBatches, Position
+from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
+from mcad_student.model import Student, StudentConfig, build_student, save_student
+from pipeline.atomic import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MODES = ("contrastive", "dual_kd", "fused_kd", "mcad", "ammkd")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps produced a NaN/inf loss; the run stops instead of training on garbage."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint in the output directory was made with a different config."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    store: Path = Path("artifacts/cache/default.zarr")
+    out_dir: Path = Path("runs/default")
+    mode: str = "mcad"
+    student: StudentConfig = StudentConfig()
+    loss: LossWeights = LossWeights()
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 100
+    eval_every: int = 0  # 0: only at the end
+    eval_shards: str = "data/default/val"
+    max_nan_skips: int = 20
+    amp: bool = False  # bf16 autocast; on CUDA it pays, on CPU it is usually slower
+    threads: int = 0
+    on_error: str = "warn"
+    online: bool = False  # the baseline: teachers run in the loop instead of reading the cache's targets
+    online_teachers: Path = Path("artifacts/teachers")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    def effective_loss(self) -> LossWeights:
+        """The loss weights this mode actually uses (terms a mode does not have are zeroed)."""
+        if self.mode == "contrastive":
+            return replace(self.loss, alpha=0.0, beta=0.0, gamma=0.0)
+        if self.mode in ("dual_kd", "fused_kd", "ammkd"):
+            return replace(self.loss, beta=0.0, gamma=0.0)
+        return self.loss
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    position: Position = field(default_factory=Position)
+    nan_skips: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------- loss of one batch
+
+
+def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tuple[str, ...]) -> dict:
+    weights = cfg.effective_loss()
+    out = student(student.pixels_from_uint8(batch["pixels"]), batch["input_ids"])
+    logits = out["logit_scale"] * out["image"] @ out["text"].t()
+    terms = dict(itc_loss(out["image"], out["text"], out["logit_scale"]))
+    if cfg.mode == "ammkd":
+        per_teacher = [batch["targets"][t] for t in teachers]
+        terms.update(ammkd_kd_loss(logits, per_teacher, weights.kd_temperature, None))
+    elif cfg.mode != "contrastive":
+        i2t, t2i = batch["targets"]["ensemble"]
+        terms.update(kd_loss(logits, i2t, t2i, weights.kd_temperature))
+    if weights.beta or weights.gamma:
+        s_image = student.project(out["image_raw"], 0)
+        s_text = student.project(out["text_raw"], 1)
+        t_image, t_text = batch["integrated_image"], batch["integrated_text"]
+        if weights.beta:
+            terms.update(fd_loss(s_image, s_text, t_image, t_text, weights.fd_kind))
+        if weights.gamma:
+            i2t, t2i = batch["targets"]["ensemble"]
+            terms.update(ia_loss(s_image, s_text, t_image, t_text, i2t, t2i, weights.ia_temperature,
+                                 weights.kd_temperature))
+    terms["loss"] = total_loss({k: v for k, v in terms.items() if "/" not in k}, weights)
+    return terms
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: RunState, cfg: DistillConfig) -> None:
+    payload = {
+        "config": cfg.to_dict(),
+        "step": state.step,
+        "position": [state.position.epoch, state.position.batch],
+        "nan_skips": state.nan_skips,
+        "seconds": state.seconds,
+        "model": student.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig) -> RunState:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = payload["config"]
+    current = cfg.to_dict()
+    ignore = {"steps", "checkpoint_every", "eval_every", "threads"}  # may change on resume (e.g. train longer)
+    differences = [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
+    if differences:
+        raise ResumeMismatchError(f"{path} was written with a different config ({differences}); "
+                                  "use another --out directory or the same settings")
+    student.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    return RunState(payload["step"], Position(*payload["position"]), payload["nan_skips"], payload["seconds"])
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def _schedule(cfg: DistillConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(student: Student, cfg: DistillConfig):
+    decay, no_decay = [], []
+    for name, param in student.named_parameters():
+        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+
+
+class MetricsLog:
+    """metrics.csv (rows after the resume step are dropped, so a resumed run has one row per step)."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+        if path.exists() and resume_step:
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        fields: list[str] = []
+        for row in self.rows:
+            fields += [k for k in row if k not in fields]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.path, buffer.getvalue().encode())
+
+
+def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train (or resume) the student in ``cfg.out_dir``; returns the run summary (also written as summary.json).
+
+    ``stop_after`` ends the process-local loop early after that many steps (for tests of resume).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
+                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error)
+    manifest = stream.manifest
+    integration_dim = int(manifest["integration"]["dim"])
+    student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),
+                          context_length=int(manifest["tokenizer"]["context_length"]))
+    tokenizer_dir = manifest["tokenizer"]["path"]
+    student = build_student(student_cfg, tokenizer_dir, out / "student_build")
+    optimizer, scheduler = _optimizer(student, cfg)
+    checkpoint = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, student, optimizer, scheduler, cfg) if checkpoint.exists() else RunState()
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    metrics = MetricsLog(out / "metrics.csv", state.step)
+    writer = _tensorboard(out / "tb")
+    teachers = stream.spec.teachers
+    online = None
+    if cfg.online:
+        if cfg.mode != "mcad":
+            raise ValueError("the online baseline runs mode 'mcad' only")
+        from mcad_student.online import OnlineTeachers
+
+        online = OnlineTeachers(stream.store, cfg.online_teachers)
+    student.train()
+    batches = stream.iter_from(state.position)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill {cfg.mode}", disable=not progress,
+               mininterval=2.0)
+    steps_here = 0
+    start = time.perf_counter()
+    while state.step < cfg.steps and (stop_after is None or steps_here < stop_after):
+        position, batch = next(batches)
+        state.position = position
+        if len(batch["rows"]) < 2:  # a block's last batch can hold a single image: no in-batch negatives
+            continue
+        if online is not None:
+            computed = online.targets(batch["source_images"], batch["boxes"], batch["captions"])
+            batch = {**batch, "targets": {"ensemble": computed["ensemble"]},
+                     "integrated_image": computed["integrated_image"], "integrated_text": computed["integrated_text"]}
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=cfg.amp):
+            terms = batch_terms(student, batch, cfg, teachers)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            state.nan_skips += 1
+            log.warning("step %d: non-finite loss %s, skipped (%d so far)", state.step, loss.item(), state.nan_skips)
+            if state.nan_skips > cfg.max_nan_skips:
+                raise NonFiniteLossError(f"{state.nan_skips} non-finite losses (limit {cfg.max_nan_skips}) "
+                                         f"by step {state.step}; lower the learning rate or check the cache")
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            student.clip.logit_scale.clamp_(0, math.log(100))
+        state.step += 1
+        steps_here += 1
+        row = {"step": state.step, "lr": scheduler.get_last_lr()[0],
+               "candidates_in_batch": batch["candidates_in_batch"],
+               **{k: float(v.detach()) for k, v in terms.items()}}
+        metrics.add(row)
+        if writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    writer.add_scalar(key, value, state.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            state.seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
+            metrics.flush()
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+            recalls = evaluate_student(student, tokenizer_dir, cfg)
+            metrics.rows[-1].update({f"val/{k}": v for k, v in recalls.items()})
+            student.train()
+    bar.close()
+    state.seconds += time.perf_counter() - start
+    metrics.flush()
+    if writer is not None:
+        writer.close()
+    if state.step < cfg.steps:
+        return {"step": state.step, "finished": False}
+    save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
+    student.eval()
+    spec = save_student(student, tokenizer_dir, out / "student")
+    recalls = evaluate_student(student, tokenizer_dir, cfg)
+    hits = stream.in_batch_hits
+    summary = {
+        "mode": cfg.mode, "steps": state.step, "seconds": round(state.seconds, 2),
+        "steps_per_second": round(state.step / max(state.seconds, 1e-9), 3),
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "candidates_in_batch": round(sum(hits) / len(hits), 4) if hits else None,
+        "nan_skips": state.nan_skips, "skipped_samples": stream.skipped,
+        "eval_shards": cfg.eval_shards, "recalls": recalls, "student": spec,
+        "last_loss": metrics.rows[-1]["loss"] if metrics.rows else None,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _tensorboard(path: Path):
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard is a declared dependency
+
+    return SummaryWriter(str(path))
+
+
+class StudentEncoder:
+    """The student as the DualStreamEncoder that `pipeline.evaluation` scores."""
+
+    def __init__(self, student: Student, tokenizer_dir: str, context_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.student = student
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.context_length = context_length
+        self.image_size = student.image_size
+
+    def pixels_from_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.pixels_from_uint8(images)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.student.encode_image(pixels)
+
+    @torch.no_grad()
+    def encode_texts(self, texts) -> torch.Tensor:
+        ids = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                             return_tensors="pt")["input_ids"]
+        return self.student.encode_text(ids)
+
+
+def evaluate_student(student: Student, tokenizer_dir: str, cfg: DistillConfig) -> dict[str, float]:
+    from pipeline.evaluation import evaluate_dual_stream
+    from pipeline.shards import list_shards, load_split
+
+    student.eval()
+    split = load_split(list_shards(cfg.eval_shards), image_size=student.image_size, policy=cfg.on_error)
+    return evaluate_dual_stream(StudentEncoder(student, tokenizer_dir, student.context_length), split)

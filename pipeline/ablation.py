@@ -1,0 +1,108 @@
+"""`make ablation`: every MCAD variant at equal steps from one cache, one table and one plot.
+
+Rows (see mcad_student/train.py for the modes):
+    (a) contrastive   (b) dual_kd   (c) fused_kd   (d) mcad   (e) ammkd   (f) mcad, online teachers
+
+Each row is an ordinary `mcad distill` run directory under ``out``; a re-run
+skips rows whose summary.json exists (and resumes a row that was killed), so
+the table can be rebuilt without retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json
+
+ROWS = (
+    ("a", "contrastive", False),
+    ("b", "dual_kd", False),
+    ("c", "fused_kd", False),
+    ("d", "mcad", False),
+    ("e", "ammkd", False),
+    ("f", "mcad", True),
+)
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
+
+
+def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] | None = None,
+                 progress: bool = True) -> dict:
+    """Train every selected row for every seed; returns {row: {mode, online, runs: [summary...]}}."""
+    from mcad_student.train import distill
+
+    results = {}
+    for label, mode, online in ROWS:
+        if rows and label not in rows:
+            continue
+        runs = []
+        for seed in seeds:
+            run_dir = out / f"{label}_{mode}{'_online' if online else ''}_s{seed}"
+            summary_path = run_dir / "summary.json"
+            if summary_path.exists():
+                runs.append(json.loads(summary_path.read_text()))
+                continue
+            cfg = replace(base, mode=mode, seed=seed, out_dir=run_dir, online=online)
+            runs.append(distill(cfg, progress=progress))
+        results[label] = {"mode": mode, "online": online, "runs": runs}
+    return results
+
+
+def aggregate(results: dict) -> list[dict]:
+    table = []
+    for label, row in results.items():
+        runs = row["runs"]
+        entry = {"row": label, "mode": row["mode"] + (" (online)" if row["online"] else ""), "seeds": len(runs)}
+        for metric in METRICS:
+            values = [r["recalls"][metric] for r in runs]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        entry["seconds"] = statistics.fmean(r["seconds"] for r in runs)
+        entry["steps_per_second"] = statistics.fmean(r["steps_per_second"] for r in runs)
+        entry["parameters"] = runs[0]["parameters"]
+        entry["candidates_in_batch"] = runs[0].get("candidates_in_batch")
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict], note: str) -> str:
+    lines = [note, "", "| row | mode | " + " | ".join(METRICS) + " | wall s | steps/s | params |",
+             "|---|---|" + "---:|" * (len(METRICS) + 3)]
+    for e in table:
+        cells = [f"{e[m]:.1f} ± {e[m + '_sd']:.1f}" if e["seeds"] > 1 else f"{e[m]:.1f}" for m in METRICS]
+        lines.append(f"| ({e['row']}) | {e['mode']} | " + " | ".join(cells)
+                     + f" | {e['seconds']:.0f} | {e['steps_per_second']:.2f} | {e['parameters'] / 1e6:.2f}M |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"({e['row']}) {e['mode']}" for e in table]
+    x = range(len(table))
+    for offset, metric in ((-0.2, "i2t_R@1"), (0.2, "t2i_R@1")):
+        ax.bar([i + offset for i in x], [e[metric] for e in table], width=0.4, label=metric,
+               yerr=[e[metric + "_sd"] for e in table], capsize=3)
+    ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("recall@1 (%)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def write_report(results: dict, out: Path, note: str) -> list[dict]:
+    table = aggregate(results)
+    atomic_write_json(out / "ablation.json", {"rows": table, "runs": results})
+    atomic_write_bytes(out / "ablation.md", markdown(table, note).encode())
+    plot(table, out / "ablation.png")
+    return table

@@ -1,0 +1,125 @@
+"""Stage 2 on a tiny cache: targets from the cache, neighbour batching, resume, refusals, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mcad_cache.store import CacheMismatchError
+from mcad_student.data import CacheBatches, Position, read_block
+from mcad_student.model import StudentConfig
+from mcad_student.train import DistillConfig, ResumeMismatchError, distill
+
+TINY_STUDENT = StudentConfig(image_model="mobilevitv2_050", image_size=32, text_layers=1, text_width=32,
+                             text_heads=2, text_intermediate=64, embed_dim=16)
+
+
+def _cfg(tiny_cache, tiny_world, tmp_path, **kw) -> DistillConfig:
+    base = DistillConfig(store=tiny_cache, out_dir=tmp_path / "run", student=TINY_STUDENT, steps=6, batch_size=16,
+                         warmup=2, checkpoint_every=3, eval_shards=str(tiny_world / "val"), threads=1)
+    return replace(base, **kw)
+
+
+def test_cached_targets_equal_the_teachers_own_logits(tiny_cache, tiny_clip, tiny_clip_b):
+    from mcad_cache.teachers.dual import DualStreamTeacher
+    from pipeline.views import render_views
+
+    stream = CacheBatches(tiny_cache, batch_size=8, image_size=32, seed=0, fused=False)
+    _, batch = next(stream.iter_from(Position()))
+    manifest = stream.manifest
+    ensemble = 0
+    for name, (_, spec) in zip(manifest["dual_teachers"], (tiny_clip, tiny_clip_b), strict=True):
+        teacher = DualStreamTeacher.load(spec)
+        pixels = teacher.pixels_from_uint8(render_views(batch["source_images"], batch["boxes"], teacher.image_size))
+        logits = teacher.logit_scale * teacher.encode_images(pixels) @ teacher.encode_texts(batch["captions"]).t()
+        cached_i2t, cached_t2i = batch["targets"][name]
+        torch.testing.assert_close(cached_i2t, logits, atol=0.02 * teacher.logit_scale, rtol=0)
+        torch.testing.assert_close(cached_t2i, logits.t(), atol=0.02 * teacher.logit_scale, rtol=0)
+        weight = manifest["search"]["dual_weights"][manifest["dual_teachers"].index(name)]
+        ensemble = ensemble + weight * cached_i2t
+    torch.testing.assert_close(batch["targets"]["ensemble"][0], ensemble)
+
+
+def test_fused_entries_land_on_the_cached_candidates(tiny_cache):
+    plain = CacheBatches(tiny_cache, batch_size=16, image_size=32, seed=0, fused=False)
+    fused = CacheBatches(tiny_cache, batch_size=16, image_size=32, seed=0, fused=True)
+    _, a = next(plain.iter_from(Position()))
+    _, b = next(fused.iter_from(Position()))
+    assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["texts"], b["texts"])
+    block = fused._cache[1]  # the block the first batch came from
+    changed = a["targets"]["ensemble"][0] != b["targets"]["ensemble"][0]
+    lists = block.lists["i2t/ids"][b["rows"]]  # (B, k) text rows
+    expected = (lists[:, :, None] == b["texts"][None, None, :]).any(1)
+    assert expected.any(), "neighbour batching should put some candidates in the batch"
+    assert not (changed & ~expected).any()
+    rows, cols = expected.nonzero(as_tuple=True)
+    for r, c in zip(rows.tolist()[:5], cols.tolist()[:5], strict=True):
+        slot = (lists[r] == b["texts"][c]).nonzero()[0, 0]
+        assert b["targets"]["ensemble"][0][r, c] == block.lists["i2t/fused"][b["rows"][r], slot]
+
+
+def test_neighbour_batches_keep_candidates_in_batch(tiny_cache):
+    stream = CacheBatches(tiny_cache, batch_size=16, image_size=32, seed=0, fused=True)
+    batches = [b for _, (_, b) in zip(range(stream.batches_per_epoch()), stream.iter_from(Position()), strict=False)]
+    covered = torch.cat([b["rows"] for b in batches if b["block"] == "b00000"])
+    assert sorted(covered.tolist()) == list(range(len(read_block(stream.store, 0))))
+    assert sum(b["candidates_in_batch"] for b in batches) / len(batches) > 0.2
+
+
+@pytest.mark.parametrize("mode", ["contrastive", "dual_kd", "fused_kd", "mcad", "ammkd"])
+def test_every_mode_trains_and_reports(tiny_cache, tiny_world, tmp_path, mode):
+    summary = distill(_cfg(tiny_cache, tiny_world, tmp_path, mode=mode, steps=3), progress=False)
+    assert summary["steps"] == 3 and 0 <= summary["recalls"]["mean_recall"] <= 100
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 4
+    header = rows[0].split(",")
+    assert ("kd" in header) == (mode != "contrastive")
+    assert ("fd" in header) == (mode == "mcad")
+    assert ("w/0" in header) == (mode == "ammkd")
+
+
+def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_cache, tiny_world, tmp_path):
+    straight = distill(_cfg(tiny_cache, tiny_world, tmp_path / "a"), progress=False)
+    stopped = _cfg(tiny_cache, tiny_world, tmp_path / "b")
+    assert distill(stopped, progress=False, stop_after=3) == {"step": 3, "finished": False}
+    resumed = distill(stopped, progress=False)
+    assert resumed["steps"] == straight["steps"]
+    a = (tmp_path / "a" / "run" / "metrics.csv").read_text().splitlines()
+    b = (tmp_path / "b" / "run" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[:4] for r in a] == [r.split(",")[:4] for r in b]
+    sa = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)["model"]
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], msg=key)
+
+
+def test_resume_with_another_config_is_refused(tiny_cache, tiny_world, tmp_path):
+    cfg = _cfg(tiny_cache, tiny_world, tmp_path)
+    distill(cfg, progress=False, stop_after=3)
+    with pytest.raises(ResumeMismatchError, match="lr"):
+        distill(replace(cfg, lr=1.0), progress=False)
+
+
+def test_a_store_for_other_teachers_or_k_is_refused(tiny_cache):
+    manifest = CacheBatches(tiny_cache, 8, 32, 0, True).manifest
+    with pytest.raises(CacheMismatchError, match="candidate search"):
+        CacheBatches(tiny_cache, 8, 32, 0, True, expected_manifest={**manifest, "search": {"k": 99}})
+
+
+def test_distill_cli_end_to_end(tiny_cache, tiny_world, tmp_path):
+    from pipeline.cli import main
+
+    config = tmp_path / "distill.json"
+    config.write_text(json.dumps({"student": {"image_size": 32, "text_layers": 1, "text_width": 32, "text_heads": 2,
+                                              "text_intermediate": 64, "embed_dim": 16},
+                                  "batch_size": 16, "warmup": 1, "threads": 1}))
+    result = CliRunner().invoke(main, ["distill", "--config", str(config), "--store", str(tiny_cache), "--out",
+                                       str(tmp_path / "cli"), "--steps", "2", "--eval-shards",
+                                       str(tiny_world / "val")])
+    assert result.exit_code == 0, result.output
+    assert "| student (mcad) |" in result.output
+    assert (tmp_path / "cli" / "student" / "open_clip_config.json").exists()
