@@ -35,7 +35,7 @@ distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then i
 	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test
 
 ablation:  ## Rows (a)-(f) of the README's ablation table, 2 seeds, into runs/ablation
-	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --teachers $(TEACHERS)
+	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val
 
 test:  ## Run the test suite (tiny random-init models, tiny generated shards)
 	$(BIN)/python -m pytest -q

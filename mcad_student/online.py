@@ -14,27 +14,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mcad_cache.embed import load_teacher_set
 from mcad_cache.fusion import fuse
 from mcad_cache.integrate import IntegrationModule
 from mcad_cache.store import CacheMismatchError, CacheStore
-from mcad_cache.teachers.single import TextBatch
+from mcad_cache.teachers.dual import DualStreamTeacher, DualTeacherSpec
+from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec, TextBatch
 from mcad_cache.topk import fuse_embeddings
-from pipeline.config import CacheConfig
 from pipeline.views import render_views
 
 
 class OnlineTeachers:
-    def __init__(self, store: CacheStore, teachers_dir, device: str = "cpu") -> None:
+    """The cache's own teachers (loaded from the specs its manifest names, weights checked by hash)."""
+
+    def __init__(self, store: CacheStore, device: str = "cpu") -> None:
         manifest = store.manifest
-        self.teachers = load_teacher_set(CacheConfig(teachers_dir=teachers_dir), device)
-        differences = [
-            name for name, described in manifest["teachers"].items()
-            if self._identity(name) != described.get("weights_sha256")
-        ]
-        if differences:
-            raise CacheMismatchError(store.path, [f"online teachers differ from the cache's: {differences}"])
+        described = manifest["teachers"]
         self.duals = manifest["dual_teachers"]
+        self.dual_teachers = {
+            name: DualStreamTeacher.load(DualTeacherSpec(described[name]["name"], described[name]["pretrained"]),
+                                         device)
+            for name in self.duals
+        }
+        single_name = manifest["single_teacher"]
+        self.single = SingleStreamTeacher.load(SingleTeacherSpec(described[single_name]["name"]), device)
+        loaded = {**{n: t.identity() for n, t in self.dual_teachers.items()}, single_name: self.single.identity()}
+        differences = [n for n, identity in loaded.items() if identity.weights_sha256 != described[n]["weights_sha256"]]
+        if differences:
+            raise CacheMismatchError(store.path, [f"teachers {differences} no longer have the weights the cache "
+                                                  "was made with"])
         self.weights = manifest["search"]["dual_weights"]
         self.scales = [manifest["teachers"][t]["logit_scale"] for t in self.duals]
         self.k = manifest["search"]["k"]
@@ -47,19 +54,12 @@ class OnlineTeachers:
         self.integration.load_state_dict(state)
         self.integration.eval()
 
-    def _identity(self, name: str) -> str | None:
-        if name in self.teachers.duals:
-            return self.teachers.duals[name].identity().weights_sha256
-        if name == self.teachers.single_name:
-            return self.teachers.single.identity().weights_sha256
-        return None
-
     @torch.no_grad()
     def targets(self, source_images: torch.Tensor, boxes: torch.Tensor, captions: list[str]) -> dict:
         """Ensemble targets (i2t, t2i) with fused in-batch top-k entries, and integrated features."""
         images, texts = [], []
         for name in self.duals:
-            teacher = self.teachers.duals[name]
+            teacher = self.dual_teachers[name]
             pixels = teacher.pixels_from_uint8(render_views(source_images, boxes, teacher.image_size))
             images.append(teacher.encode_images(pixels))
             texts.append(teacher.encode_texts(captions))
@@ -72,7 +72,7 @@ class OnlineTeachers:
         t2i_ids = dual.t().topk(k, dim=1).indices  # (B, k) image rows
         rows = torch.cat([torch.arange(batch).repeat_interleave(k), t2i_ids.reshape(-1), torch.arange(batch)])
         cols = torch.cat([i2t_ids.reshape(-1), torch.arange(batch).repeat_interleave(k), torch.arange(batch)])
-        single = self.teachers.single
+        single = self.single
         tokens = single.vision_tokens(single.pixels_from_uint8(render_views(source_images, boxes, single.image_size)))
         text = single.tokenize(captions)
         out = single.itm(tokens[rows], TextBatch(text.input_ids[cols], text.attention_mask[cols]))

@@ -65,8 +65,7 @@ class DistillConfig:
     amp: bool = False  # bf16 autocast; on CUDA it pays, on CPU it is usually slower
     threads: int = 0
     on_error: str = "warn"
-    online: bool = False  # the baseline: teachers run in the loop instead of reading the cache's targets
-    online_teachers: Path = Path("artifacts/teachers")
+    online: bool = False  # the baseline: the cache's teachers run in the loop instead of reading its targets
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -237,7 +236,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
             raise ValueError("the online baseline runs mode 'mcad' only")
         from mcad_student.online import OnlineTeachers
 
-        online = OnlineTeachers(stream.store, cfg.online_teachers)
+        online = OnlineTeachers(stream.store)
     student.train()
     batches = stream.iter_from(state.position)
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill {cfg.mode}", disable=not progress,

@@ -269,10 +269,7 @@ def distill(config_file: Path | None, **options) -> None:
 @click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; each row runs once per seed.")
 @click.option("--rows", default="a,b,c,d,e,f", show_default=True, help="Which rows: a..f (see the README).")
 @click.option("--eval-shards", default="data/default/val", show_default=True)
-@click.option("--teachers", "teachers_dir", type=click.Path(path_type=Path), default=Path("artifacts/teachers"),
-              show_default=True, help="Teachers of the online row (f); must be the cache's teachers.")
-def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, eval_shards: str,
-             teachers_dir: Path) -> None:
+def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, eval_shards: str) -> None:
     """Train every MCAD variant at equal steps from one cache; write a table and a plot.
 
     Rows: (a) contrastive only, (b) + CLIP KD, (c) + single-stream top-k fused targets,
@@ -282,7 +279,7 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, eval
     from mcad_student.train import DistillConfig
     from pipeline.ablation import run_ablation, write_report
 
-    base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards, online_teachers=teachers_dir)
+    base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards)
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()))
     note = (f"{steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)}, recalls on {eval_shards} "

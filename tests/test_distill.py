@@ -82,6 +82,27 @@ def test_every_mode_trains_and_reports(tiny_cache, tiny_world, tmp_path, mode):
     assert ("w/0" in header) == (mode == "ammkd")
 
 
+def test_online_baseline_runs_the_cache_teachers(tiny_cache, tiny_world, tmp_path):
+    summary = distill(_cfg(tiny_cache, tiny_world, tmp_path, mode="mcad", online=True, steps=2), progress=False)
+    assert summary["steps"] == 2
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"kd", "fd", "ia"} <= set(header)
+
+
+def test_online_targets_are_the_cached_ensemble_off_the_in_batch_top_k(tiny_cache):
+    from mcad_student.online import OnlineTeachers
+
+    stream = CacheBatches(tiny_cache, batch_size=12, image_size=32, seed=0, fused=False)
+    _, batch = next(stream.iter_from(Position()))
+    online = OnlineTeachers(stream.store).targets(batch["source_images"], batch["boxes"], batch["captions"])
+    cached_i2t, _ = batch["targets"]["ensemble"]
+    online_i2t, _ = online["ensemble"]
+    scale = max(stream.spec.scales)
+    differs = (online_i2t - cached_i2t).abs() > 0.05 * scale
+    assert int(differs.sum(1).max()) <= stream.manifest["search"]["k"]  # only each anchor's fused top-k moved
+    assert online["integrated_image"].shape == (12, stream.manifest["integration"]["dim"])
+
+
 def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_cache, tiny_world, tmp_path):
     straight = distill(_cfg(tiny_cache, tiny_world, tmp_path / "a"), progress=False)
     stopped = _cfg(tiny_cache, tiny_world, tmp_path / "b")
