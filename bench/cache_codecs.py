@@ -48,7 +48,7 @@ def _dir_bytes(path: Path) -> int:
 def main(store: Path, repeats: int, out: Path) -> None:
     root = zarr.open_group(str(store), mode="r")
     shards = {name: _numeric_arrays(group) for name, group in root["shards"].groups()}
-    samples = sum(len(root[f"shards/{name}/keys"]) for name in shards)
+    samples = sum(root[f"shards/{name}/keys"].shape[0] for name in shards)
     views = root.attrs["manifest"]["preprocessing"]["views"]
     raw = sum(a.nbytes for arrays in shards.values() for a in arrays.values())
     rows = []

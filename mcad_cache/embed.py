@@ -159,6 +159,9 @@ def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet) -> tuple[dic
         "read_seconds": round(read_seconds, 3),
         "teacher_seconds": round(clock["seconds"], 3),
     }
+    if stats.by_reason.get("unreadable_shard"):
+        status["failed"] = "unreadable_shard: " + "; ".join(
+            f"{key or '-'}: {reason}" for _, key, reason in stats.records if reason.startswith("unreadable"))[:500]
     return arrays, status
 
 
@@ -172,7 +175,7 @@ def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, size: int, prepar
             stop = min(n, start + batch)
             pixels = prepare(render_views(images[start:stop], box_tensor[start:stop, view], size))
             tick = time.perf_counter()
-            out[start:stop, view] = encode(pixels).float().numpy()
+            out[start:stop, view] = encode(pixels).float().cpu().numpy()
             clock["seconds"] += time.perf_counter() - tick
     return out
 
@@ -182,6 +185,6 @@ def _text_embeddings(texts: list[str], batch: int, tokenize, encode, dim: int, c
     for start in range(0, len(texts), batch):
         tokens = tokenize(texts[start : start + batch])
         tick = time.perf_counter()
-        out[start : start + batch] = encode(tokens).float().numpy()
+        out[start : start + batch] = encode(tokens).float().cpu().numpy()
         clock["seconds"] += time.perf_counter() - tick
     return out

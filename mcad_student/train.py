@@ -30,6 +30,7 @@ from tqdm import tqdm
 from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import Student, StudentConfig, build_student, save_student
+from mcad_student.parallel import Parallel
 from pipeline.atomic import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,14 @@ class RunState:
 # ---------------------------------------------------------------------- loss of one batch
 
 
-def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tuple[str, ...]) -> dict:
+def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tuple[str, ...],
+                par: Parallel = Parallel()) -> dict:
+    """Every loss term of one global batch; under torchrun this rank encodes only its rows (see parallel.py)."""
     weights = cfg.effective_loss()
-    out = student(student.pixels_from_uint8(batch["pixels"]), batch["input_ids"])
+    n = len(batch["rows"])
+    mine = par.local_rows(n)
+    local = student(student.pixels_from_uint8(batch["pixels"][mine]), batch["input_ids"][mine])
+    out = {k: v if k == "logit_scale" else par.gather(v, n) for k, v in local.items()}
     logits = out["logit_scale"] * out["image"] @ out["text"].t()
     terms = dict(itc_loss(out["image"], out["text"], out["logit_scale"]))
     if cfg.mode == "ammkd":
@@ -212,6 +218,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    par = Parallel.from_env()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -222,13 +229,15 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),
                           context_length=int(manifest["tokenizer"]["context_length"]))
     tokenizer_dir = manifest["tokenizer"]["path"]
-    student = build_student(student_cfg, tokenizer_dir, out / "student_build")
+    student = build_student(student_cfg, tokenizer_dir, out / "student_build" / f"rank{par.rank}")
+    par.broadcast_parameters(student)
     optimizer, scheduler = _optimizer(student, cfg)
     checkpoint = out / "checkpoint.pt"
     state = load_checkpoint(checkpoint, student, optimizer, scheduler, cfg) if checkpoint.exists() else RunState()
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if par.main:
+        atomic_write_json(out / "config.json", cfg.to_dict())
     metrics = MetricsLog(out / "metrics.csv", state.step)
-    writer = _tensorboard(out / "tb")
+    writer = _tensorboard(out / "tb") if par.main else None
     teachers = stream.spec.teachers
     online = None
     if cfg.online:
@@ -239,7 +248,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         online = OnlineTeachers(stream.store)
     student.train()
     batches = stream.iter_from(state.position)
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill {cfg.mode}", disable=not progress,
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill {cfg.mode}", disable=not (progress and par.main),
                mininterval=2.0)
     steps_here = 0
     start = time.perf_counter()
@@ -253,7 +262,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
             batch = {**batch, "targets": {"ensemble": computed["ensemble"]},
                      "integrated_image": computed["integrated_image"], "integrated_text": computed["integrated_text"]}
         with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=cfg.amp):
-            terms = batch_terms(student, batch, cfg, teachers)
+            terms = batch_terms(student, batch, cfg, teachers, par)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             state.nan_skips += 1
@@ -265,6 +274,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
             continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        par.average_gradients(student)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -285,18 +295,26 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             state.seconds += time.perf_counter() - start
             start = time.perf_counter()
-            save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
-            metrics.flush()
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+            if par.main:
+                save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
+                metrics.flush()
+            par.barrier()
+        if par.main and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
             recalls = evaluate_student(student, tokenizer_dir, cfg)
             metrics.rows[-1].update({f"val/{k}": v for k, v in recalls.items()})
             student.train()
     bar.close()
     state.seconds += time.perf_counter() - start
-    metrics.flush()
     if writer is not None:
         writer.close()
+    if not par.main:
+        par.barrier()
+        par.close()
+        return {"step": state.step, "finished": state.step >= cfg.steps, "rank": par.rank}
+    metrics.flush()
     if state.step < cfg.steps:
+        par.barrier()
+        par.close()
         return {"step": state.step, "finished": False}
     save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
     student.eval()
@@ -313,6 +331,8 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         "last_loss": metrics.rows[-1]["loss"] if metrics.rows else None,
     }
     atomic_write_json(out / "summary.json", summary)
+    par.barrier()
+    par.close()
     return summary
 
 

@@ -29,8 +29,11 @@ METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "
 
 
 def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] | None = None,
-                 progress: bool = True) -> dict:
-    """Train every selected row for every seed; returns {row: {mode, online, runs: [summary...]}}."""
+                 progress: bool = True, online_seeds: tuple[int, ...] | None = None) -> dict:
+    """Train every selected row for every seed; returns {row: {mode, online, runs: [summary...]}}.
+
+    ``online_seeds`` (default: ``seeds``) lets the slow online row (f) run fewer seeds.
+    """
     from mcad_student.train import distill
 
     results = {}
@@ -38,7 +41,7 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
         if rows and label not in rows:
             continue
         runs = []
-        for seed in seeds:
+        for seed in (online_seeds or seeds) if online else seeds:
             run_dir = out / f"{label}_{mode}{'_online' if online else ''}_s{seed}"
             summary_path = run_dir / "summary.json"
             if summary_path.exists():

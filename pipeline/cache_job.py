@@ -51,7 +51,8 @@ class CacheSummary:
     skipped_samples: int = 0
     itm_pairs: int = 0
     itm_positions: int = 0  # candidate-list entries + positives the pairs serve (before deduplication)
-    teacher_seconds: float = 0.0
+    teacher_seconds: float = 0.0  # inside teacher forward passes, every pass
+    embed_teacher_seconds: float = 0.0
     bytes_on_disk: int = 0
 
     def lines(self) -> list[str]:
@@ -59,7 +60,7 @@ class CacheSummary:
         if "embed" in self.seconds:
             out.append(f"  embed: {self.shards_embedded} shards ({self.shards_skipped_done} already done), "
                        f"{self.samples} samples, {self.skipped_samples} skipped samples, "
-                       f"teacher forward {self.teacher_seconds:.1f}s of {self.seconds['embed']:.1f}s")
+                       f"teacher forward {self.embed_teacher_seconds:.1f}s of {self.seconds['embed']:.1f}s")
         if self.shards_failed:
             out.append(f"  FAILED shards (recorded in the store): {self.shards_failed}")
         if self.itm_pairs:
@@ -86,7 +87,7 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     shards = list_shards(cfg.shards)
-    teachers = load_teacher_set(cfg)
+    teachers = load_teacher_set(cfg, resolve_device(cfg.device))
     store = CacheStore.create_or_open(cfg.store, build_manifest(cfg, teachers, shards))
     summary = CacheSummary(str(cfg.store), place)
     if "embed" in passes:
@@ -111,6 +112,15 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
     return summary
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` picks this task's GPU (torchrun's LOCAL_RANK) when CUDA is available, else the CPU."""
+    import os
+
+    if device != "auto":
+        return device
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
 # ---------------------------------------------------------------------- embed
 
 
@@ -132,12 +142,15 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
             arrays = _empty_shard(cfg, teachers, widths)
             status = {"samples": 0, "failed": f"{type(err).__name__}: {err}"}
             summary.shards_failed.append(name)
+        if status.get("failed") and name not in summary.shards_failed:
+            summary.shards_failed.append(name)
         write_shard_group(store.root, name, arrays, widths)
         store.mark_shard(name, status)
         summary.shards_embedded += 1
         summary.samples += status["samples"]
         summary.skipped_samples += status.get("skipped", 0)
         summary.teacher_seconds += status.get("teacher_seconds", 0.0)
+        summary.embed_teacher_seconds += status.get("teacher_seconds", 0.0)
 
 
 def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int]) -> dict[str, np.ndarray]:

@@ -158,6 +158,7 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
 @click.option("--on-error", type=click.Choice(["warn", "raise"]),
               help="Bad samples: warn skips, counts and records them in the store; raise stops.")
 @click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
+@click.option("--device", help="Teacher device: auto (cuda:$LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
 def cache(config_file: Path | None, passes: str, rank: int | None, world_size: int | None, **options) -> None:
     """Stage 1: run the teachers once over the shards and write the Zarr cache store.
 
@@ -268,8 +269,11 @@ def distill(config_file: Path | None, **options) -> None:
 @click.option("--steps", type=int, default=DISTILL_STEPS, show_default=True, help="Steps of every row (equal steps).")
 @click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; each row runs once per seed.")
 @click.option("--rows", default="a,b,c,d,e,f", show_default=True, help="Which rows: a..f (see the README).")
+@click.option("--online-seeds", default="0", show_default=True,
+              help="Seeds of the online row (f), which runs the teachers every step and is much slower.")
 @click.option("--eval-shards", default="data/default/val", show_default=True)
-def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, eval_shards: str) -> None:
+def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, online_seeds: str,
+             eval_shards: str) -> None:
     """Train every MCAD variant at equal steps from one cache; write a table and a plot.
 
     Rows: (a) contrastive only, (b) + CLIP KD, (c) + single-stream top-k fused targets,
@@ -281,9 +285,11 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, eval
 
     base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards)
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
-    results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()))
-    note = (f"{steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)}, recalls on {eval_shards} "
-            "(mean ± sd over seeds).")
+    online_list = tuple(int(x) for x in online_seeds.split(",") if x.strip())
+    results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
+                           online_seeds=online_list)
+    note = (f"{steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)} (online row: "
+            f"{list(online_list)}), recalls on {eval_shards} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())
     click.echo(f"wrote {out_dir}/ablation.json, ablation.md, ablation.png ({len(table)} rows)")

@@ -93,6 +93,7 @@ class CacheConfig:
     integration_steps: int = 300
     on_error: str = "warn"  # bad samples are skipped, counted and recorded in the manifest
     threads: int = 0  # torch threads; 0 keeps torch's default
+    device: str = "auto"  # "auto": cuda:$LOCAL_RANK when CUDA is available, else cpu
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))

@@ -22,6 +22,7 @@ from mcad_cache.store import CacheIncompleteError, CacheMismatchError, CacheStor
 from pipeline.cache_job import PASSES, run_cache
 from pipeline.config import CacheConfig
 from pipeline.dist import explicit_place
+from pipeline.shards import ShardReadError
 
 SINGLE = explicit_place(0, 1)
 
@@ -188,3 +189,21 @@ def test_cache_info_reports_sizes_and_missing(cache_cfg):
     assert "missing ['search', 'rescore', 'fuse', 'integrate']" in result.output
     report = json.loads(CliRunner().invoke(main, ["cache-info", "--json", str(cache_cfg.store)]).output)
     assert report["samples"] == 32 and report["bytes_per_sample_per_view"] > 0
+
+
+def test_bad_samples_and_unreadable_shards_are_reported_not_dropped(cache_cfg, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(cache_cfg.shards, shards)
+    data = (shards / "00002.tar").read_bytes()
+    (shards / "00002.tar").write_bytes(data[: len(data) // 2])  # truncated mid-member
+    (shards / "00003.tar").write_bytes(b"this is not a tar file" * 100)
+    cfg = replace(cache_cfg, shards=str(shards), on_error="warn")
+    summary = run_cache(cfg, ["embed"], SINGLE, progress=False)
+    store = CacheStore.open(cfg.store)
+    truncated, garbage = store.shard_status("00002"), store.shard_status("00003")
+    assert truncated["done"] and 0 < truncated["samples"] < 16 and truncated["skipped"] >= 1
+    assert garbage["done"] and garbage["samples"] == 0 and "unreadable_shard" in garbage["failed"]
+    assert summary.skipped_samples >= 1 and summary.shards_failed == ["00003"]
+    assert "FAILED shards (recorded in the store): ['00003']" in "\n".join(summary.lines())
+    with pytest.raises(ShardReadError, match="00002.tar"):
+        run_cache(replace(cfg, store=tmp_path / "strict.zarr", on_error="raise"), ["embed"], SINGLE, progress=False)

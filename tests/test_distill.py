@@ -144,3 +144,33 @@ def test_distill_cli_end_to_end(tiny_cache, tiny_world, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| student (mcad) |" in result.output
     assert (tmp_path / "cli" / "student" / "open_clip_config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_with_the_global_batch(tiny_cache, tiny_world, tmp_path):
+    """torchrun with 2 CPU ranks (each encodes half of every batch) trains the same weights as 1 process.
+
+    The student here has a LayerNorm image tower (timm's test_convnext): BatchNorm statistics of a
+    half batch differ from the full batch's, which no data-parallel scheme can hide without SyncBatchNorm.
+    """
+    import os
+    import subprocess
+    import sys
+
+    student = {"image_model": "test_convnext", "image_size": 32, "text_layers": 1, "text_width": 32,
+               "text_heads": 2, "text_intermediate": 64, "embed_dim": 16}
+    settings = {"student": student, "batch_size": 16, "warmup": 1, "threads": 1, "steps": 4,
+                "checkpoint_every": 2, "store": str(tiny_cache), "eval_shards": str(tiny_world / "val")}
+    runs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node=2"])):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({**settings, "out_dir": str(tmp_path / name)}))
+        command = [sys.executable, *(launcher or []), "-m", "pipeline.cli", "distill", "--config", str(config)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+    assert runs["one"]["step"] == runs["two"]["step"] == 4
+    for key, value in runs["one"]["model"].items():
+        torch.testing.assert_close(runs["two"]["model"][key], value, atol=2e-5, rtol=1e-4, msg=key)
