@@ -71,6 +71,10 @@ class StudentConfig:
     context_length: int = 24
     feature_dims: tuple[int, ...] = ()  # widths of the teacher feature spaces the feature heads project to (fd/ia)
     image_pretrained: str | None = None  # None: random init; "timm": timm's weights; or a timm state-dict file
+    # Dropout of a from-scratch text tower (BERT's default is 0.1). 0 by default: short from-scratch
+    # schedules gain nothing from it, and without it ranks under torchrun compute exactly what one process
+    # would. A pretrained ``text_model`` keeps the dropout of its own config.
+    text_dropout: float = 0.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -194,6 +198,8 @@ def build_student(cfg: StudentConfig, tokenizer_dir: str | Path, work_dir: str |
             intermediate_size=cfg.text_intermediate,
             max_position_embeddings=max(cfg.context_length, 32),
             pad_token_id=tokenizer.pad_token_id,
+            hidden_dropout_prob=cfg.text_dropout,
+            attention_probs_dropout_prob=cfg.text_dropout,
         ).save_pretrained(str(text_dir))
     else:
         text = AutoModel.from_pretrained(cfg.text_model)

@@ -66,6 +66,7 @@ class DistillConfig:
     amp: bool = False  # bf16 autocast; on CUDA it pays, on CPU it is usually slower
     threads: int = 0
     on_error: str = "warn"
+    batching: str = "neighbor"  # "neighbor": anchors with their cached candidates; "random": plain shuffles
     online: bool = False  # the baseline: the cache's teachers run in the loop instead of reading its targets
 
     def __post_init__(self) -> None:
@@ -223,7 +224,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
-                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error)
+                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching)
     manifest = stream.manifest
     integration_dim = int(manifest["integration"]["dim"])
     student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),

@@ -253,6 +253,8 @@ def distill(config_file: Path | None, **options) -> None:
     except (CacheMismatchError, ResumeMismatchError, NonFiniteLossError, FileNotFoundError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(3)
+    if "recalls" not in summary:  # a non-zero torchrun rank: rank 0 reports
+        return
     from pipeline.jobs import format_table
 
     click.echo(f"{cfg.mode}: {summary['steps']} steps in {summary['seconds']:.0f}s "

@@ -174,3 +174,13 @@ def test_two_gloo_ranks_equal_one_process_with_the_global_batch(tiny_cache, tiny
     assert runs["one"]["step"] == runs["two"]["step"] == 4
     for key, value in runs["one"]["model"].items():
         torch.testing.assert_close(runs["two"]["model"][key], value, atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_random_batching_covers_each_image_once_and_bad_names_are_refused(tiny_cache):
+    stream = CacheBatches(tiny_cache, batch_size=16, image_size=32, seed=0, fused=True, batching="random")
+    batches = [b for _, (_, b) in zip(range(stream.batches_per_epoch()), stream.iter_from(Position()), strict=False)]
+    for name in ("b00000", "b00001"):
+        rows = torch.cat([b["rows"] for b in batches if b["block"] == name])
+        assert sorted(rows.tolist()) == list(range(32))
+    with pytest.raises(ValueError, match="batching"):
+        CacheBatches(tiny_cache, 16, 32, 0, True, batching="sorted")
