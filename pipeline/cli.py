@@ -230,7 +230,10 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--checkpoint-every", type=int)
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
 @click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
-def distill(config_file: Path | None, **options) -> None:
+@click.option("--teacher-table", type=click.Path(path_type=Path), default=Path("artifacts/eval/teachers.json"),
+              show_default=True, help="`mcad eval` output whose rows are printed beside the student's when it "
+                                      "was measured on the same shards.")
+def distill(config_file: Path | None, teacher_table: Path, **options) -> None:
     """Stage 2: train a student from the cache alone (no teacher is loaded).
 
     Prints the student's recalls on --eval-shards; everything else lands in --out.
@@ -260,8 +263,22 @@ def distill(config_file: Path | None, **options) -> None:
     click.echo(f"{cfg.mode}: {summary['steps']} steps in {summary['seconds']:.0f}s "
                f"({summary['steps_per_second']:.2f} steps/s), {summary['parameters'] / 1e6:.2f}M parameters, "
                f"{100 * (summary['candidates_in_batch'] or 0):.1f}% of cached candidates in-batch")
-    click.echo(format_table({f"student ({cfg.mode})": summary["recalls"]}))
+    rows = {f"student ({cfg.mode})": summary["recalls"]}
+    rows.update(_teacher_rows(teacher_table, cfg.eval_shards))
+    click.echo(format_table(rows))
     click.echo(f"student saved as {summary['student']}; run directory {cfg.out_dir}")
+
+
+def _teacher_rows(path: Path, eval_shards: str) -> dict:
+    """Rows of a saved `mcad eval` table measured on the same shards as the student (else none)."""
+    from pipeline.shards import list_shards
+
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if sorted(saved.get("shards", [])) != sorted(list_shards(eval_shards)):
+        return {}
+    return saved.get("results", {})
 
 
 @main.command()

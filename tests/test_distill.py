@@ -138,11 +138,17 @@ def test_distill_cli_end_to_end(tiny_cache, tiny_world, tmp_path):
     config.write_text(json.dumps({"student": {"image_size": 32, "text_layers": 1, "text_width": 32, "text_heads": 2,
                                               "text_intermediate": 64, "embed_dim": 16},
                                   "batch_size": 16, "warmup": 1, "threads": 1}))
+    from pipeline.shards import list_shards
+
+    metrics = {m: 50.0 for m in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")}
+    table = tmp_path / "teachers.json"
+    table.write_text(json.dumps({"shards": list_shards(tiny_world / "val"), "results": {"clip_x": metrics}}))
     result = CliRunner().invoke(main, ["distill", "--config", str(config), "--store", str(tiny_cache), "--out",
                                        str(tmp_path / "cli"), "--steps", "2", "--eval-shards",
-                                       str(tiny_world / "val")])
+                                       str(tiny_world / "val"), "--teacher-table", str(table)])
     assert result.exit_code == 0, result.output
     assert "| student (mcad) |" in result.output
+    assert "| clip_x | 50.0 |" in result.output  # the teachers' rows on the same shards, beside the student
     assert (tmp_path / "cli" / "student" / "open_clip_config.json").exists()
 
 
