@@ -1,0 +1,57 @@
+"""Which student tower stalls? Plain contrastive training (the teachers' loop) with one tower swapped.
+
+    .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip} STEPS
+
+Needs `make data teachers`. Prints the loss ends and validation recalls (README, stage 2).
+"""
+import sys
+import tempfile
+import time
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+from mcad_cache.teachers.train import tokenize_captions, normalize_pixels, train_clip
+from mcad_cache.teachers.configs import clip_model_cfg
+from mcad_student.model import StudentConfig, build_student
+from pipeline.config import Schedule, TowerShape
+from pipeline.shards import load_split, list_shards
+from pipeline.evaluation import flat_captions
+from pipeline.retrieval import dual_stream_ranks, recall_table
+torch.set_num_threads(2)
+variant, steps = sys.argv[1], int(sys.argv[2])
+tok = AutoTokenizer.from_pretrained("artifacts/teachers/tokenizer")
+train = load_split(list_shards("data/default/train")); val = load_split(list_shards("data/default/val"))
+table = tokenize_captions(tok, train.captions, 24); pixels = normalize_pixels(train.images)
+torch.manual_seed(0)
+student = build_student(StudentConfig(), "artifacts/teachers/tokenizer", tempfile.mkdtemp(prefix="towers_"))
+teacher_cfg = clip_model_cfg(TowerShape(), 64, len(tok), 24, tok.sep_token_id)
+vit = open_clip.model.CLIP(**teacher_cfg)
+model = student.clip
+if variant == "vit_bert":      # teacher ViT image tower + student BERT text tower
+    model.visual = vit.visual
+    model.visual.output_dim = 128
+    model.text.proj = torch.nn.Linear(312, 128, bias=False)
+elif variant == "mvit_clip":   # student MobileViTv2 + teacher's pre-LN text transformer
+    class TeacherText(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = vit
+
+        def forward(self, x):
+            return self.m.encode_text(x)
+
+    model.text = TeacherText()
+    model.visual.head.proj = torch.nn.Linear(model.visual.head.proj.in_features, 128, bias=False)
+model.output_dict = True
+t = time.time()
+summary = train_clip(model, pixels, table, Schedule(steps=steps), 0, variant)
+model.eval()
+texts, image_of = flat_captions(val)
+ids = tok(texts, padding="max_length", max_length=24, truncation=True, return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    ie = F.normalize(model.encode_image(normalize_pixels(val.images)), dim=-1)
+    te = F.normalize(torch.cat([model.encode_text(ids[i:i+500]) for i in range(0, len(ids), 500)]), dim=-1)
+r = recall_table(*dual_stream_ranks(ie, te, image_of))
+print(variant, round(time.time() - t), summary, {k: round(v, 1) for k, v in r.items()}, flush=True)
