@@ -1,6 +1,8 @@
 """Which student tower stalls? Plain contrastive training (the teachers' loop) with one tower swapped.
 
-    .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip} STEPS
+    .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip|timm:NAME} STEPS
+
+``timm:NAME`` is the student with another timm image tower (e.g. timm:resnet18, timm:test_convnext).
 
 Needs `make data teachers`. Prints the loss ends and validation recalls (README, stage 2).
 """
@@ -25,7 +27,9 @@ tok = AutoTokenizer.from_pretrained("artifacts/teachers/tokenizer")
 train = load_split(list_shards("data/default/train")); val = load_split(list_shards("data/default/val"))
 table = tokenize_captions(tok, train.captions, 24); pixels = normalize_pixels(train.images)
 torch.manual_seed(0)
-student = build_student(StudentConfig(), "artifacts/teachers/tokenizer", tempfile.mkdtemp(prefix="towers_"))
+image_model = variant.split(":", 1)[1] if variant.startswith("timm:") else "mobilevitv2_050"
+student = build_student(StudentConfig(image_model=image_model), "artifacts/teachers/tokenizer",
+                        tempfile.mkdtemp(prefix="towers_"))
 teacher_cfg = clip_model_cfg(TowerShape(), 64, len(tok), 24, tok.sep_token_id)
 vit = open_clip.model.CLIP(**teacher_cfg)
 model = student.clip

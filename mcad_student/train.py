@@ -32,6 +32,7 @@ from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, it
 from mcad_student.model import Student, StudentConfig, build_student, save_student
 from mcad_student.parallel import Parallel
 from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.optim import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -169,23 +170,8 @@ def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: Dis
 # ---------------------------------------------------------------------- the loop
 
 
-def _schedule(cfg: DistillConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _optimizer(student: Student, cfg: DistillConfig):
-    decay, no_decay = [], []
-    for name, param in student.named_parameters():
-        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    return adamw_warmup_cosine(student, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup)
 
 
 class MetricsLog:

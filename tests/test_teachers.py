@@ -8,8 +8,8 @@ from PIL import Image
 from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTeacherSpec
 from mcad_cache.teachers.identity import state_dict_sha256
 from mcad_cache.teachers.single import SingleStreamTeacher
-from mcad_cache.teachers.train import CaptionTable, blip_losses, tokenize_captions, warmup_cosine
-from pipeline.config import Schedule
+from mcad_cache.teachers.train import CaptionTable, blip_losses, tokenize_captions
+from pipeline.optim import warmup_cosine
 
 
 def _images(n=3, size=32):
@@ -122,7 +122,7 @@ def test_caption_table_samples_only_own_captions():
 
 
 def test_warmup_cosine_schedule():
-    factor = warmup_cosine(Schedule(steps=110, warmup=10))
+    factor = warmup_cosine(steps=110, warmup=10)
     assert factor(0) == pytest.approx(0.1)
     assert factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0)

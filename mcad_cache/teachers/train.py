@@ -33,6 +33,7 @@ from mcad_cache.teachers import dual, single
 from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
 from pipeline.atomic import atomic_write_json
 from pipeline.config import Schedule, TeachersConfig
+from pipeline.optim import adamw_warmup_cosine
 from pipeline.shards import ReadStats, list_shards, load_split
 from pipeline.tokenizer import train_wordpiece
 
@@ -72,25 +73,8 @@ def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def warmup_cosine(schedule: Schedule) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < schedule.warmup:
-            return (step + 1) / schedule.warmup
-        progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _optimizer(model: torch.nn.Module, schedule: Schedule):
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule.lr,
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(schedule))
+    return adamw_warmup_cosine(model, schedule.lr, schedule.weight_decay, schedule.steps, schedule.warmup)
 
 
 def _batches(n: int, schedule: Schedule, generator: torch.Generator):
