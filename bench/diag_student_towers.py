@@ -1,6 +1,6 @@
 """Which student tower stalls? Plain contrastive training (the teachers' loop) with one tower swapped.
 
-    .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip|timm:NAME} STEPS
+    .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip|timm:NAME} STEPS [LR]
 
 ``timm:NAME`` is the student with another timm image tower (e.g. timm:resnet18, timm:test_convnext).
 
@@ -23,6 +23,7 @@ from pipeline.evaluation import flat_captions
 from pipeline.retrieval import dual_stream_ranks, recall_table
 torch.set_num_threads(2)
 variant, steps = sys.argv[1], int(sys.argv[2])
+lr = float(sys.argv[3]) if len(sys.argv) > 3 else 5e-4
 tok = AutoTokenizer.from_pretrained("artifacts/teachers/tokenizer")
 train = load_split(list_shards("data/default/train")); val = load_split(list_shards("data/default/val"))
 table = tokenize_captions(tok, train.captions, 24); pixels = normalize_pixels(train.images)
@@ -50,7 +51,7 @@ elif variant == "mvit_clip":   # student MobileViTv2 + teacher's pre-LN text tra
     model.visual.head.proj = torch.nn.Linear(model.visual.head.proj.in_features, 128, bias=False)
 model.output_dict = True
 t = time.time()
-summary = train_clip(model, pixels, table, Schedule(steps=steps), 0, variant)
+summary = train_clip(model, pixels, table, Schedule(steps=steps, lr=lr), 0, variant)
 model.eval()
 texts, image_of = flat_captions(val)
 ids = tok(texts, padding="max_length", max_length=24, truncation=True, return_tensors="pt")["input_ids"]
