@@ -36,7 +36,6 @@ class BlockEmbeddings:
     text_image: torch.Tensor  # (t,) int64 block image row of every caption
     images: dict[str, torch.Tensor]  # teacher -> (n, D) float32
     texts: dict[str, torch.Tensor]  # teacher -> (t, D) float32
-    shard_rows: list[tuple[str, int, int]]  # (shard, first image row, first text row)
 
 
 def dual_logit_embeddings(

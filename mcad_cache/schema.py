@@ -158,6 +158,19 @@ def read_shard_group(root: zarr.Group, shard: str, teachers: list[str]) -> dict[
     return out
 
 
+def read_block_rows(root: zarr.Group, shards: list[str], teachers: list[str]) -> dict[str, np.ndarray]:
+    """Every schema array of ``shards`` concatenated in shard order, as one block's rows.
+
+    ``text_image`` is offset to block image rows (int64). Both stages read blocks through this.
+    """
+    parts = [read_shard_group(root, shard, teachers) for shard in shards]
+    offsets = np.cumsum([0] + [len(part["keys"]) for part in parts[:-1]])
+    out = {path: np.concatenate([part[path] for part in parts]) for path in parts[0] if path != "text_image"}
+    out["text_image"] = np.concatenate(
+        [part["text_image"].astype(np.int64) + offset for part, offset in zip(parts, offsets, strict=True)])
+    return out
+
+
 def _sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
     n = len(arrays["keys"])
     t, context = np.asarray(arrays["text_tokens"]).shape

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcad_cache.schema import BLOCK_PASSES, read_array, teacher_arrays
+from mcad_cache.schema import BLOCK_PASSES, read_block_rows
 from mcad_cache.store import CacheStore, block_name
 from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits
 from pipeline.shards import ReadStats, load_split
@@ -65,24 +65,9 @@ def read_block(store: CacheStore, index: int, policy: str = "warn") -> Block:
     group = store.root["blocks"].get(name)
     if group is None or any(p not in group.attrs.get("passes", {}) for p in BLOCK_PASSES):
         raise CacheJoinError(f"block {name} is not complete in {store.path}; finish `mcad cache` first")
-    parts: dict[str, list] = {k: [] for k in ("keys", "text_image", "text_tokens", "view_params")}
-    image_emb: dict[str, list] = {t: [] for t in duals}
-    text_emb: dict[str, list] = {t: [] for t in duals}
-    rows = 0
-    for shard in shards:
-        g = store.shard_group(shard)
-        keys = g["keys"][...]
-        parts["keys"].append(keys)
-        parts["text_image"].append(torch.from_numpy(g["text_image"][...].astype(np.int64)) + rows)
-        parts["text_tokens"].append(torch.from_numpy(g["text_tokens"][...].astype(np.int64)))
-        parts["view_params"].append(torch.from_numpy(g["view_params"][...]))
-        for teacher in duals:
-            image_spec, text_spec = teacher_arrays(teacher)
-            image_emb[teacher].append(torch.from_numpy(read_array(g, image_spec)))
-            text_emb[teacher].append(torch.from_numpy(read_array(g, text_spec)))
-        rows += len(keys)
-    keys = np.concatenate(parts["keys"])
-    text_image = torch.cat(parts["text_image"])
+    rows = read_block_rows(store.root, shards, duals)
+    keys = rows["keys"]
+    text_image = torch.from_numpy(rows["text_image"])
     count = torch.bincount(text_image, minlength=len(keys))
     lists = {path: torch.from_numpy(group[path][...]) for path in ("i2t/ids", "i2t/fused", "t2i/ids", "t2i/fused")}
     lists["i2t/ids"], lists["t2i/ids"] = lists["i2t/ids"].long(), lists["t2i/ids"].long()
@@ -91,9 +76,10 @@ def read_block(store: CacheStore, index: int, policy: str = "warn") -> Block:
         raise CacheJoinError(f"block {name}: shards give {len(captions)} captions, the cache holds {len(text_image)}")
     return Block(
         name=name, keys=keys, images=images, text_image=text_image, first=torch.cumsum(count, 0) - count,
-        count=count, text_tokens=torch.cat(parts["text_tokens"]), view_params=torch.cat(parts["view_params"]),
-        image_emb={t: torch.cat(v) for t, v in image_emb.items()},
-        text_emb={t: torch.cat(v) for t, v in text_emb.items()},
+        count=count, text_tokens=torch.from_numpy(rows["text_tokens"].astype(np.int64)),
+        view_params=torch.from_numpy(rows["view_params"]),
+        image_emb={t: torch.from_numpy(rows[f"emb/{t}/image"]) for t in duals},
+        text_emb={t: torch.from_numpy(rows[f"emb/{t}/text"]) for t in duals},
         lists=lists, integrated_image=torch.from_numpy(group["integrated/image"][...]),
         integrated_text=torch.from_numpy(group["integrated/text"][...]), captions=captions, skipped=skipped,
     )

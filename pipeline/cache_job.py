@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mcad_cache import blocks as block_ops
 from mcad_cache.embed import TeacherSet, build_manifest, embed_shard, load_teacher_set
-from mcad_cache.schema import BLOCK_PASSES, read_array, teacher_arrays, write_array, write_shard_group
+from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_array, write_shard_group
 from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, shard_name
 from mcad_cache.teachers.single import TextBatch
 from pipeline.config import CacheConfig
@@ -170,26 +170,12 @@ def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int])
 
 
 def load_block_embeddings(store: CacheStore, shards: Sequence[str], teacher_names: Sequence[str]):
-    keys, text_image, shard_rows = [], [], []
-    images = {t: [] for t in teacher_names}
-    texts = {t: [] for t in teacher_names}
-    n = t = 0
-    for name in shards:
-        group = store.shard_group(name)
-        shard_keys = group["keys"][...]
-        shard_rows.append((name, n, t))
-        keys.append(shard_keys)
-        text_image.append(torch.from_numpy(group["text_image"][...].astype(np.int64)) + n)
-        for teacher in teacher_names:
-            image_spec, text_spec = teacher_arrays(teacher)
-            images[teacher].append(torch.from_numpy(read_array(group, image_spec)[:, 0].astype(np.float32)))
-            texts[teacher].append(torch.from_numpy(read_array(group, text_spec).astype(np.float32)))
-        n += len(shard_keys)
-        t += len(text_image[-1])
+    """View-0 embeddings of a block's rows, float32, and its caption-to-image map."""
+    rows = read_block_rows(store.root, list(shards), list(teacher_names))
     return block_ops.BlockEmbeddings(
-        keys=np.concatenate(keys), text_image=torch.cat(text_image),
-        images={k: torch.cat(v) for k, v in images.items()}, texts={k: torch.cat(v) for k, v in texts.items()},
-        shard_rows=shard_rows,
+        keys=rows["keys"], text_image=torch.from_numpy(rows["text_image"]),
+        images={t: torch.from_numpy(rows[f"emb/{t}/image"][:, 0].astype(np.float32)) for t in teacher_names},
+        texts={t: torch.from_numpy(rows[f"emb/{t}/text"].astype(np.float32)) for t in teacher_names},
     )
 
 

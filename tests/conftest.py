@@ -38,33 +38,30 @@ def tokenizer_dir(tmp_path_factory, tiny_world) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory, tokenizer_dir):
-    """(model, spec): a random-init open_clip CLIP saved as a local-dir teacher."""
+def _saved_clip(tmp_path_factory, tokenizer_dir, shape: TowerShape, seed: int, name: str):
+    """(model, spec): a random-init open_clip CLIP of ``shape`` saved as a local-dir teacher."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(0)
-    cfg = clip_model_cfg(TINY, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
+    torch.manual_seed(seed)
+    cfg = clip_model_cfg(shape, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
     model = open_clip.model.CLIP(**cfg).eval()
     spec = dual.save_local(model, cfg, clip_preprocess_cfg(IMAGE_SIZE), tokenizer_dir,
-                           tmp_path_factory.mktemp("clip") / "clip")
+                           tmp_path_factory.mktemp(name) / name)
     return model, spec
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, tokenizer_dir):
+    """(model, spec): a random-init open_clip CLIP saved as a local-dir teacher."""
+    return _saved_clip(tmp_path_factory, tokenizer_dir, TINY, seed=0, name="clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_b(tmp_path_factory, tokenizer_dir):
     """A second random-init CLIP (another width and seed): AMMKD needs two dual-stream teachers."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(1)
     shape = TowerShape(width=24, layers=1, heads=2, embed_dim=12, patch_size=8)
-    cfg = clip_model_cfg(shape, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
-    model = open_clip.model.CLIP(**cfg).eval()
-    spec = dual.save_local(model, cfg, clip_preprocess_cfg(IMAGE_SIZE), tokenizer_dir,
-                           tmp_path_factory.mktemp("clip_b") / "clip_b")
-    return model, spec
+    return _saved_clip(tmp_path_factory, tokenizer_dir, shape, seed=1, name="clip_b")
 
 
 @pytest.fixture(scope="session")
