@@ -9,7 +9,7 @@ TEACHERS ?= artifacts/teachers
 CACHE  ?= artifacts/cache/default.zarr
 
 .DEFAULT_GOAL := help
-.PHONY: help install data teachers eval cache distill ablation test
+.PHONY: help install data teachers eval cache distill ablation bench export clip-benchmark test
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,16 @@ distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then i
 
 ablation:  ## Rows (a)-(f) of the README ablation table (300 steps, 2 seeds; ~75 min on 2 cores) into runs/ablation
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --steps 300 --seeds 0,1 --online-seeds 0
+
+bench:  ## Benchmarks (~17 min on 2 CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+	$(BIN)/python bench/search_latency.py --student runs/default/student
+
+export:  ## The default student as open_clip + TorchScript + ONNX (checked with onnxruntime) into exports/default
+	$(BIN)/mcad export --student runs/default/student --out exports/default
+
+clip-benchmark:  ## clip_benchmark (unmodified) vs mcad eval on the test split, exported student -> bench/results/clip_benchmark.*
+	$(BIN)/python bench/clip_benchmark_check.py --export exports/default --shards $(DATA)/test
 
 test:  ## Run the test suite (tiny random-init models, tiny generated shards)
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,8 @@
     .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip|timm:NAME} STEPS [LR]
 
 ``timm:NAME`` is the student with another timm image tower (e.g. timm:resnet18, timm:test_convnext).
+Environment: ``IMAGE_LR_SCALE=S`` trains the image tower at S x LR (``CONV_ONLY=1``: only its conv
+kernels); ``BN_BATCH_STATS=1`` also scores the image tower with BatchNorm on batch statistics.
 
 Needs `make data teachers`. Prints the loss ends and validation recalls (README, stage 2).
 """
@@ -50,6 +52,14 @@ elif variant == "mvit_clip":   # student MobileViTv2 + teacher's pre-LN text tra
     model.text = TeacherText()
     model.visual.head.proj = torch.nn.Linear(model.visual.head.proj.in_features, 128, bias=False)
 model.output_dict = True
+import os  # noqa: E402
+from mcad_cache.teachers import train as teacher_train  # noqa: E402
+image_scale = float(os.environ.get("IMAGE_LR_SCALE", "1"))
+if image_scale != 1:   # the image tower at a multiple of the LR
+    teacher_train._optimizer = lambda m, s: teacher_train.adamw_warmup_cosine(
+        m, s.lr, s.weight_decay, s.steps, s.warmup,
+        (lambda n, p: image_scale if n.startswith("visual.") and p.ndim == 4 else 1.0)
+        if os.environ.get("CONV_ONLY") else {"visual.": image_scale})
 t = time.time()
 summary = train_clip(model, pixels, table, Schedule(steps=steps, lr=lr), 0, variant)
 model.eval()
@@ -60,3 +70,9 @@ with torch.no_grad():
     te = F.normalize(torch.cat([model.encode_text(ids[i:i+500]) for i in range(0, len(ids), 500)]), dim=-1)
 r = recall_table(*dual_stream_ranks(ie, te, image_of))
 print(variant, round(time.time() - t), summary, {k: round(v, 1) for k, v in r.items()}, flush=True)
+if os.environ.get("BN_BATCH_STATS"):  # same weights, image BatchNorm on batch statistics: is it the running stats?
+    model.visual.train()
+    with torch.no_grad():
+        ie = F.normalize(model.encode_image(normalize_pixels(val.images)), dim=-1)
+    r = recall_table(*dual_stream_ranks(ie, te, image_of))
+    print("batch-stat BN", {k: round(v, 1) for k, v in r.items()}, flush=True)

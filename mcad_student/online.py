@@ -24,35 +24,49 @@ from pipeline.views import render_views
 
 
 class OnlineTeachers:
-    """The cache's own teachers (loaded from the specs its manifest names, weights checked by hash)."""
+    """Teachers run in the loop, with the search weights, fusion rule and integration module of a cache.
 
-    def __init__(self, store: CacheStore, device: str = "cpu") -> None:
+    ``from_store`` loads the cache's own teachers (the specs its manifest names, weights checked by
+    hash); the constructor takes any teachers, e.g. random-init hub shapes for the speed benchmark.
+    """
+
+    def __init__(self, dual_teachers: dict[str, DualStreamTeacher], single: SingleStreamTeacher,
+                 weights: list[float], k: int, rule: str, a: float, integration: IntegrationModule,
+                 dual_scale: float | None = None) -> None:
+        self.duals = list(dual_teachers)
+        self.dual_teachers = dual_teachers
+        self.single = single
+        self.weights = list(weights)
+        self.scales = [t.logit_scale for t in dual_teachers.values()]
+        self.k, self.rule, self.a = int(k), rule, float(a)
+        # The scale the integration module was trained with: sqrt of it normalizes the fused embeddings.
+        self.dual_scale = (float(sum(w * s for w, s in zip(self.weights, self.scales, strict=True)))
+                           if dual_scale is None else float(dual_scale))
+        self.integration = integration.eval()
+
+    @classmethod
+    def from_store(cls, store: CacheStore, device: str = "cpu") -> OnlineTeachers:
         manifest = store.manifest
         described = manifest["teachers"]
-        self.duals = manifest["dual_teachers"]
-        self.dual_teachers = {
+        duals = {
             name: DualStreamTeacher.load(DualTeacherSpec(described[name]["name"], described[name]["pretrained"]),
                                          device)
-            for name in self.duals
+            for name in manifest["dual_teachers"]
         }
         single_name = manifest["single_teacher"]
-        self.single = SingleStreamTeacher.load(SingleTeacherSpec(described[single_name]["name"]), device)
-        loaded = {**{n: t.identity() for n, t in self.dual_teachers.items()}, single_name: self.single.identity()}
+        single = SingleStreamTeacher.load(SingleTeacherSpec(described[single_name]["name"]), device)
+        loaded = {**{n: t.identity() for n, t in duals.items()}, single_name: single.identity()}
         differences = [n for n, identity in loaded.items() if identity.weights_sha256 != described[n]["weights_sha256"]]
         if differences:
             raise CacheMismatchError(store.path, [f"teachers {differences} no longer have the weights the cache "
                                                   "was made with"])
-        self.weights = manifest["search"]["dual_weights"]
-        self.scales = [manifest["teachers"][t]["logit_scale"] for t in self.duals]
-        self.k = manifest["search"]["k"]
-        self.rule, self.a = manifest["fusion"]["rule"], manifest["fusion"]["a"]
         info = dict(store.root.attrs["integration"])
-        self.dual_scale = info["dual_scale"]
-        self.integration = IntegrationModule(info["dual_dim"], info["single_dim"], info["config"]["dim"])
+        integration = IntegrationModule(info["dual_dim"], info["single_dim"], info["config"]["dim"])
         group = store.root["integration"]
-        state = {key: torch.from_numpy(np.asarray(group[key][...])) for key in self.integration.state_dict()}
-        self.integration.load_state_dict(state)
-        self.integration.eval()
+        integration.load_state_dict(
+            {key: torch.from_numpy(np.asarray(group[key][...])) for key in integration.state_dict()})
+        return cls(duals, single, manifest["search"]["dual_weights"], manifest["search"]["k"],
+                   manifest["fusion"]["rule"], manifest["fusion"]["a"], integration, info["dual_scale"])
 
     @torch.no_grad()
     def targets(self, source_images: torch.Tensor, boxes: torch.Tensor, captions: list[str]) -> dict:

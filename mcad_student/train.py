@@ -56,7 +56,10 @@ class DistillConfig:
     loss: LossWeights = LossWeights()
     steps: int = 600
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 5e-4
+    # LR multiplier of the image tower. From scratch, MobileViTv2's narrow depthwise backbone barely moves at
+    # the text tower's LR (README, "Why the image tower gets 10x the LR"); 10x measured best of 1/10/30.
+    image_lr_scale: float = 10.0
     warmup: int = 50
     weight_decay: float = 0.05
     seed: int = 0
@@ -171,7 +174,8 @@ def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: Dis
 
 
 def _optimizer(student: Student, cfg: DistillConfig):
-    return adamw_warmup_cosine(student, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup)
+    return adamw_warmup_cosine(student, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup,
+                               {"clip.visual.": cfg.image_lr_scale})
 
 
 class MetricsLog:
@@ -232,7 +236,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
             raise ValueError("the online baseline runs mode 'mcad' only")
         from mcad_student.online import OnlineTeachers
 
-        online = OnlineTeachers(stream.store)
+        online = OnlineTeachers.from_store(stream.store)
     student.train()
     batches = stream.iter_from(state.position)
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill {cfg.mode}", disable=not (progress and par.main),

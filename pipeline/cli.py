@@ -218,7 +218,8 @@ def cache_info(store: Path, as_json: bool) -> None:
               help="Targets and loss terms (see the README's ablation table).")
 @click.option("--steps", type=int, help="Optimizer steps in total (a resumed run continues to this count).")
 @click.option("--batch-size", type=int)
-@click.option("--lr", type=float)
+@click.option("--lr", type=float, help="Peak learning rate (warmup, then cosine decay to 0).")
+@click.option("--image-lr-scale", type=float, help="LR multiplier of the image tower.")
 @click.option("--seed", type=int)
 @click.option("--alpha", type=float, help="Weight of the kd term.")
 @click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
@@ -312,6 +313,83 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())
     click.echo(f"wrote {out_dir}/ablation.json, ablation.md, ablation.png ({len(table)} rows)")
+
+
+@main.command("export")
+@click.option("--student", "student_dir", required=True, type=click.Path(path_type=Path),
+              help="A saved student directory (e.g. runs/default/student).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Receives open_clip/, TorchScript and ONNX encoders, tokenizer/ and export.json.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Inputs per tower in the equality check.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Largest allowed |torch - TorchScript| and |torch - onnxruntime| on normalized embeddings.")
+def export_cmd(student_dir: Path, out_dir: Path, batch: int, atol: float) -> None:
+    """Export a student: open_clip checkpoint, TorchScript + ONNX image/text encoders, tokenizer.
+
+    The encoders are checked against the torch student before OUT is replaced;
+    a difference above --atol fails (exit 3) and leaves OUT as it was.
+    """
+    from pipeline.export import ExportError, export_student
+
+    try:
+        manifest = export_student(student_dir, out_dir, batch=batch, atol=atol)
+    except ExportError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    diffs = manifest["check"]["max_abs_diff"]
+    shown = ", ".join(f"{b} {k} {d:.2g}" for b, row in diffs.items() for k, d in row.items())
+    click.echo(f"exported {student_dir} -> {out_dir} (export {manifest['export_id']}); max |diff|: {shown} "
+               f"(atol {atol:g})")
+
+
+@main.command("index")
+@click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory written by `mcad export`.")
+@click.option("--shards", required=True, help="Shard directory, tar file or brace pattern of the gallery images.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Index directory to write.")
+@click.option("--batch", type=int, default=64, show_default=True, help="Images per ONNX image-encoder call.")
+@click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
+@click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
+              help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
+def index_cmd(export_dir: Path, shards: str, out_dir: Path, batch: int, threads: int, on_error: str) -> None:
+    """Embed every image of a shard set with the exported ONNX image encoder (float16 index)."""
+    from pipeline.search import SearchIndexError, build_index
+    from pipeline.shards import ShardReadError
+
+    try:
+        index = build_index(export_dir, shards, out_dir, batch=batch, threads=threads, policy=on_error)
+    except (SearchIndexError, ShardReadError, FileNotFoundError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    click.echo(f"indexed {index['count']} images ({index['embed_dim']}-d float16) -> {out_dir}"
+               + (f"; skipped {index['skipped']} bad samples" if index["skipped"] else ""))
+
+
+@main.command("search")
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory written by `mcad index`.")
+@click.option("--query", required=True, help="The text to search images for.")
+@click.option("-k", "--k", "k", type=int, default=10, show_default=True, help="Results to return.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
+              help="Export directory to use instead of the one recorded in the index.")
+@click.option("--scorer", type=click.Choice(["onnxruntime", "numpy"]), default="onnxruntime", show_default=True,
+              help="How the gallery is scored (both compute in float32 chunks).")
+def search_cmd(index_dir: Path, query: str, k: int, as_json: bool, export_dir: Path | None, scorer: str) -> None:
+    """Top-k images for a text query. Loads neither torch nor transformers (tokenizers + onnxruntime + numpy)."""
+    from pipeline.search import Searcher, SearchIndexError
+
+    if k < 1:
+        raise click.BadParameter("k must be >= 1", param_hint="-k")
+    try:
+        hits = Searcher(index_dir, export_dir=export_dir, scorer=scorer).query(query, k)
+    except SearchIndexError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
+    if as_json:
+        click.echo(json.dumps({"query": query, "results": [{"key": h.key, "score": h.score} for h in hits]}))
+    else:
+        click.echo("\n".join(f"{rank:>3}  {h.score:.4f}  {h.key}" for rank, h in enumerate(hits, 1)))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -20,12 +20,37 @@ def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def adamw_warmup_cosine(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup: int):
-    """AdamW (no decay on biases, norms and the logit scale) and its warmup/cosine LambdaLR."""
-    decay, no_decay = [], []
+def adamw_warmup_cosine(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    warmup: int,
+    lr_scales: Mapping[str, float] | Callable[[str, torch.nn.Parameter], float] | None = None,
+):
+    """AdamW (no decay on biases, norms and the logit scale) and its warmup/cosine LambdaLR.
+
+    ``lr_scales`` maps a parameter-name prefix to an LR multiplier (e.g. ``{"visual.": 8.0}``; the
+    first matching prefix wins) or is a function of (name, parameter); other parameters train at ``lr``.
+    """
+    if callable(lr_scales):
+        scale_of = lr_scales
+    else:
+        prefixes = dict(lr_scales or {})
+
+        def scale_of(name: str, param: torch.nn.Parameter) -> float:
+            return next((s for prefix, s in prefixes.items() if name.startswith(prefix)), 1.0)
+
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
+        scale = scale_of(name, param)
+        decays = not (param.ndim < 2 or "logit_scale" in name)
+        groups.setdefault((scale, decays), []).append(param)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [
+            {"params": params, "lr": lr * scale, "weight_decay": weight_decay if decays else 0.0}
+            for (scale, decays), params in groups.items()
+        ],
+        lr=lr,
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))

@@ -94,7 +94,7 @@ def test_online_targets_are_the_cached_ensemble_off_the_in_batch_top_k(tiny_cach
 
     stream = CacheBatches(tiny_cache, batch_size=12, image_size=32, seed=0, fused=False)
     _, batch = next(stream.iter_from(Position()))
-    online = OnlineTeachers(stream.store).targets(batch["source_images"], batch["boxes"], batch["captions"])
+    online = OnlineTeachers.from_store(stream.store).targets(batch["source_images"], batch["boxes"], batch["captions"])
     cached_i2t, _ = batch["targets"]["ensemble"]
     online_i2t, _ = online["ensemble"]
     scale = max(stream.spec.scales)

@@ -9,7 +9,7 @@ from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTe
 from mcad_cache.teachers.identity import state_dict_sha256
 from mcad_cache.teachers.single import SingleStreamTeacher
 from mcad_cache.teachers.train import CaptionTable, blip_losses, tokenize_captions
-from pipeline.optim import warmup_cosine
+from pipeline.optim import adamw_warmup_cosine, warmup_cosine
 
 
 def _images(n=3, size=32):
@@ -128,6 +128,22 @@ def test_warmup_cosine_schedule():
     assert factor(10) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.5)
     assert factor(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_adamw_lr_scales_and_decay_groups():
+    model = torch.nn.ModuleDict({"visual": torch.nn.Linear(3, 4), "text": torch.nn.Linear(3, 4)})
+    optimizer, _ = adamw_warmup_cosine(model, lr=1e-3, weight_decay=0.1, steps=10, warmup=1,
+                                       lr_scales={"visual.": 10.0})
+    seen = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            seen[id(param)] = (round(group["initial_lr"], 9), group["weight_decay"])
+    assert seen == {
+        id(model["visual"].weight): (1e-2, 0.1),
+        id(model["visual"].bias): (1e-2, 0.0),
+        id(model["text"].weight): (1e-3, 0.1),
+        id(model["text"].bias): (1e-3, 0.0),
+    }
 
 
 def test_dual_spec_local_is_absolute(tmp_path):

@@ -1,0 +1,174 @@
+"""What every benchmark part shares: inputs and their checks, timing, fits, atomic result files, figures."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json
+
+DEFAULT_STORE = Path("artifacts/cache/default.zarr")
+DEFAULT_SHARDS = Path("data/default/train")
+DEFAULT_OUT = Path("bench/results")
+
+
+class MissingInputError(SystemExit):
+    """A prerequisite (store, shards) is absent: exits with a message saying what to run first."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Where a part reads from and writes to, and whether it runs at tiny sizes."""
+
+    store: Path = DEFAULT_STORE
+    shards: Path = DEFAULT_SHARDS
+    out: Path = DEFAULT_OUT
+    quick: bool = False
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (all cores), as `mcad distill` does
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure with its target, for bench/results/summary.md."""
+
+    part: str
+    name: str
+    value: float | None
+    unit: str
+    target: str  # e.g. ">= 0.9"; "" for a figure reported without a target
+    met: bool | None  # None: no target, or not measured
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_inputs(inputs: Inputs, need_shards: bool = True) -> None:
+    """Fail with a clear message when the store (or the training shards) are missing."""
+    hint = "run `make data teachers cache` first (or pass --store/--shards)"
+    if not (Path(inputs.store) / "zarr.json").exists():
+        raise MissingInputError(f"bench: no cache store at {inputs.store}: {hint}")
+    if need_shards and not any(Path(inputs.shards).glob("*.tar")):
+        raise MissingInputError(f"bench: no training shards (*.tar) in {inputs.shards}: {hint}")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="cache store (`make cache`)")
+    parser.add_argument("--shards", type=Path, default=DEFAULT_SHARDS, help="training shard directory")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def inputs_from(args: argparse.Namespace) -> Inputs:
+    return Inputs(store=args.store, shards=args.shards, out=args.out, quick=args.quick, threads=args.threads)
+
+
+def quiet_progress() -> None:
+    """No tqdm bars from the library code the parts call (tqdm reads TQDM_DISABLE when it is first imported)."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def apply_threads(threads: int) -> None:
+    """Set torch's CPU threads for this process (0 leaves torch's default)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- timing and statistics
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Least-squares ``y = intercept + slope * x`` and its coefficient of determination ``r2``."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"a line needs >= 2 points of equal length, got {len(x)} and {len(y)}")
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    if sxx == 0:
+        raise ValueError("all x are equal: no slope")
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y, strict=True))
+    ss_tot = sum((b - my) ** 2 for b in y)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return {"slope": slope, "intercept": intercept, "r2": r2}
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
+
+
+# ---------------------------------------------------------------------- output
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, name: str, payload: dict, markdown: str) -> None:
+    """``out/name.json`` and ``out/name.md``, each written atomically."""
+    atomic_write_json(Path(out) / f"{name}.json", payload)
+    atomic_write_bytes(Path(out) / f"{name}.md", (markdown.rstrip() + "\n").encode())
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as PNG, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import os
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.is_available()}

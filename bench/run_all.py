@@ -1,0 +1,92 @@
+"""`make bench`: every benchmark part in one process, then bench/results/summary.{md,json}.
+
+Parts, in order (data_loading reads step_time's results, so it runs after it):
+
+    cache_size      bytes per sample per view, measured and computed for ViT-L/14 + BLIP-large
+    step_time       stage-2 step: student-only vs cached MCAD vs online MCAD (toy and realistic teachers)
+    data_loading    stage-2 input samples/s from shards + cache alone
+    search_scaling  candidate search time and peak RSS vs N at a fixed block size
+    stage1_k        stage-1 overhead ratio and ITM pairs per sample for k = 1, 5, 11, 21
+
+    .venv/bin/python -m bench.run_all [--quick] [--parts step_time,stage1_k] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+
+from bench.common import (Figure, Inputs, add_common_args, apply_threads, check_inputs, inputs_from, machine,
+                          markdown_table, quiet_progress, rounded, write_results)
+
+PARTS = ("cache_size", "step_time", "data_loading", "search_scaling", "stage1_k")
+BUDGET_S = 20 * 60  # `make bench` on 2 CPU cores
+
+
+def run_parts(inputs: Inputs, parts: list[str]) -> dict:
+    """Run ``parts`` in order; a part that fails is recorded (with its error) and the others still run."""
+    check_inputs(inputs)
+    apply_threads(inputs.threads)
+    summary: dict = {"quick": inputs.quick, "threads": inputs.threads, "machine": machine(), "parts": {},
+                     "figures": []}
+    start = time.perf_counter()
+    for name in parts:
+        print(f"== bench {name} ...", flush=True)
+        tick = time.perf_counter()
+        try:
+            results = importlib.import_module(f"bench.{name}").run(inputs)
+        except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' figures
+            traceback.print_exc()
+            summary["parts"][name] = {"seconds": rounded(time.perf_counter() - tick), "error": repr(err)}
+            continue
+        summary["parts"][name] = {"seconds": rounded(time.perf_counter() - tick)}
+        summary["figures"] += results.get("figures", [])
+        print(f"== bench {name}: {time.perf_counter() - tick:.1f}s", flush=True)
+    summary["seconds"] = rounded(time.perf_counter() - start)
+    if not inputs.quick and list(parts) == list(PARTS):
+        summary["figures"].append(Figure("run_all", "benchmark wall time, all parts", summary["seconds"], "s",
+                                         f"<= {BUDGET_S}", summary["seconds"] <= BUDGET_S).to_dict())
+    write_results(inputs.out, "summary", summary, summary_markdown(summary))
+    return summary
+
+
+def verdict(met: bool | None) -> str:
+    return "-" if met is None else ("met" if met else "MISSED")
+
+
+def summary_markdown(summary: dict) -> str:
+    rows = [[f["part"], f["name"], f["value"], f["unit"], f["target"] or "-", verdict(f["met"])]
+            for f in summary["figures"]]
+    times = [[name, part["seconds"], part.get("error", "ok")] for name, part in summary["parts"].items()]
+    m = summary["machine"]
+    return "\n".join([
+        "# MCAD benchmark summary" + (" (--quick: tiny sizes, not the real figures)" if summary["quick"] else ""),
+        "", f"{m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, CUDA {m['cuda']}; "
+        f"total {summary['seconds']} s.", "",
+        markdown_table(["part", "figure", "value", "unit", "target", "verdict"], rows), "",
+        markdown_table(["part", "seconds", "status"], times), "",
+        "Details: bench/results/<part>.md / .json / .png.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_progress()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; known: {list(PARTS)}")
+    summary = run_parts(inputs_from(args), parts)
+    print(summary_markdown(summary))
+    if any("error" in part for part in summary["parts"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

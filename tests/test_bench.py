@@ -1,0 +1,79 @@
+"""The benchmark harness: its pure helpers, and `bench.run_all --quick` end to end on the tiny cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cache_size import Widths, bytes_per_sample
+from bench.common import Inputs, MissingInputError, check_inputs, linear_fit, markdown_table
+from bench.step_time import Variant, run_interleaved
+
+
+def test_linear_fit_recovers_a_line_and_scores_noise():
+    fit = linear_fit([1, 2, 3, 4], [3.0, 5.0, 7.0, 9.0])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
+    assert fit["r2"] == pytest.approx(1.0)
+    noisy = linear_fit([1, 2, 3, 4], [1.0, 3.0, 2.0, 4.0])
+    assert noisy["slope"] == pytest.approx(0.8) and noisy["r2"] == pytest.approx(0.64)
+    with pytest.raises(ValueError):
+        linear_fit([1], [2.0])
+
+
+def test_bytes_per_sample_follow_the_schema():
+    # Hand count, per sample: 1 caption, 2 views, 3 tokens, 4 view params, k=5, fused 6, integrated 7, keys 10 B.
+    # shards: keys 10 + text_image 4 + tokens 3*4 + view_params 2*4*4 + emb a (2*2*2 + 2*2) + emb s (2*1*2 + 1*2) = 76
+    # blocks: search 4 arrays of 5 * 4 B = 80; rescore i2t/t2i itm 40 + pos/itm 4 + pos/feature 6*2 = 56;
+    #         fuse 2 arrays of 5 * 4 = 40; integrate (7 + 7) * 2 = 28                                              = 204
+    w = Widths(duals={"a": 2}, single=("s", 1), captions=1, views=2, context=3, params=4, k=5, fused=6, integrated=7)
+    sizes = bytes_per_sample(w, str_bytes=10)
+    assert sum(sizes.values()) == 280
+    assert sizes["shards/emb/a/image"] == 8 and sizes["blocks/pos/feature"] == 12
+    # The default store's widths (two CLIPs 128/96, BLIP 128, 3 captions, k=11): 5,656 raw bytes, as cache-info says.
+    toy = Widths(duals={"clip_a": 128, "clip_b": 96}, single=("blip", 128), captions=3, views=1, context=24, params=4,
+                 k=11, fused=128, integrated=128)
+    assert sum(bytes_per_sample(toy).values()) == 5656
+
+
+def test_interleaved_rounds_warm_up_then_time_each_variant():
+    calls: list[str] = []
+    variants = [Variant("a", lambda: calls.append("a"), lambda: calls.append("wa"), 3),
+                Variant("b", lambda: calls.append("b"), lambda: calls.append("wb"), 1)]
+    times = run_interleaved(variants, warmup=2)
+    assert calls == ["wa", "wb", "wa", "wb", "a", "b", "a", "a"]
+    assert [len(times["a"]), len(times["b"])] == [3, 1]
+
+
+def test_missing_store_says_what_to_run(tmp_path):
+    with pytest.raises(MissingInputError, match="make data teachers cache"):
+        check_inputs(Inputs(store=tmp_path / "none.zarr"))
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [[1.23456, None], [123456.0, "x"]]).splitlines() == [
+        "| a | b |", "|---|---|", "| 1.235 | - |", "| 123,456 | x |"]
+
+
+@pytest.mark.slow
+def test_run_all_quick_on_the_tiny_cache(tiny_cache, tiny_world, tmp_path):
+    from bench.run_all import PARTS, run_parts
+
+    out = tmp_path / "results"
+    summary = run_parts(Inputs(store=tiny_cache, shards=tiny_world / "train", out=out, quick=True, threads=1),
+                        list(PARTS))
+    assert all("error" not in part for part in summary["parts"].values()), summary["parts"]
+    for name in PARTS:
+        assert (out / f"{name}.json").exists() and (out / f"{name}.md").exists()
+    for name in ("step_time", "search_scaling", "stage1_k"):
+        assert (out / f"{name}.png").stat().st_size > 0
+    assert "| part | figure |" in (out / "summary.md").read_text()
+    size = json.loads((out / "cache_size.json").read_text())
+    assert size["rows"][0]["raw_bytes_per_sample_per_view"] == size["measured"]["raw_bytes_per_sample_per_view"]
+    steps = json.loads((out / "step_time.json").read_text())["settings"]
+    assert set(steps) == {"toy", "realistic"}
+    assert all(v["median_s"] > 0 for s in steps.values() for v in s["variants"].values())
+    stage1 = json.loads((out / "stage1_k.json").read_text())["runs"]
+    assert [r["k"] for r in stage1] == [1, 3] and stage1[0]["pairs_per_sample"] < stage1[1]["pairs_per_sample"]
+    loading = json.loads((out / "data_loading.json").read_text())
+    assert loading["student"] is not None and loading["loader"]["blocks"] == 2
