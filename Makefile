@@ -34,7 +34,7 @@ cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE) (~3 min on the default 
 distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split
 	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test
 
-ablation:  ## Rows (a)-(f) of the README ablation table (300 steps, 2 seeds; ~75 min on 2 cores) into runs/ablation
+ablation:  ## Rows (a)-(f) of the README ablation table (300 steps, 2 seeds, online row 1 seed; ~85 min on 2 cores) into runs/ablation
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --steps 300 --seeds 0,1 --online-seeds 0
 
 bench:  ## Benchmarks (~17 min on 2 CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 FD_KINDS = ("cosine", "mse")
+KD_KINDS = ("full", "negatives")
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,16 @@ class LossWeights:
     kd_temperature: float = 1.0  # softens both target and student logits in kd (and the ia target)
     ia_temperature: float = 0.05  # temperature of the ia cross-modal logits
     fd_kind: str = "cosine"  # "cosine" (1 - cos, mean) or "mse" (mean squared error of L2-normalized features)
+    # "full": KL over the whole row (MCAD). "negatives": KL over the non-matching pairs only (the true pair is
+    # removed from both distributions, as in decoupled KD's non-target term), so kd never argues with itc
+    # about which pair is true; it only passes on how the teachers rank the negatives.
+    kd_kind: str = "full"
 
     def __post_init__(self) -> None:
         if self.fd_kind not in FD_KINDS:
             raise ValueError(f"fd_kind must be one of {FD_KINDS}, got {self.fd_kind!r}")
+        if self.kd_kind not in KD_KINDS:
+            raise ValueError(f"kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}")
         if self.kd_temperature <= 0 or self.ia_temperature <= 0:
             raise ValueError("temperatures must be positive")
 
@@ -74,7 +81,11 @@ def _kl_rows(target_logits: Tensor, student_logits: Tensor, temperature: float) 
     log_p = F.log_softmax(_float(target_logits.detach()) / temperature, dim=-1)
     log_q = F.log_softmax(_float(student_logits) / temperature, dim=-1)
     p = log_p.exp()
-    per_entry = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    # log_q is -inf only where the student row was masked, and there p is 0 too: keep those entries out of
+    # the product (not just the sum), so no inf - inf reaches the backward pass.
+    keep = p > 0
+    per_entry = torch.where(keep, p * (log_p.masked_fill(~keep, 0.0) - log_q.masked_fill(~keep, 0.0)),
+                            torch.zeros_like(p))
     return per_entry.sum(dim=-1).mean()
 
 
@@ -107,15 +118,28 @@ def itc_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> dict[str, Tens
     return {"itc": 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))}
 
 
-def kd_loss(student_logits: Tensor, target_i2t: Tensor, target_t2i: Tensor, temperature: float) -> dict[str, Tensor]:
+def kd_loss(student_logits: Tensor, target_i2t: Tensor, target_t2i: Tensor, temperature: float,
+            kind: str = "full") -> dict[str, Tensor]:
     """Distribution distillation (MCAD's KD term): ``{"kd": ...}``.
 
     ``KL(softmax(target / T) || softmax(student / T))`` averaged over rows, for i2t (``student_logits`` against
     ``target_i2t``) and t2i (``student_logits.T`` against ``target_t2i``), the mean of the two directions,
     multiplied by ``T**2``: Hinton et al.'s scaling, which keeps the gradient magnitude (which carries a 1/T)
     comparable across temperatures, so ``alpha`` does not need retuning when T changes.
+
+    ``kind="negatives"``: the true pairs (the diagonal) are removed from target and student rows before the
+    softmaxes, so the KL compares only how the negatives are ranked (decoupled KD's non-target term).
     """
     _check_square(student_logits, target_i2t, target_t2i)
+    if kind not in KD_KINDS:
+        raise ValueError(f"unknown kd kind {kind!r}; expected one of {KD_KINDS}")
+    if kind == "negatives":
+        if student_logits.shape[0] < 2:
+            raise ValueError("kd over negatives needs a batch of at least 2")
+        eye = torch.eye(student_logits.shape[0], dtype=torch.bool, device=student_logits.device)
+        student_logits = _float(student_logits).masked_fill(eye, float("-inf"))
+        target_i2t = _float(target_i2t).masked_fill(eye, float("-inf"))
+        target_t2i = _float(target_t2i).masked_fill(eye, float("-inf"))
     i2t = _kl_rows(target_i2t, student_logits, temperature)
     t2i = _kl_rows(target_t2i, student_logits.t(), temperature)
     return {"kd": 0.5 * (i2t + t2i) * temperature**2}

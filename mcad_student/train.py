@@ -76,6 +76,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
+        if self.mode == "ammkd" and self.loss.kd_kind != "full":
+            raise ValueError("ammkd's adaptive weights are derived for kd_kind 'full' only")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -115,7 +117,7 @@ def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tup
         terms.update(ammkd_kd_loss(logits, per_teacher, weights.kd_temperature, None))
     elif cfg.mode != "contrastive":
         i2t, t2i = batch["targets"]["ensemble"]
-        terms.update(kd_loss(logits, i2t, t2i, weights.kd_temperature))
+        terms.update(kd_loss(logits, i2t, t2i, weights.kd_temperature, weights.kd_kind))
     if weights.beta or weights.gamma:
         s_image = student.project(out["image_raw"], 0)
         s_text = student.project(out["text_raw"], 1)

@@ -225,6 +225,8 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
 @click.option("--gamma", type=float, help="Weight of the ia (interactive alignment) term.")
 @click.option("--kd-temperature", type=float)
+@click.option("--kd-kind", type=click.Choice(["full", "negatives"]),
+              help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
 @click.option("--image-model", help="timm image tower of the student (default mobilevitv2_050).")
 @click.option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (0: only at the end).")
@@ -245,7 +247,7 @@ def distill(config_file: Path | None, teacher_table: Path, **options) -> None:
 
     try:
         cfg = load_config_file(config_file, DistillConfig) if config_file else DistillConfig()
-        loss_keys = {"alpha", "beta", "gamma", "kd_temperature"}
+        loss_keys = {"alpha", "beta", "gamma", "kd_temperature", "kd_kind"}
         loss = {k: v for k, v in options.items() if k in loss_keys and v is not None}
         student = {"image_model": options["image_model"]} if options.get("image_model") else {}
         top = {k: v for k, v in options.items() if k not in loss_keys | {"image_model"} and v is not None}

@@ -116,6 +116,34 @@ def test_kd_handles_zero_probability_targets():
     assert math.isfinite(out.item())
 
 
+def _off_diagonal(rows: list[list[float]]) -> list[list[float]]:
+    return [[x for j, x in enumerate(row) if j != i] for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_kd_over_negatives_matches_hand_computation(temp):
+    # By hand: drop each row's true pair (the diagonal) from both rows, then the same KL over what is left.
+    i2t = py_kl_rows(_off_diagonal(TARGET_I2T), _off_diagonal(STUDENT), temp)
+    t2i = py_kl_rows(_off_diagonal(TARGET_T2I), _off_diagonal(py_transpose(STUDENT)), temp)
+    student = t(STUDENT).requires_grad_()
+    got = kd_loss(student, t(TARGET_I2T), t(TARGET_T2I), temp, kind="negatives")["kd"]
+    assert got.item() == pytest.approx(0.5 * (i2t + t2i) * temp**2, rel=1e-6)
+    got.backward()
+    assert torch.isfinite(student.grad).all()
+    assert torch.equal(student.grad.diagonal(), torch.zeros(3))  # the true pairs are itc's business only
+    assert (student.grad.abs() > 0).sum() == 6
+
+
+def test_kd_over_negatives_ignores_the_true_pairs_logits():
+    raised = t(TARGET_I2T)
+    raised.fill_diagonal_(-50.0)  # a teacher that gets every true pair wrong: no effect on this term
+    a = kd_loss(t(STUDENT), t(TARGET_I2T), t(TARGET_T2I), 1.0, kind="negatives")["kd"]
+    b = kd_loss(t(STUDENT), raised, t(TARGET_T2I), 1.0, kind="negatives")["kd"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="kd kind"):
+        kd_loss(t(STUDENT), t(TARGET_I2T), t(TARGET_T2I), 1.0, kind="diagonal")
+
+
 # ---------------------------------------------------------------- fd
 
 S_IMG = [[3.0, 0.0, 4.0], [1.0, 1.0, 0.0]]
