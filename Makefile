@@ -37,7 +37,7 @@ distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then i
 ablation:  ## Rows (a)-(f) of the README ablation table (300 steps, 2 seeds, online row 1 seed; ~85 min on 2 cores) into runs/ablation
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --steps 300 --seeds 0,1 --online-seeds 0
 
-bench:  ## Benchmarks (~17 min on 2 CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
+bench:  ## Benchmarks (~9 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 	$(BIN)/python bench/search_latency.py --student runs/default/student
 

@@ -195,8 +195,8 @@ def _markdown(result: dict) -> str:
         f"queries not timed). Gallery: {g['note']}. Latency per query = text encode (tokenizers + onnxruntime) "
         "+ scoring every row + top-k. Peak RSS: the search subprocess's VmHWM.",
         "",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['nproc']} cores shared with a training job "
-        f"(load average at start {result['machine']['loadavg_at_start'][0]:.2f}).",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['nproc']} cores "
+        f"(1-minute load average at start {result['machine']['loadavg_at_start'][0]:.2f}).",
         "",
         f"| run | rows | median ms (target ~{TARGET_MS:g}) | p95 ms | min ms | encode ms | search ms | "
         f"peak RSS MB (target ~{TARGET_MB:g}) | hit@k | torch imported |",
