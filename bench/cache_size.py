@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (Figure, Inputs, add_common_args, check_inputs, inputs_from, markdown_table, quiet_progress,
-                          rounded, write_results)
+from bench.common import (add_common_args, check_inputs, Figure, Inputs, inputs_from, markdown_table, publish,
+                          quiet_progress, rounded)
 
 NAME = "cache_size"
 DATACOMPDR_BYTES_PER_SAMPLE = 111_000
@@ -165,9 +165,7 @@ def run(inputs: Inputs) -> dict:
         "rows": [row(label, w, ratios, str_bytes) for label, w in configs],
         "target_bytes_per_sample_per_view": TARGET_BYTES,
     }
-    results["figures"] = [f.to_dict() for f in figures(results)]
-    write_results(inputs.out, NAME, results, markdown(results))
-    return results
+    return publish(inputs.out, NAME, results, figures, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -143,6 +143,16 @@ def write_results(out: Path, name: str, payload: dict, markdown: str) -> None:
     atomic_write_bytes(Path(out) / f"{name}.md", (markdown.rstrip() + "\n").encode())
 
 
+def publish(out: Path, name: str, results: dict, figures: Callable[[dict], list],
+            markdown: Callable[[dict], str], plot: Callable[[dict, Path], None] | None = None) -> dict:
+    """A part's end: its headline figures into ``results``, then ``out/name.{json,md}`` (and ``.png``)."""
+    results["figures"] = [f.to_dict() for f in figures(results)]
+    write_results(out, name, results, markdown(results))
+    if plot is not None:
+        plot(results, Path(out) / f"{name}.png")
+    return results
+
+
 def save_figure(fig, path: Path) -> None:
     """A matplotlib figure as PNG, written atomically, then closed."""
     import matplotlib.pyplot as plt

@@ -20,8 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import (Figure, Inputs, add_common_args, apply_threads, check_inputs, inputs_from, machine,
-                          markdown_table, median, quiet_progress, rounded, write_results)
+from bench.common import (add_common_args, apply_threads, check_inputs, Figure, Inputs, inputs_from, machine,
+                          markdown_table, median, publish, quiet_progress, rounded)
 
 NAME = "data_loading"
 
@@ -122,9 +122,7 @@ def run(inputs: Inputs, n_blocks: int = 2) -> dict:
     if student:
         results["loader_over_student"] = rounded(loader["samples_per_s"] / student["samples_per_s"])
         results["input_share"] = rounded(loader["mean_batch_s"] / (loader["mean_batch_s"] + student["step_s"]))
-    results["figures"] = [f.to_dict() for f in figures(results)]
-    write_results(inputs.out, NAME, results, markdown(results))
-    return results
+    return publish(inputs.out, NAME, results, figures, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ kernels); ``BN_BATCH_STATS=1`` also scores the image tower with BatchNorm on bat
 
 Needs `make data teachers`. Prints the loss ends and validation recalls (README, stage 2).
 """
+import os
 import sys
 import tempfile
 import time
@@ -16,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
+from mcad_cache.teachers import train as teacher_train
 from mcad_cache.teachers.train import tokenize_captions, normalize_pixels, train_clip
 from mcad_cache.teachers.configs import clip_model_cfg
 from mcad_student.model import StudentConfig, build_student
@@ -52,8 +54,6 @@ elif variant == "mvit_clip":   # student MobileViTv2 + teacher's pre-LN text tra
     model.text = TeacherText()
     model.visual.head.proj = torch.nn.Linear(model.visual.head.proj.in_features, 128, bias=False)
 model.output_dict = True
-import os  # noqa: E402
-from mcad_cache.teachers import train as teacher_train  # noqa: E402
 image_scale = float(os.environ.get("IMAGE_LR_SCALE", "1"))
 if image_scale != 1:   # the image tower at a multiple of the LR
     teacher_train._optimizer = lambda m, s: teacher_train.adamw_warmup_cosine(

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (Figure, Inputs, add_common_args, inputs_from, linear_fit, machine, markdown_table, pyplot,
-                          quiet_progress, rounded, save_figure, write_results)
+from bench.common import (add_common_args, Figure, Inputs, inputs_from, linear_fit, machine, markdown_table, publish,
+                          pyplot, quiet_progress, rounded, save_figure)
 
 NAME = "search_scaling"
 R2_TARGET = 0.99
@@ -181,10 +181,7 @@ def run(inputs: Inputs, block: int | None = None, texts_per_image: int = 1) -> d
     points = [measure_in_subprocess(n, block, texts_per_image, teachers, inputs.threads) for n in ns]
     results = {"part": NAME, "quick": inputs.quick, "machine": machine(), "block": block,
                "texts_per_image": texts_per_image, "teachers": teachers, "points": points, "fit": summarize(points)}
-    results["figures"] = [f.to_dict() for f in figures(results)]
-    write_results(inputs.out, NAME, results, markdown(results))
-    plot(results, Path(inputs.out) / f"{NAME}.png")
-    return results
+    return publish(inputs.out, NAME, results, figures, markdown, plot)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench.common import (Figure, Inputs, add_common_args, apply_threads, check_inputs, inputs_from, machine,
-                          markdown_table, pyplot, quiet_progress, rounded, save_figure, write_results)
+from bench.common import (add_common_args, apply_threads, check_inputs, Figure, Inputs, inputs_from, machine,
+                          markdown_table, publish, pyplot, quiet_progress, rounded, save_figure)
 
 NAME = "stage1_k"
 
@@ -150,10 +150,7 @@ def run(inputs: Inputs, n_shards: int | None = None) -> dict:
         for k in ks(inputs.quick):
             results["runs"].append(one_run(manifest, shards, Path(work) / f"k{k}.zarr", k, n_shards,
                                            inputs.threads))
-    results["figures"] = [f.to_dict() for f in figures(results)]
-    write_results(inputs.out, NAME, results, markdown(results))
-    plot(results, Path(inputs.out) / f"{NAME}.png")
-    return results
+    return publish(inputs.out, NAME, results, figures, markdown, plot)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import (Figure, Inputs, add_common_args, apply_threads, check_inputs, inputs_from, machine,
-                          markdown_table, median, pyplot, quiet_progress, rounded, save_figure, timed, write_results)
+from bench.common import (add_common_args, apply_threads, check_inputs, Figure, Inputs, inputs_from, machine,
+                          markdown_table, median, publish, pyplot, quiet_progress, rounded, save_figure, timed)
 
 NAME = "step_time"
 VARIANTS = ("student_only", "cached", "online")
@@ -345,10 +345,7 @@ def run(inputs: Inputs, only: tuple[str, ...] = ("toy", "realistic")) -> dict:
         for setting in settings(inputs.quick):
             if setting.name in only:
                 results["settings"][setting.name] = measure_setting(setting, inputs, Path(work))
-    results["figures"] = [f.to_dict() for f in figures(results)]
-    write_results(inputs.out, NAME, results, markdown(results))
-    plot(results, Path(inputs.out) / f"{NAME}.png")
-    return results
+    return publish(inputs.out, NAME, results, figures, markdown, plot)
 
 
 def main(argv: list[str] | None = None) -> None:
