@@ -67,9 +67,16 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--clip-steps", type=int, default=TeachersConfig.clip_schedule.steps, show_default=True)
 @click.option("--blip-steps", type=int, default=TeachersConfig.blip_schedule.steps, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--blip-mask-prob", type=float, default=TeachersConfig.blip_mask_prob, show_default=True,
+              help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).")
+@click.option("--blip-random-negatives", type=int, default=TeachersConfig.blip_random_negatives, show_default=True,
+              help="Uniform ITM negatives per image and per text, besides the one mined from ITC.")
+@click.option("--only", type=click.Choice(["clip_a", "clip_b", "blip"]), multiple=True,
+              help="Retrain only this teacher (repeatable); the others and the tokenizer in --out are kept.")
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
-def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, on_error: str) -> None:
+def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
+             blip_random_negatives: int, only: tuple[str, ...], on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
     Each is saved in its hub layout (open_clip local-dir, Hugging Face
@@ -85,10 +92,16 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         out_dir=out_dir,
         seed=seed,
         on_error=on_error,
+        only=only,
+        blip_mask_prob=blip_mask_prob,
+        blip_random_negatives=blip_random_negatives,
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
         blip_schedule=replace(defaults.blip_schedule, steps=blip_steps),
     )
-    report = train_teachers(cfg)
+    try:
+        report = train_teachers(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from err
     if report["skipped"]:
         click.echo(f"skipped bad training samples: {report['skipped']}", err=True)
     for name in ("clip_a", "clip_b", "blip"):

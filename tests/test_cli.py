@@ -79,6 +79,14 @@ def test_teachers_then_eval_end_to_end(tmp_path, tiny_world):
         assert 0.0 <= metrics["i2t_R@1"] <= metrics["i2t_R@5"] <= metrics["i2t_R@10"] <= 100.0
     assert "| clip_a |" in result.output
 
+    clip_a = (out / "clip_a" / "open_clip_model.safetensors").read_bytes()
+    result = runner.invoke(main, ["teachers", "--data", str(tiny_world), "--out", str(out), "--only", "blip",
+                                  "--blip-steps", "3"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "teachers.json").read_text())
+    assert again["blip"]["steps"] == 3 and again["clip_a"] == report["clip_a"]
+    assert (out / "clip_a" / "open_clip_model.safetensors").read_bytes() == clip_a
+
 
 def test_eval_on_error_policy(tmp_path, tiny_world, tiny_clip):
     """A corrupt image stops eval under raise (naming shard and key) and is skipped and counted under warn."""

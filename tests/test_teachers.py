@@ -8,7 +8,7 @@ from PIL import Image
 from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTeacherSpec
 from mcad_cache.teachers.identity import state_dict_sha256
 from mcad_cache.teachers.single import SingleStreamTeacher
-from mcad_cache.teachers.train import CaptionTable, blip_losses, tokenize_captions
+from mcad_cache.teachers.train import CaptionTable, MaskedWords, blip_losses, masked_words_for, tokenize_captions
 from pipeline.optim import adamw_warmup_cosine, warmup_cosine
 
 
@@ -89,24 +89,58 @@ def test_itm_refuses_misaligned_pairs(tiny_blip):
         teacher.itm(vision, teacher.tokenize(["one text"]))
 
 
-def test_blip_losses_train_both_heads(tiny_blip, tokenizer_dir):
+def _blip_batch(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    model, _ = tiny_blip
-    model.train()
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     table = tokenize_captions(tok, [["a red circle"], ["a blue square", "a square that is blue"], ["a cross"]], 24)
     images = torch.tensor([0, 1, 2])
     rows = table.first[images]
-    pixels = torch.randn(3, 3, 32, 32)
-    terms = blip_losses(model, pixels, table.input_ids[rows], table.attention_mask[rows],
-                        images[:, None] == images[None, :], torch.Generator().manual_seed(0))
+    return tok, table.input_ids[rows], table.attention_mask[rows], images[:, None] == images[None, :]
+
+
+def test_blip_losses_train_every_head(tiny_blip, tokenizer_dir):
+    """ITC, binary and listwise ITM (2 mined + 1 uniform negatives each way) and the MLM all reach their weights."""
+    model, _ = tiny_blip
+    model.train()
+    tok, ids, mask, same = _blip_batch(tokenizer_dir)
+    mlm = masked_words_for(model, tok, prob=0.5)
+    terms = blip_losses(model, torch.randn(3, 3, 32, 32), ids, mask, same, torch.Generator().manual_seed(0),
+                        negatives=2, listwise=True, mlm=mlm, random_negatives=1)
     terms["loss"].backward()
-    assert set(terms) == {"itc", "itm", "loss"}
-    assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() > 0
+    assert set(terms) == {"itc", "itm", "itm_list", "mlm", "loss"}
+    assert torch.allclose(terms["loss"], terms["itc"] + terms["itm"] + terms["itm_list"] + terms["mlm"])
+    assert model.itm_head.weight.grad.abs().sum() > 0
     assert model.vision_proj.weight.grad.abs().sum() > 0
+    assert mlm.head.weight.grad.abs().sum() > 0
+    cross = model.text_encoder.encoder.layer[0].crossattention.self.key.weight.grad
+    assert cross is not None and cross.abs().sum() > 0
     model.zero_grad()
     model.eval()
+
+
+def test_blip_losses_binary_itm_without_mlm(tiny_blip, tokenizer_dir):
+    model, _ = tiny_blip
+    tok, ids, mask, same = _blip_batch(tokenizer_dir)
+    with torch.no_grad():
+        terms = blip_losses(model, torch.randn(3, 3, 32, 32), ids, mask, same, torch.Generator().manual_seed(0))
+    assert set(terms) == {"itc", "itm", "loss"}
+
+
+def test_masked_words_mask_only_real_words(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    enc = tok(["a red circle left of a blue square", "a cross"], padding="max_length", max_length=12,
+              return_tensors="pt")
+    words = MaskedWords(8, len(tok), [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id], tok.mask_token_id,
+                        prob=1.0)
+    masked = words.mask(enc["input_ids"], enc["attention_mask"], torch.Generator().manual_seed(0))
+    special = (enc["input_ids"] == tok.cls_token_id) | (enc["input_ids"] == tok.sep_token_id)
+    expected = enc["attention_mask"].bool() & ~special
+    assert torch.equal(masked, expected)  # prob 1: every real word, no [CLS]/[SEP]/padding
+    none = MaskedWords(8, len(tok), [tok.cls_token_id], tok.mask_token_id, prob=0.0)
+    assert not none.mask(enc["input_ids"], enc["attention_mask"], torch.Generator()).any()
 
 
 def test_caption_table_samples_only_own_captions():

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,23 +93,31 @@ def _fit(
     schedule: Schedule,
     seed: int,
     desc: str,
-    batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    batch_loss: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]],
 ) -> dict:
-    """The shared loop: AdamW + warmup/cosine, clip at norm 1; ``batch_loss(images, generator)``."""
+    """The shared loop: AdamW + warmup/cosine, clip at norm 1.
+
+    ``batch_loss(images, generator)`` returns named terms with their sum as ``"loss"``;
+    the progress bar shows them, and the summary holds each term's first value and
+    its mean over the last tenth of the steps.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer, scheduler = _optimizer(model, schedule)
     model.train()
-    losses = []
-    for images in tqdm(_batches(n_images, schedule, generator), total=schedule.steps, desc=desc, mininterval=5.0):
-        loss = batch_loss(images, generator)
+    history: dict[str, list[float]] = {}
+    progress = tqdm(_batches(n_images, schedule, generator), total=schedule.steps, desc=desc, mininterval=5.0)
+    for images in progress:
+        terms = batch_loss(images, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        for name, value in terms.items():
+            history.setdefault(name, []).append(value.item())
+        progress.set_postfix({name: f"{values[-1]:.3f}" for name, values in history.items()}, refresh=False)
     model.eval()
-    return _loss_summary(losses)
+    return _loss_summary(history)
 
 
 def train_clip(
@@ -127,9 +135,57 @@ def train_clip(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         out = model(pixels[images], table.input_ids[table.sample(images, generator)])
-        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        return {"loss": loss_fn(out["image_features"], out["text_features"], out["logit_scale"])}
 
     return _fit(model, len(pixels), schedule, seed, desc, batch_loss)
+
+
+class MaskedWords(torch.nn.Module):
+    """Image-conditioned masked-word prediction: a training device of the BLIP teacher, not saved with it.
+
+    ``BlipForImageTextRetrieval`` has no language-model head, so this one (a linear
+    map from the fused hidden states to the vocabulary) lives only while the
+    teacher trains. ``prob`` of the real (non-special, non-padding) tokens are
+    replaced by ``[MASK]``.
+    """
+
+    def __init__(self, hidden: int, vocab: int, special_ids: Sequence[int], mask_id: int, prob: float = 0.3):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.register_buffer("special", torch.tensor(sorted(set(special_ids))), persistent=False)
+        self.mask_id = mask_id
+        self.prob = prob
+
+    def mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Which tokens to mask: a random ``prob`` of the real words."""
+        words = attention_mask.bool() & ~torch.isin(input_ids, self.special)
+        return words & (torch.rand(input_ids.shape, generator=generator) < self.prob)
+
+    def loss(
+        self,
+        model: BlipForImageTextRetrieval,
+        vision: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        masked = self.mask(input_ids, attention_mask, generator)
+        if not masked.any():
+            return vision.sum() * 0.0
+        states = model.text_encoder(
+            input_ids=input_ids.masked_fill(masked, self.mask_id),
+            attention_mask=attention_mask,
+            encoder_hidden_states=vision,
+            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        return F.cross_entropy(self.head(states[masked]), input_ids[masked])
+
+
+def masked_words_for(model: BlipForImageTextRetrieval, tokenizer, prob: float = 0.3) -> MaskedWords:
+    special = [i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) if i is not None]
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the BLIP teacher's MLM loss needs a tokenizer with a [MASK] token")
+    return MaskedWords(model.config.text_config.hidden_size, len(tokenizer), special, tokenizer.mask_token_id, prob)
 
 
 def blip_losses(
@@ -139,12 +195,32 @@ def blip_losses(
     attention_mask: torch.Tensor,
     same_image: torch.Tensor,
     generator: torch.Generator,
+    negatives: int = 1,
+    listwise: bool = False,
+    mlm: MaskedWords | None = None,
+    random_negatives: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """ITC plus ITM with one hard negative text per image and one hard negative image per text.
+    """ITC, ITM on hard negatives (``negatives`` texts per image and images per text) and, with ``mlm``, MLM.
 
-    Hard negatives are sampled from the ITC softmax (ALBEF), with the true pairs
-    (``same_image``, B x B) masked out, so the ITM head learns exactly the
-    distinctions the dual-stream similarity gets wrong.
+    Hard negatives are sampled from the ITC softmax without replacement (ALBEF),
+    with the true pairs (``same_image``, B x B) masked out, so the ITM head learns
+    exactly the distinctions the dual-stream similarity gets wrong. ``itm`` is
+    ALBEF's binary cross-entropy over all pairs. With ``listwise``, ``itm_list``
+    adds a softmax cross-entropy over each query's group (its true pair and its
+    negatives) on the match-minus-no-match logit, the score re-ranking sorts by.
+
+    ``random_negatives`` more per image and per text are drawn uniformly from the
+    non-matching rows. Trained from scratch, ITC soon makes every mined negative
+    a near twin, and an ITM head that has not yet learned to look at the image
+    gets no easy pair to start from; uniform negatives keep some in every batch.
+
+    ``mlm`` adds ALBEF's third loss: masked words predicted by the text encoder
+    *with* cross-attention to the image. From scratch it is what makes ITM learn at
+    all: with balanced negatives every image and every text is as often a match as
+    not, so ITM's signal lies only in the image-text interaction, and at random init
+    its gradient toward one is ~0 (the loss sits at ln 2). Filling in "a [MASK]
+    circle" from the image gives the cross-attention a first-order signal to look
+    up the right object's attributes, which is the interaction ITM needs.
     """
     vision = model.vision_model(pixel_values=pixels).last_hidden_state
     text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -157,24 +233,42 @@ def blip_losses(
         + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean()
     )
 
+    batch = len(pixels)
     with torch.no_grad():
         weights = F.softmax(logits.float(), dim=1).masked_fill(same_image, 0) + 1e-8
-        neg_text = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-        neg_image = torch.multinomial(weights.t().contiguous(), 1, generator=generator).squeeze(1)
-
-    pair_vision = torch.cat([vision, vision, vision[neg_image]])
-    pair_ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
-    pair_mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+        neg_text = torch.multinomial(weights, negatives, generator=generator)  # (B, n): texts for image i
+        neg_image = torch.multinomial(weights.t().contiguous(), negatives, generator=generator)  # images for text j
+        if random_negatives:
+            uniform = (~same_image).float() + 1e-8
+            neg_text = torch.cat([neg_text, torch.multinomial(uniform, random_negatives, generator=generator)], 1)
+            neg_image = torch.cat(
+                [neg_image, torch.multinomial(uniform.t().contiguous(), random_negatives, generator=generator)], 1
+            )
+        negatives += random_negatives
+    rows = torch.arange(batch)
+    image_rows = torch.cat([rows, rows.repeat_interleave(negatives), neg_image.reshape(-1)])
+    text_rows = torch.cat([rows, neg_text.reshape(-1), rows.repeat_interleave(negatives)])
+    pair_vision = vision[image_rows]
     fused = model.text_encoder(
-        input_ids=pair_ids,
-        attention_mask=pair_mask,
+        input_ids=input_ids[text_rows],
+        attention_mask=attention_mask[text_rows],
         encoder_hidden_states=pair_vision,
         encoder_attention_mask=torch.ones(pair_vision.shape[:-1], dtype=torch.long),
     ).last_hidden_state[:, 0]
-    batch = len(pixels)
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long()
-    itm = F.cross_entropy(model.itm_head(fused), labels)
-    return {"itc": itc, "itm": itm, "loss": itc + itm}
+    two_way = model.itm_head(fused)
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch * negatives)]).long()
+    terms = {"itc": itc, "itm": F.cross_entropy(two_way, labels)}
+    if listwise:
+        score = two_way[:, 1] - two_way[:, 0]
+        positive, text_neg, image_neg = score.split([batch, batch * negatives, batch * negatives])
+        i2t = torch.cat([positive[:, None], text_neg.view(batch, negatives)], 1)
+        t2i = torch.cat([positive[:, None], image_neg.view(batch, negatives)], 1)
+        zero = torch.zeros(batch, dtype=torch.long)
+        terms["itm_list"] = 0.5 * (F.cross_entropy(i2t, zero) + F.cross_entropy(t2i, zero))
+    if mlm is not None:
+        terms["mlm"] = mlm.loss(model, vision, input_ids, attention_mask, generator)
+    terms["loss"] = sum(terms.values())
+    return terms
 
 
 def train_blip(
@@ -183,16 +277,31 @@ def train_blip(
     table: CaptionTable,
     schedule: Schedule,
     seed: int,
+    negatives: int = 1,
+    listwise: bool = False,
+    mlm: MaskedWords | None = None,
+    random_negatives: int = 0,
 ) -> dict:
+    """BLIP's losses (see ``blip_losses``); ``mlm``'s head trains alongside and is dropped afterwards."""
     def batch_loss(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         rows = table.sample(images, generator)
         same_image = images[:, None] == images[None, :]
         terms = blip_losses(
-            model, pixels[images], table.input_ids[rows], table.attention_mask[rows], same_image, generator
+            model,
+            pixels[images],
+            table.input_ids[rows],
+            table.attention_mask[rows],
+            same_image,
+            generator,
+            negatives,
+            listwise,
+            mlm,
+            random_negatives,
         )
-        return terms["loss"]
+        return terms
 
-    return _fit(model, len(pixels), schedule, seed, "blip", batch_loss)
+    trained = torch.nn.ModuleDict({"blip": model, **({"mlm": mlm} if mlm is not None else {})})
+    return _fit(trained, len(pixels), schedule, seed, "blip", batch_loss)
 
 
 def init_text_tower(model: BlipForImageTextRetrieval) -> None:
@@ -217,38 +326,60 @@ def build_blip(cfg: TeachersConfig, tokenizer, image_size: int) -> BlipForImageT
     return model
 
 
-def _loss_summary(losses: list[float]) -> dict:
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {"first_loss": losses[0], "last_loss": sum(tail) / len(tail), "steps": len(losses)}
+def _loss_summary(history: dict[str, list[float]]) -> dict:
+    """``first_loss``/``last_loss`` (mean of the last tenth) of the total, and ``terms`` the same for each term."""
+
+    def ends(values: list[float]) -> dict:
+        tail = values[-max(1, len(values) // 10) :]
+        return {"first": values[0], "last": sum(tail) / len(tail)}
+
+    total = ends(history["loss"])
+    terms = {name: ends(values) for name, values in history.items() if name != "loss"}
+    return {"first_loss": total["first"], "last_loss": total["last"], "steps": len(history["loss"]),
+            **({"terms": terms} if terms else {})}
+
+
+TEACHERS = ("clip_a", "clip_b", "blip")
 
 
 def train_teachers(cfg: TeachersConfig) -> dict:
     """Tokenizer, two CLIPs and a BLIP ITM, each saved in its hub layout under ``cfg.out_dir``.
 
+    ``cfg.only`` names a subset to retrain; the others, the tokenizer and their
+    entries in ``teachers.json`` are kept as they are (the tokenizer must exist).
     Returns (and writes to ``teachers.json``) where each teacher lives and how long it took.
     """
+    if not 0.0 <= cfg.blip_mask_prob < 1.0:
+        raise ValueError(f"blip_mask_prob must be in [0, 1), got {cfg.blip_mask_prob}")
+    if cfg.blip_random_negatives < 0:
+        raise ValueError(f"blip_random_negatives must be >= 0, got {cfg.blip_random_negatives}")
+    unknown = set(cfg.only) - set(TEACHERS)
+    if unknown:
+        raise ValueError(f"unknown teachers {sorted(unknown)}; known: {list(TEACHERS)}")
+    todo = [name for name in TEACHERS if not cfg.only or name in cfg.only]
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     stats = ReadStats()
     train = load_split(list_shards(Path(cfg.data_dir) / "train"), policy=cfg.on_error, stats=stats)
     image_size = int(train.images.shape[-1])
-    report: dict = {
-        "config": cfg.to_dict(),
-        "image_size": image_size,
-        "n_train": len(train.keys),
-        "skipped": dict(stats.by_reason),
-    }
+    report: dict = load_report(out) if cfg.only else {}
+    report.update({"config": cfg.to_dict(), "image_size": image_size, "n_train": len(train.keys),
+                   "skipped": dict(stats.by_reason)})
 
     start = time.perf_counter()
     tokenizer_dir = out / "tokenizer"
-    train_wordpiece((text for texts in train.captions for text in texts), tokenizer_dir, cfg.vocab_size)
+    if not cfg.only:
+        train_wordpiece((text for texts in train.captions for text in texts), tokenizer_dir, cfg.vocab_size)
+        report["tokenizer"] = {"path": str(tokenizer_dir), "vocab_size": None, "seconds": _since(start)}
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    report["tokenizer"]["vocab_size"] = len(tokenizer)
     table = tokenize_captions(tokenizer, train.captions, cfg.context_length)
     pixels = normalize_pixels(train.images)
-    report["tokenizer"] = {"path": str(tokenizer_dir), "vocab_size": len(tokenizer), "seconds": _since(start)}
 
     for offset, (name, shape) in enumerate((("clip_a", cfg.clip_a), ("clip_b", cfg.clip_b))):
+        if name not in todo:
+            continue
         start = time.perf_counter()
         torch.manual_seed(cfg.seed + offset)
         model_cfg = clip_model_cfg(shape, image_size, len(tokenizer), cfg.context_length, tokenizer.sep_token_id)
@@ -258,12 +389,15 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         report[name] = {"spec": spec.name, **summary, "seconds": _since(start)}
         log.info("%s: %s", name, report[name])
 
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed + 2)
-    model = build_blip(cfg, tokenizer, image_size)
-    summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2)
-    spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip")
-    report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
+    if "blip" in todo:
+        start = time.perf_counter()
+        torch.manual_seed(cfg.seed + 2)
+        model = build_blip(cfg, tokenizer, image_size)
+        mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob) if cfg.blip_mask_prob > 0 else None
+        summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2, mlm=mlm,
+                             random_negatives=cfg.blip_random_negatives)
+        spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip")
+        report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
 
     atomic_write_json(out / "teachers.json", report)
     return report
