@@ -233,6 +233,7 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float, help="Peak learning rate (warmup, then cosine decay to 0).")
 @click.option("--image-lr-scale", type=float, help="LR multiplier of the image tower.")
+@click.option("--warmup", type=int, help="Linear LR warmup steps (then cosine decay).")
 @click.option("--seed", type=int)
 @click.option("--alpha", type=float, help="Weight of the kd term.")
 @click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
