@@ -166,7 +166,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_global_batch(tiny_cache, tiny
     student = {"image_model": "test_convnext", "image_size": 32, "text_layers": 1, "text_width": 32,
                "text_heads": 2, "text_intermediate": 64, "embed_dim": 16}
     # image_lr_scale 1: Adam turns float-rounding-sized gradient differences (a split batch sums in another
-    # order) into +-lr steps where a gradient is ~0; at the default 10x image LR this once exceeded atol.
+    # order) into +-lr steps where a gradient is ~0; at a 10x image LR this once exceeded atol.
     settings = {"student": student, "batch_size": 16, "warmup": 1, "threads": 1, "steps": 4, "image_lr_scale": 1.0,
                 "checkpoint_every": 2, "store": str(tiny_cache), "eval_shards": str(tiny_world / "val")}
     runs = {}
