@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from mcad_cache.teachers.single import fused_states
 from mcad_cache.teachers.train import build_blip, masked_words_for, normalize_pixels, tokenize_captions
 from pipeline.config import TeachersConfig
 from pipeline.shards import list_shards, load_split
@@ -32,10 +33,8 @@ for step in range(150):
     ids, mask = table.input_ids[table.first[idx]], table.attention_mask[table.first[idx]]
     vision = model.vision_model(pixel_values=pixels[idx]).last_hidden_state
     pair_vision = torch.cat([vision, vision[torch.roll(torch.arange(batch), 1)]])
-    fused = model.text_encoder(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1),
-                               encoder_hidden_states=pair_vision,
-                               encoder_attention_mask=torch.ones(pair_vision.shape[:-1], dtype=torch.long))
-    itm = F.cross_entropy(model.itm_head(fused.last_hidden_state[:, 0]),
+    fused = fused_states(model, ids.repeat(2, 1), mask.repeat(2, 1), pair_vision)[:, 0]
+    itm = F.cross_entropy(model.itm_head(fused),
                           torch.cat([torch.ones(batch), torch.zeros(batch)]).long())
     loss = itm + (mlm.loss(model, vision, ids, mask, generator) if mode == "mlm" else 0.0)
     optimizer.zero_grad()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import EvalConfig, TeachersConfig
+from pipeline.config import TEACHERS, EvalConfig, TeachersConfig
 
 DISTILL_STEPS = 600
 
@@ -71,7 +71,7 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
               help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).")
 @click.option("--blip-random-negatives", type=int, default=TeachersConfig.blip_random_negatives, show_default=True,
               help="Uniform ITM negatives per image and per text, besides the one mined from ITC.")
-@click.option("--only", type=click.Choice(["clip_a", "clip_b", "blip"]), multiple=True,
+@click.option("--only", type=click.Choice(TEACHERS), multiple=True,
               help="Retrain only this teacher (repeatable); the others and the tokenizer in --out are kept.")
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
@@ -104,7 +104,7 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         raise click.UsageError(str(err)) from err
     if report["skipped"]:
         click.echo(f"skipped bad training samples: {report['skipped']}", err=True)
-    for name in ("clip_a", "clip_b", "blip"):
+    for name in TEACHERS:
         entry = report[name]
         click.echo(f"{name}: {entry['steps']} steps, loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f}, "
                    f"{entry['seconds']:.0f}s -> {entry['spec']}")

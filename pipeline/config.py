@@ -28,6 +28,9 @@ class Schedule:
     weight_decay: float = 0.05
 
 
+TEACHERS = ("clip_a", "clip_b", "blip")  # what `mcad teachers` trains, in order
+
+
 @dataclass(frozen=True)
 class TeachersConfig:
     """`mcad teachers`: train the default world's teachers and save them in hub layouts."""

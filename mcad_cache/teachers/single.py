@@ -119,16 +119,24 @@ class SingleStreamTeacher(torch.nn.Module):
         if image_tokens.shape[0] != len(text):
             raise ValueError(f"{image_tokens.shape[0]} images for {len(text)} texts: ITM scores aligned pairs")
         device = self.mean.device
-        image_atts = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=device)
-        states = self.model.text_encoder(
-            input_ids=text.input_ids.to(device),
-            attention_mask=text.attention_mask.to(device),
-            encoder_hidden_states=image_tokens.to(device),
-            encoder_attention_mask=image_atts,
-        ).last_hidden_state
+        states = fused_states(
+            self.model, text.input_ids.to(device), text.attention_mask.to(device), image_tokens.to(device)
+        )
         fused = states[:, 0, :]
         two_way = self.model.itm_head(fused)
         return ItmOutput(logits=two_way[:, 1] - two_way[:, 0], fused=fused)
+
+
+def fused_states(
+    model: BlipForImageTextRetrieval, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
+) -> torch.Tensor:
+    """The text encoder's hidden states with cross-attention to every image token (BLIP's multimodal mode)."""
+    return model.text_encoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        encoder_hidden_states=image_tokens,
+        encoder_attention_mask=torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=image_tokens.device),
+    ).last_hidden_state
 
 
 def _display_name(name: str) -> str:

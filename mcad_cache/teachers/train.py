@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, BlipForImageTextRetrieval
 from mcad_cache.teachers import dual, single
 from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
 from pipeline.atomic import atomic_write_json
-from pipeline.config import Schedule, TeachersConfig
+from pipeline.config import TEACHERS, Schedule, TeachersConfig
 from pipeline.optim import adamw_warmup_cosine
 from pipeline.shards import ReadStats, list_shards, load_split
 from pipeline.tokenizer import train_wordpiece
@@ -172,12 +172,7 @@ class MaskedWords(torch.nn.Module):
         masked = self.mask(input_ids, attention_mask, generator)
         if not masked.any():
             return vision.sum() * 0.0
-        states = model.text_encoder(
-            input_ids=input_ids.masked_fill(masked, self.mask_id),
-            attention_mask=attention_mask,
-            encoder_hidden_states=vision,
-            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long),
-        ).last_hidden_state
+        states = single.fused_states(model, input_ids.masked_fill(masked, self.mask_id), attention_mask, vision)
         return F.cross_entropy(self.head(states[masked]), input_ids[masked])
 
 
@@ -244,25 +239,19 @@ def blip_losses(
             neg_image = torch.cat(
                 [neg_image, torch.multinomial(uniform.t().contiguous(), random_negatives, generator=generator)], 1
             )
-        negatives += random_negatives
+    per_query = negatives + random_negatives  # negatives per image and per text
     rows = torch.arange(batch)
-    image_rows = torch.cat([rows, rows.repeat_interleave(negatives), neg_image.reshape(-1)])
-    text_rows = torch.cat([rows, neg_text.reshape(-1), rows.repeat_interleave(negatives)])
-    pair_vision = vision[image_rows]
-    fused = model.text_encoder(
-        input_ids=input_ids[text_rows],
-        attention_mask=attention_mask[text_rows],
-        encoder_hidden_states=pair_vision,
-        encoder_attention_mask=torch.ones(pair_vision.shape[:-1], dtype=torch.long),
-    ).last_hidden_state[:, 0]
+    image_rows = torch.cat([rows, rows.repeat_interleave(per_query), neg_image.reshape(-1)])
+    text_rows = torch.cat([rows, neg_text.reshape(-1), rows.repeat_interleave(per_query)])
+    fused = single.fused_states(model, input_ids[text_rows], attention_mask[text_rows], vision[image_rows])[:, 0]
     two_way = model.itm_head(fused)
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch * negatives)]).long()
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch * per_query)]).long()
     terms = {"itc": itc, "itm": F.cross_entropy(two_way, labels)}
     if listwise:
         score = two_way[:, 1] - two_way[:, 0]
-        positive, text_neg, image_neg = score.split([batch, batch * negatives, batch * negatives])
-        i2t = torch.cat([positive[:, None], text_neg.view(batch, negatives)], 1)
-        t2i = torch.cat([positive[:, None], image_neg.view(batch, negatives)], 1)
+        positive, text_neg, image_neg = score.split([batch, batch * per_query, batch * per_query])
+        i2t = torch.cat([positive[:, None], text_neg.view(batch, per_query)], 1)
+        t2i = torch.cat([positive[:, None], image_neg.view(batch, per_query)], 1)
         zero = torch.zeros(batch, dtype=torch.long)
         terms["itm_list"] = 0.5 * (F.cross_entropy(i2t, zero) + F.cross_entropy(t2i, zero))
     if mlm is not None:
@@ -283,7 +272,8 @@ def train_blip(
     random_negatives: int = 0,
 ) -> dict:
     """BLIP's losses (see ``blip_losses``); ``mlm``'s head trains alongside and is dropped afterwards."""
-    def batch_loss(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+
+    def batch_loss(images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         rows = table.sample(images, generator)
         same_image = images[:, None] == images[None, :]
         terms = blip_losses(
@@ -339,9 +329,6 @@ def _loss_summary(history: dict[str, list[float]]) -> dict:
             **({"terms": terms} if terms else {})}
 
 
-TEACHERS = ("clip_a", "clip_b", "blip")
-
-
 def train_teachers(cfg: TeachersConfig) -> dict:
     """Tokenizer, two CLIPs and a BLIP ITM, each saved in its hub layout under ``cfg.out_dir``.
 
@@ -371,7 +358,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     tokenizer_dir = out / "tokenizer"
     if not cfg.only:
         train_wordpiece((text for texts in train.captions for text in texts), tokenizer_dir, cfg.vocab_size)
-        report["tokenizer"] = {"path": str(tokenizer_dir), "vocab_size": None, "seconds": _since(start)}
+        report["tokenizer"] = {"path": str(tokenizer_dir), "seconds": _since(start)}
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     report["tokenizer"]["vocab_size"] = len(tokenizer)
     table = tokenize_captions(tokenizer, train.captions, cfg.context_length)
