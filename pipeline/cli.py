@@ -69,14 +69,29 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--blip-mask-prob", type=float, default=TeachersConfig.blip_mask_prob, show_default=True,
               help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).")
+@click.option("--blip-mined-negatives", type=int, default=TeachersConfig.blip_mined_negatives, show_default=True,
+              help="ITM negatives per image and per text sampled from the ITC similarities (ALBEF's hard negatives).")
+@click.option("--blip-uniform-share", type=float, default=TeachersConfig.blip_uniform_share, show_default=True,
+              help="Share of a uniform draw mixed into the mined negatives' distribution (0: ALBEF's, all mined).")
 @click.option("--blip-random-negatives", type=int, default=TeachersConfig.blip_random_negatives, show_default=True,
               help="Uniform ITM negatives per image and per text, besides the one mined from ITC.")
+@click.option("--blip-edit-negatives/--no-blip-edit-negatives", default=TeachersConfig.blip_edit_negatives,
+              show_default=True,
+              help="One rule-made ITM negative caption per image: a word of the default world replaced or "
+                   "swapped, or the relation flipped.")
+@click.option("--blip-listwise/--no-blip-listwise", default=TeachersConfig.blip_listwise, show_default=True,
+              help="Add a listwise ITM term: softmax over each query's true pair and its negatives.")
+@click.option("--blip-vision-init", type=click.Choice(["", "clip_a", "clip_b"]),
+              default=TeachersConfig.blip_vision_init, show_default=True,
+              help="Start BLIP's image tower from this trained CLIP's ('': from scratch).")
 @click.option("--only", type=click.Choice(TEACHERS), multiple=True,
               help="Retrain only this teacher (repeatable); the others and the tokenizer in --out are kept.")
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
 def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
-             blip_random_negatives: int, only: tuple[str, ...], on_error: str) -> None:
+             blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
+             blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, only: tuple[str, ...],
+             on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
     Each is saved in its hub layout (open_clip local-dir, Hugging Face
@@ -94,7 +109,12 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         on_error=on_error,
         only=only,
         blip_mask_prob=blip_mask_prob,
+        blip_mined_negatives=blip_mined_negatives,
         blip_random_negatives=blip_random_negatives,
+        blip_uniform_share=blip_uniform_share,
+        blip_edit_negatives=blip_edit_negatives,
+        blip_vision_init=blip_vision_init,
+        blip_listwise=blip_listwise,
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
         blip_schedule=replace(defaults.blip_schedule, steps=blip_steps),
     )

@@ -239,6 +239,15 @@ _RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "below": ("below", "beneath"),
 }
 _ITS = {"left of": "to its left", "right of": "to its right", "above": "above it", "below": "below it"}
+# The world's attribute words and relation-word inverses: what the BLIP teacher's
+# rule-made hard negatives edit (mcad_cache/teachers/negatives.py).
+CAPTION_WORDS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(PALETTE),
+    "shape": SHAPES,
+    "size": tuple(SIZE_EXTENT),
+}
+RELATION_FLIPS = {"left": "right", "right": "left", "above": "below", "below": "above",
+                  "over": "beneath", "beneath": "over"}
 # Every (pattern, with size?, subject object) combination reads differently.
 _N_PHRASINGS = len(_PATTERNS) * 2 * 2
 

@@ -183,3 +183,83 @@ def test_adamw_lr_scales_and_decay_groups():
 def test_dual_spec_local_is_absolute(tmp_path):
     spec = DualTeacherSpec.local(tmp_path / "x")
     assert spec.name == f"local-dir:{(tmp_path / 'x').resolve()}"
+
+
+def test_blip_losses_score_edited_captions_as_extra_negatives(tiny_blip, tokenizer_dir):
+    """Edited captions add ITM pairs (the term changes); captions with no editable word add none."""
+    from mcad_cache.teachers.negatives import CaptionEdits
+
+    model, _ = tiny_blip
+    tok, ids, mask, same = _blip_batch(tokenizer_dir)
+    pixels = torch.randn(3, 3, 32, 32)
+
+    def itm(edits):
+        with torch.no_grad():
+            return blip_losses(model, pixels, ids, mask, same, torch.Generator().manual_seed(0), edits=edits)["itm"]
+
+    plain = itm(None)
+    assert torch.allclose(itm(CaptionEdits.from_words(tok, {"g": ("left", "right")}, {})), plain)  # no such words
+    assert not torch.allclose(itm(CaptionEdits.from_words(tok, {"colour": ("red", "blue")}, {})), plain)
+
+
+def test_blip_image_tower_starts_from_a_clip_of_the_same_shape(tokenizer_dir):
+    """Without open_clip's ln_pre (which BLIP's ViT lacks) the copy is exact: same ITC image embedding."""
+    import open_clip
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    from mcad_cache.teachers.configs import blip_config, clip_model_cfg
+    from mcad_cache.teachers.train import init_vision_from_clip
+    from pipeline.config import TowerShape
+
+    TINY, IMAGE_SIZE, CONTEXT = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8), 32, 24
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    cfg = clip_model_cfg(TINY, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
+    cfg["vision_cfg"]["no_ln_pre"] = True
+    clip = open_clip.model.CLIP(**cfg).eval()
+    tokens = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
+    blip = BlipForImageTextRetrieval(blip_config(TINY, IMAGE_SIZE, len(tok), CONTEXT, tokens)).eval()
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        before = blip.vision_proj(blip.vision_model(pixel_values=pixels).last_hidden_state[:, 0])
+        init_vision_from_clip(blip, clip.visual)
+        after = blip.vision_proj(blip.vision_model(pixel_values=pixels).last_hidden_state[:, 0])
+        expected = clip.visual(pixels)
+    assert torch.allclose(after, expected, atol=1e-5)
+    assert not torch.allclose(before, expected, atol=1e-2)
+
+    wider = open_clip.model.CLIP(**clip_model_cfg(TowerShape(width=64, layers=1, heads=2, embed_dim=16),
+                                                  IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id))
+    with pytest.raises(ValueError, match="differ in shape"):
+        init_vision_from_clip(blip, wider.visual)
+
+
+def test_listwise_itm_puts_the_edited_caption_in_its_image_group(tiny_blip, tokenizer_dir):
+    """With edits, each image's listwise group gains its edited caption; without a valid edit it gains nothing."""
+    from mcad_cache.teachers.negatives import CaptionEdits
+
+    model, _ = tiny_blip
+    tok, ids, mask, same = _blip_batch(tokenizer_dir)
+    pixels = torch.randn(3, 3, 32, 32)
+
+    def listwise(edits):
+        with torch.no_grad():
+            return blip_losses(model, pixels, ids, mask, same, torch.Generator().manual_seed(0), listwise=True,
+                               edits=edits)["itm_list"]
+
+    plain = listwise(None)
+    assert torch.allclose(listwise(CaptionEdits.from_words(tok, {"g": ("left", "right")}, {})), plain)
+    with_edits = listwise(CaptionEdits.from_words(tok, {"colour": ("red", "blue")}, {}))
+    assert torch.isfinite(with_edits) and with_edits > plain  # one more negative per group: a larger softmax loss
+
+
+def test_mixing_uniform_negatives_into_the_mined_distribution():
+    from mcad_cache.teachers.train import _mix_uniform
+
+    weights = torch.tensor([[0.0, 0.9, 0.1, 0.0], [0.5, 0.0, 0.0, 0.5]])
+    allowed = torch.tensor([[False, True, True, True], [True, False, True, True]])
+    half = _mix_uniform(weights, allowed, 0.5)
+    expected = torch.tensor([[0.0, 0.45 + 1 / 6, 0.05 + 1 / 6, 1 / 6], [0.25 + 1 / 6, 0.0, 1 / 6, 0.25 + 1 / 6]])
+    assert torch.allclose(half, expected, atol=1e-6)
+    assert torch.allclose(_mix_uniform(weights, allowed, 1.0), allowed.float() / 3, atol=1e-6)
+    assert torch.allclose(_mix_uniform(weights, allowed, 0.0), weights / weights.sum(1, keepdim=True), atol=1e-6)

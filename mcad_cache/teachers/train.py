@@ -30,11 +30,13 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
 from mcad_cache.teachers import dual, single
+from mcad_cache.teachers.negatives import CaptionEdits
 from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TEACHERS, Schedule, TeachersConfig
 from pipeline.optim import adamw_warmup_cosine
 from pipeline.shards import ReadStats, list_shards, load_split
+from pipeline.synth import CAPTION_WORDS, RELATION_FLIPS
 from pipeline.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,8 @@ def blip_losses(
     listwise: bool = False,
     mlm: MaskedWords | None = None,
     random_negatives: int = 0,
+    edits: CaptionEdits | None = None,
+    uniform_share: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """ITC, ITM on hard negatives (``negatives`` texts per image and images per text) and, with ``mlm``, MLM.
 
@@ -216,6 +220,13 @@ def blip_losses(
     its gradient toward one is ~0 (the loss sits at ln 2). Filling in "a [MASK]
     circle" from the image gives the cross-attention a first-order signal to look
     up the right object's attributes, which is the interaction ITM needs.
+
+    ``uniform_share`` mixes that share of a uniform draw over the non-matching
+    rows into the mined negatives' distribution: one negative per query that is
+    sometimes easy, at no extra cost (``random_negatives`` adds pairs instead).
+
+    ``edits`` adds one rule-made negative caption per image (an attribute replaced
+    or swapped, or the relation flipped; see ``negatives.py``), scored by ITM only.
     """
     vision = model.vision_model(pixel_values=pixels).last_hidden_state
     text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -230,9 +241,15 @@ def blip_losses(
 
     batch = len(pixels)
     with torch.no_grad():
-        weights = F.softmax(logits.float(), dim=1).masked_fill(same_image, 0) + 1e-8
-        neg_text = torch.multinomial(weights, negatives, generator=generator)  # (B, n): texts for image i
-        neg_image = torch.multinomial(weights.t().contiguous(), negatives, generator=generator)  # images for text j
+        neg_text = neg_image = torch.empty(batch, 0, dtype=torch.long)
+        if negatives:
+            weights = F.softmax(logits.float(), dim=1).masked_fill(same_image, 0) + 1e-8
+            by_text = weights.t().contiguous()
+            if uniform_share:
+                weights, by_text = (_mix_uniform(w, ~same, uniform_share) for w, same in
+                                    ((weights, same_image), (by_text, same_image.t())))
+            neg_text = torch.multinomial(weights, negatives, generator=generator)  # (B, n): texts for image i
+            neg_image = torch.multinomial(by_text, negatives, generator=generator)  # images for text j
         if random_negatives:
             uniform = (~same_image).float() + 1e-8
             neg_text = torch.cat([neg_text, torch.multinomial(uniform, random_negatives, generator=generator)], 1)
@@ -243,14 +260,26 @@ def blip_losses(
     rows = torch.arange(batch)
     image_rows = torch.cat([rows, rows.repeat_interleave(per_query), neg_image.reshape(-1)])
     text_rows = torch.cat([rows, neg_text.reshape(-1), rows.repeat_interleave(per_query)])
-    fused = single.fused_states(model, input_ids[text_rows], attention_mask[text_rows], vision[image_rows])[:, 0]
+    pair_ids, pair_mask, pair_images = input_ids[text_rows], attention_mask[text_rows], vision[image_rows]
+    if edits is not None:
+        edited, valid = edits(input_ids, generator)
+        pair_ids = torch.cat([pair_ids, edited[valid]])
+        pair_mask = torch.cat([pair_mask, attention_mask[valid]])
+        pair_images = torch.cat([pair_images, vision[valid]])
+    fused = single.fused_states(model, pair_ids, pair_mask, pair_images)[:, 0]
     two_way = model.itm_head(fused)
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch * per_query)]).long()
+    labels = torch.zeros(len(fused), dtype=torch.long)
+    labels[:batch] = 1
     terms = {"itc": itc, "itm": F.cross_entropy(two_way, labels)}
     if listwise:
         score = two_way[:, 1] - two_way[:, 0]
-        positive, text_neg, image_neg = score.split([batch, batch * per_query, batch * per_query])
+        positive, text_neg, image_neg, edit_neg = score.split(
+            [batch, batch * per_query, batch * per_query, len(score) - batch * (1 + 2 * per_query)]
+        )
         i2t = torch.cat([positive[:, None], text_neg.view(batch, per_query)], 1)
+        if edits is not None:  # the edited caption joins its image's group; -inf where no edit applied
+            edited_score = torch.full((batch,), float("-inf"), dtype=score.dtype).masked_scatter(valid, edit_neg)
+            i2t = torch.cat([i2t, edited_score[:, None]], 1)
         t2i = torch.cat([positive[:, None], image_neg.view(batch, per_query)], 1)
         zero = torch.zeros(batch, dtype=torch.long)
         terms["itm_list"] = 0.5 * (F.cross_entropy(i2t, zero) + F.cross_entropy(t2i, zero))
@@ -258,6 +287,12 @@ def blip_losses(
         terms["mlm"] = mlm.loss(model, vision, input_ids, attention_mask, generator)
     terms["loss"] = sum(terms.values())
     return terms
+
+
+def _mix_uniform(weights: torch.Tensor, allowed: torch.Tensor, share: float) -> torch.Tensor:
+    """Row-normalized ``weights`` mixed with a uniform distribution over ``allowed`` entries."""
+    uniform = allowed.float() / allowed.sum(1, keepdim=True).clamp_min(1)
+    return (1 - share) * weights / weights.sum(1, keepdim=True) + share * uniform + 1e-8
 
 
 def train_blip(
@@ -270,6 +305,8 @@ def train_blip(
     listwise: bool = False,
     mlm: MaskedWords | None = None,
     random_negatives: int = 0,
+    edits: CaptionEdits | None = None,
+    uniform_share: float = 0.0,
 ) -> dict:
     """BLIP's losses (see ``blip_losses``); ``mlm``'s head trains alongside and is dropped afterwards."""
 
@@ -287,6 +324,8 @@ def train_blip(
             listwise,
             mlm,
             random_negatives,
+            edits,
+            uniform_share,
         )
         return terms
 
@@ -306,6 +345,48 @@ def init_text_tower(model: BlipForImageTextRetrieval) -> None:
         for module in model.text_encoder.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, std)
+
+
+@torch.no_grad()
+def init_vision_from_clip(model: BlipForImageTextRetrieval, visual: torch.nn.Module) -> None:
+    """Start BLIP's image tower from a trained open_clip ViT of the same shape, as METER and BLIP-2 start from CLIP.
+
+    Both are pre-LayerNorm ViTs with fused q/k/v; the open_clip tower's ``ln_pre``
+    has no place in BLIP's and is dropped, so this is an initialization (which
+    training then adapts), not an exact copy. ``vision_proj`` starts from ``proj``.
+    """
+    vision = model.vision_model
+    if tuple(vision.embeddings.position_embedding.shape[1:]) != tuple(visual.positional_embedding.shape) or len(
+        vision.encoder.layers
+    ) != len(visual.transformer.resblocks):
+        raise ValueError("BLIP's image tower and the CLIP's differ in shape; they must match to initialize from it")
+    emb = vision.embeddings
+    emb.class_embedding.copy_(visual.class_embedding.view_as(emb.class_embedding))
+    emb.position_embedding.copy_(visual.positional_embedding.view_as(emb.position_embedding))
+    emb.patch_embedding.weight.copy_(visual.conv1.weight)
+    emb.patch_embedding.bias.zero_()
+    for layer, block in zip(vision.encoder.layers, visual.transformer.resblocks):
+        pairs = [
+            (layer.self_attn.qkv.weight, block.attn.in_proj_weight),
+            (layer.self_attn.qkv.bias, block.attn.in_proj_bias),
+            (layer.self_attn.projection.weight, block.attn.out_proj.weight),
+            (layer.self_attn.projection.bias, block.attn.out_proj.bias),
+            (layer.layer_norm1.weight, block.ln_1.weight),
+            (layer.layer_norm1.bias, block.ln_1.bias),
+            (layer.layer_norm2.weight, block.ln_2.weight),
+            (layer.layer_norm2.bias, block.ln_2.bias),
+            (layer.mlp.fc1.weight, block.mlp.c_fc.weight),
+            (layer.mlp.fc1.bias, block.mlp.c_fc.bias),
+            (layer.mlp.fc2.weight, block.mlp.c_proj.weight),
+            (layer.mlp.fc2.bias, block.mlp.c_proj.bias),
+        ]
+        for target, source in pairs:
+            target.copy_(source)
+    vision.post_layernorm.weight.copy_(visual.ln_post.weight)
+    vision.post_layernorm.bias.copy_(visual.ln_post.bias)
+    if visual.proj is not None and tuple(model.vision_proj.weight.shape) == tuple(visual.proj.t().shape):
+        model.vision_proj.weight.copy_(visual.proj.t())
+        model.vision_proj.bias.zero_()
 
 
 def build_blip(cfg: TeachersConfig, tokenizer, image_size: int) -> BlipForImageTextRetrieval:
@@ -338,6 +419,10 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     """
     if not 0.0 <= cfg.blip_mask_prob < 1.0:
         raise ValueError(f"blip_mask_prob must be in [0, 1), got {cfg.blip_mask_prob}")
+    if cfg.blip_mined_negatives < 0:
+        raise ValueError(f"blip_mined_negatives must be >= 0, got {cfg.blip_mined_negatives}")
+    if not 0.0 <= cfg.blip_uniform_share <= 1.0:
+        raise ValueError(f"blip_uniform_share must be in [0, 1], got {cfg.blip_uniform_share}")
     if cfg.blip_random_negatives < 0:
         raise ValueError(f"blip_random_negatives must be >= 0, got {cfg.blip_random_negatives}")
     unknown = set(cfg.only) - set(TEACHERS)
@@ -380,9 +465,15 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         start = time.perf_counter()
         torch.manual_seed(cfg.seed + 2)
         model = build_blip(cfg, tokenizer, image_size)
+        if cfg.blip_vision_init:
+            source = dual.DualStreamTeacher.load(dual.DualTeacherSpec.local(out / cfg.blip_vision_init))
+            init_vision_from_clip(model, source.model.visual)
         mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob) if cfg.blip_mask_prob > 0 else None
-        summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2, mlm=mlm,
-                             random_negatives=cfg.blip_random_negatives)
+        edits = CaptionEdits.from_words(tokenizer, CAPTION_WORDS, RELATION_FLIPS) if cfg.blip_edit_negatives else None
+        summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2, cfg.blip_mined_negatives,
+                             listwise=cfg.blip_listwise, mlm=mlm,
+                             random_negatives=cfg.blip_random_negatives, edits=edits,
+                             uniform_share=cfg.blip_uniform_share)
         spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip")
         report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
 
