@@ -18,6 +18,33 @@ DEFAULT_SHARDS = Path("data/default/train")
 DEFAULT_OUT = Path("bench/results")
 
 
+def shard_metas(shard_dir: Path) -> list[dict]:
+    """Every sample's json from the ``*.tar`` shards of ``shard_dir``, in shard order (the diagnostics read scenes)."""
+    import json
+    import tarfile
+
+    metas = []
+    for shard in sorted(Path(shard_dir).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    return metas
+
+
+def caption_meaning(scene: dict, with_size: bool) -> tuple:
+    """What a default-world caption of ``scene`` says, the same whichever object it names first.
+
+    Captions name both objects' colour and shape (and their sizes when ``with_size``) and their relation.
+    """
+    from pipeline.synth import INVERSE
+
+    a, b = scene["objects"]
+
+    def noun(obj: dict) -> tuple:
+        return (obj["size"] if with_size else "", obj["colour"], obj["shape"])
+
+    return min((noun(a), scene["relation"], noun(b)), (noun(b), INVERSE[scene["relation"]], noun(a)))
+
+
 class MissingInputError(SystemExit):
     """A prerequisite (store, shards) is absent: exits with a message saying what to run first."""
 

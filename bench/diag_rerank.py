@@ -1,6 +1,6 @@
 """Where does a BLIP teacher's ITM re-ranking lose to its own ITC? No training.
 
-    .venv/bin/python bench/diag_rerank.py BLIP_DIR [SHARD_DIR]
+    .venv/bin/python -m bench.diag_rerank BLIP_DIR [SHARD_DIR]
 
 On the split (default: test): R@1 of ITM over the ITC top-16, of BLIP's own mix (ITM logit + w x ITC cosine, as
 BLIP's retrieval evaluation adds them) for several w, and of ITC alone; the ITC R@16 that caps re-ranking; and,
@@ -9,18 +9,16 @@ for text-to-image, what each top-1 image has in common with the true one, read f
 differently: a contrast twin), "relation differs", "size differs", or "fits caption" (also a true image).
 """
 import collections
-import json
 import sys
-import tarfile
 from pathlib import Path
 
 import torch
 
+from bench.common import caption_meaning, shard_metas
 from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
 from pipeline.evaluation import flat_captions
 from pipeline.retrieval import i2t_ranks, recall_from_ranks, t2i_ranks
 from pipeline.shards import list_shards, load_split
-from pipeline.synth import INVERSE
 
 K = 16
 teacher = SingleStreamTeacher.load(SingleTeacherSpec(sys.argv[1]))
@@ -67,32 +65,18 @@ i2t_16 = recall_from_ranks(i2t_ranks(cosine, image_ids, image_of), [K])[K]
 t2i_16 = recall_from_ranks(t2i_ranks(cosine.t(), image_of), [K])[K]
 print(f"\nITC R@{K} (the re-ranking ceiling): i2t {i2t_16:.1f}, t2i {t2i_16:.1f}\n")
 
-scenes = {}
-for shard in sorted(shards.glob("*.tar")):
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            if member.name.endswith(".json"):
-                meta = json.loads(tar.extractfile(member).read())
-                scenes[meta["key"]] = meta["scene"]
+scenes = {meta["key"]: meta["scene"] for meta in shard_metas(shards)}
 scene_of = [scenes[key] for key in split.keys]
-
-
-def meaning(scene: dict, with_size: bool) -> tuple:
-    a, b = scene["objects"]
-
-    def noun(obj: dict) -> tuple:
-        return (obj["size"] if with_size else "", obj["colour"], obj["shape"])
-
-    return min((noun(a), scene["relation"], noun(b)), (noun(b), INVERSE[scene["relation"]], noun(a)))
 
 
 def kind(caption: str, truth: dict, got: dict) -> str:
     with_size = bool({"small", "large"} & set(caption.split()))
-    if meaning(truth, with_size) == meaning(got, with_size):
+    if caption_meaning(truth, with_size) == caption_meaning(got, with_size):
         return "fits caption"
     objects = [sorted((o["colour"], o["shape"]) for o in s["objects"]) for s in (truth, got)]
     if objects[0] == objects[1]:
-        return "size differs" if with_size and meaning(truth, False) == meaning(got, False) else "relation differs"
+        same_without_size = caption_meaning(truth, False) == caption_meaning(got, False)
+        return "size differs" if with_size and same_without_size else "relation differs"
     if all(sorted(o[f] for o in truth["objects"]) == sorted(o[f] for o in got["objects"]) for f in ("colour", "shape")):
         return "binding"
     return f"{len(set(objects[0]) & set(objects[1]))} object(s) shared"

@@ -1,19 +1,18 @@
 """Can each teacher tell a caption's image from its contrast twin? No training.
 
-    .venv/bin/python bench/diag_twins.py [SHARD_DIR] [TEACHERS_DIR] [BLIP_DIR]
+    .venv/bin/python -m bench.diag_twins [SHARD_DIR] [TEACHERS_DIR] [BLIP_DIR]
 
 Twins share the bag of words of their captions (pipeline/synth.py), so this is a pure binding test; chance is 50 %.
 For every twin pair (a, b) of the split and each caption c of a (and of b): does the model score (c, own image)
 above (c, twin image)? ("text -> image"). And does each image score its own caption above its twin's caption
 with the same phrasing? ("image -> text"). Prints one row per scorer: clip_a, clip_b, BLIP ITC, BLIP ITM.
 """
-import json
 import sys
-import tarfile
 from pathlib import Path
 
 import torch
 
+from bench.common import shard_metas
 from mcad_cache.teachers.dual import DualStreamTeacher, DualTeacherSpec
 from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
 from pipeline.shards import list_shards, load_split
@@ -22,14 +21,7 @@ shards = Path(sys.argv[1] if len(sys.argv) > 1 else "data/default/test")
 teachers = Path(sys.argv[2] if len(sys.argv) > 2 else "artifacts/teachers")
 blip_dir = sys.argv[3] if len(sys.argv) > 3 else str(teachers / "blip")
 split = load_split(list_shards(shards))
-twin_of = {}
-for shard in sorted(shards.glob("*.tar")):
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            if member.name.endswith(".json"):
-                meta = json.loads(tar.extractfile(member).read())
-                if "twin_of" in meta:
-                    twin_of[meta["key"]] = meta["twin_of"]
+twin_of = {meta["key"]: meta["twin_of"] for meta in shard_metas(shards) if "twin_of" in meta}
 row = {key: i for i, key in enumerate(split.keys)}
 pairs = torch.tensor([(row[a], row[b]) for b, a in twin_of.items() if a in row and b in row])
 n_caps = min(len(c) for c in split.captions)

@@ -185,21 +185,31 @@ def test_dual_spec_local_is_absolute(tmp_path):
     assert spec.name == f"local-dir:{(tmp_path / 'x').resolve()}"
 
 
-def test_blip_losses_score_edited_captions_as_extra_negatives(tiny_blip, tokenizer_dir):
-    """Edited captions add ITM pairs (the term changes); captions with no editable word add none."""
+def _terms_with_edits(tiny_blip, tokenizer_dir) -> dict[str, dict]:
+    """BLIP's terms (listwise on) without edits, with edits of words no caption has, and with colour edits."""
     from mcad_cache.teachers.negatives import CaptionEdits
 
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     pixels = torch.randn(3, 3, 32, 32)
+    edits = {
+        "plain": None,
+        "no such words": CaptionEdits.from_words(tok, {"g": ("left", "right")}, {}),
+        "colours": CaptionEdits.from_words(tok, {"colour": ("red", "blue")}, {}),
+    }
+    with torch.no_grad():
+        return {
+            name: blip_losses(model, pixels, ids, mask, same, torch.Generator().manual_seed(0), listwise=True,
+                              edits=e)
+            for name, e in edits.items()
+        }
 
-    def itm(edits):
-        with torch.no_grad():
-            return blip_losses(model, pixels, ids, mask, same, torch.Generator().manual_seed(0), edits=edits)["itm"]
 
-    plain = itm(None)
-    assert torch.allclose(itm(CaptionEdits.from_words(tok, {"g": ("left", "right")}, {})), plain)  # no such words
-    assert not torch.allclose(itm(CaptionEdits.from_words(tok, {"colour": ("red", "blue")}, {})), plain)
+def test_blip_losses_score_edited_captions_as_extra_negatives(tiny_blip, tokenizer_dir):
+    """Edited captions add ITM pairs (the term changes); captions with no editable word add none."""
+    terms = _terms_with_edits(tiny_blip, tokenizer_dir)
+    assert torch.allclose(terms["no such words"]["itm"], terms["plain"]["itm"])
+    assert not torch.allclose(terms["colours"]["itm"], terms["plain"]["itm"])
 
 
 def test_blip_image_tower_starts_from_a_clip_of_the_same_shape(tokenizer_dir):
@@ -236,20 +246,10 @@ def test_blip_image_tower_starts_from_a_clip_of_the_same_shape(tokenizer_dir):
 
 def test_listwise_itm_puts_the_edited_caption_in_its_image_group(tiny_blip, tokenizer_dir):
     """With edits, each image's listwise group gains its edited caption; without a valid edit it gains nothing."""
-    from mcad_cache.teachers.negatives import CaptionEdits
-
-    model, _ = tiny_blip
-    tok, ids, mask, same = _blip_batch(tokenizer_dir)
-    pixels = torch.randn(3, 3, 32, 32)
-
-    def listwise(edits):
-        with torch.no_grad():
-            return blip_losses(model, pixels, ids, mask, same, torch.Generator().manual_seed(0), listwise=True,
-                               edits=edits)["itm_list"]
-
-    plain = listwise(None)
-    assert torch.allclose(listwise(CaptionEdits.from_words(tok, {"g": ("left", "right")}, {})), plain)
-    with_edits = listwise(CaptionEdits.from_words(tok, {"colour": ("red", "blue")}, {}))
+    terms = _terms_with_edits(tiny_blip, tokenizer_dir)
+    plain = terms["plain"]["itm_list"]
+    assert torch.allclose(terms["no such words"]["itm_list"], plain)
+    with_edits = terms["colours"]["itm_list"]
     assert torch.isfinite(with_edits) and with_edits > plain  # one more negative per group: a larger softmax loss
 
 
