@@ -84,14 +84,26 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--blip-vision-init", type=click.Choice(["", "clip_a", "clip_b"]),
               default=TeachersConfig.blip_vision_init, show_default=True,
               help="Start BLIP's image tower from this trained CLIP's ('': from scratch).")
+@click.option("--blip-freeze-vision/--no-blip-freeze-vision", default=TeachersConfig.blip_freeze_vision,
+              show_default=True,
+              help="Lock the image tower taken from --blip-vision-init (LiT): its tokens are computed once, "
+                   "and only the text and cross-attention side trains.")
+@click.option("--clip-no-ln-pre/--no-clip-no-ln-pre", default=TeachersConfig.clip_no_ln_pre, show_default=True,
+              help="Train the CLIPs without open_clip's pre-block LayerNorm, which BLIP's ViT lacks, so "
+                   "--blip-freeze-vision can lock an exact copy of one.")
+@click.option("--blip-split-negatives", type=int, default=TeachersConfig.blip_split_negatives, show_default=True,
+              help="Text-to-image ITM negatives per text drawn from its ITC top 16 over the whole training split, "
+                   "the candidates re-ranking meets (needs --blip-freeze-vision).")
+@click.option("--blip-lr", type=float, default=TeachersConfig.blip_schedule.lr, show_default=True,
+              help="BLIP's peak learning rate (AdamW, warmup then cosine).")
 @click.option("--only", type=click.Choice(TEACHERS), multiple=True,
               help="Retrain only this teacher (repeatable); the others and the tokenizer in --out are kept.")
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
 def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
              blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
-             blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, only: tuple[str, ...],
-             on_error: str) -> None:
+             blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
+             clip_no_ln_pre: bool, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...], on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
     Each is saved in its hub layout (open_clip local-dir, Hugging Face
@@ -115,8 +127,11 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         blip_edit_negatives=blip_edit_negatives,
         blip_vision_init=blip_vision_init,
         blip_listwise=blip_listwise,
+        blip_freeze_vision=blip_freeze_vision,
+        blip_split_negatives=blip_split_negatives,
+        clip_no_ln_pre=clip_no_ln_pre,
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
-        blip_schedule=replace(defaults.blip_schedule, steps=blip_steps),
+        blip_schedule=replace(defaults.blip_schedule, steps=blip_steps, lr=blip_lr),
     )
     try:
         report = train_teachers(cfg)

@@ -59,6 +59,11 @@ class TeachersConfig:
     blip_listwise: bool = False  # add a softmax ITM term over each query's group (its true pair and negatives)
     # Start BLIP's image tower from this trained CLIP's (same shape), as METER / BLIP-2 start from CLIP; "": scratch.
     blip_vision_init: str = ""
+    # Lock that image tower (LiT): its tokens are computed once and only the text/cross-attention side trains.
+    blip_freeze_vision: bool = False
+    clip_no_ln_pre: bool = False  # CLIPs without the pre-block LayerNorm, so BLIP can lock an exact copy
+    # Text-to-image ITM negatives per text drawn from its ITC top 16 over the whole split (needs the locked tower).
+    blip_split_negatives: int = 0
     only: tuple[str, ...] = ()  # retrain just these of clip_a, clip_b, blip; keep the rest (and the tokenizer)
     threads: int = 2
     on_error: str = "raise"  # shard error policy: "warn" skips and counts, "raise" stops

@@ -3,12 +3,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTeacherSpec
 from mcad_cache.teachers.identity import state_dict_sha256
 from mcad_cache.teachers.single import SingleStreamTeacher
 from mcad_cache.teachers.train import CaptionTable, MaskedWords, blip_losses, masked_words_for, tokenize_captions
+from pipeline.config import TowerShape
 from pipeline.optim import adamw_warmup_cosine, warmup_cosine
 
 
@@ -105,7 +107,8 @@ def test_blip_losses_train_every_head(tiny_blip, tokenizer_dir):
     model.train()
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     mlm = masked_words_for(model, tok, prob=0.5)
-    terms = blip_losses(model, torch.randn(3, 3, 32, 32), ids, mask, same, torch.Generator().manual_seed(0),
+    vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+    terms = blip_losses(model, vision, ids, mask, same, torch.Generator().manual_seed(0),
                         negatives=2, listwise=True, mlm=mlm, random_negatives=1)
     terms["loss"].backward()
     assert set(terms) == {"itc", "itm", "itm_list", "mlm", "loss"}
@@ -123,8 +126,25 @@ def test_blip_losses_binary_itm_without_mlm(tiny_blip, tokenizer_dir):
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     with torch.no_grad():
-        terms = blip_losses(model, torch.randn(3, 3, 32, 32), ids, mask, same, torch.Generator().manual_seed(0))
+        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+        terms = blip_losses(model, vision, ids, mask, same, torch.Generator().manual_seed(0))
     assert set(terms) == {"itc", "itm", "loss"}
+
+
+def test_blip_losses_do_not_depend_on_trailing_padding(tiny_blip, tokenizer_dir):
+    """Cutting a batch's captions to their longest real length (what train_blip does) leaves every term as it was."""
+    model, _ = tiny_blip
+    tok, ids, mask, same = _blip_batch(tokenizer_dir)
+    length = int(mask.sum(1).max())
+    assert length < ids.shape[1]
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+        full, cut = (
+            blip_losses(model, vision, i, m, same, torch.Generator().manual_seed(0), listwise=True)
+            for i, m in ((ids, mask), (ids[:, :length], mask[:, :length]))
+        )
+    for name in ("itc", "itm", "itm_list"):
+        assert torch.allclose(full[name], cut[name], atol=1e-5), name
 
 
 def test_masked_words_mask_only_real_words(tokenizer_dir):
@@ -191,7 +211,8 @@ def _terms_with_edits(tiny_blip, tokenizer_dir) -> dict[str, dict]:
 
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
-    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
     edits = {
         "plain": None,
         "no such words": CaptionEdits.from_words(tok, {"g": ("left", "right")}, {}),
@@ -199,7 +220,7 @@ def _terms_with_edits(tiny_blip, tokenizer_dir) -> dict[str, dict]:
     }
     with torch.no_grad():
         return {
-            name: blip_losses(model, pixels, ids, mask, same, torch.Generator().manual_seed(0), listwise=True,
+            name: blip_losses(model, vision, ids, mask, same, torch.Generator().manual_seed(0), listwise=True,
                               edits=e)
             for name, e in edits.items()
         }
@@ -219,13 +240,10 @@ def test_blip_image_tower_starts_from_a_clip_of_the_same_shape(tokenizer_dir):
 
     from mcad_cache.teachers.configs import blip_config, clip_model_cfg
     from mcad_cache.teachers.train import init_vision_from_clip
-    from pipeline.config import TowerShape
-
-    TINY, IMAGE_SIZE, CONTEXT = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8), 32, 24
+    TINY, IMAGE_SIZE, CONTEXT = _TINY_SHAPE, 32, 24
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
-    cfg = clip_model_cfg(TINY, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id)
-    cfg["vision_cfg"]["no_ln_pre"] = True
+    cfg = clip_model_cfg(TINY, IMAGE_SIZE, len(tok), CONTEXT, tok.sep_token_id, no_ln_pre=True)
     clip = open_clip.model.CLIP(**cfg).eval()
     tokens = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
     blip = BlipForImageTextRetrieval(blip_config(TINY, IMAGE_SIZE, len(tok), CONTEXT, tokens)).eval()
@@ -263,3 +281,74 @@ def test_mixing_uniform_negatives_into_the_mined_distribution():
     assert torch.allclose(half, expected, atol=1e-6)
     assert torch.allclose(_mix_uniform(weights, allowed, 1.0), allowed.float() / 3, atol=1e-6)
     assert torch.allclose(_mix_uniform(weights, allowed, 0.0), weights / weights.sum(1, keepdim=True), atol=1e-6)
+
+
+_TINY_SHAPE = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)  # conftest's TINY (not importable)
+
+
+def test_frozen_image_tower_trains_only_the_text_side(tokenizer_dir):
+    """LiT mode: the image tower's weights and tokens stay as they were; text, cross-attention and heads train."""
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    from mcad_cache.teachers.configs import blip_config
+    from mcad_cache.teachers.train import image_tokens, train_blip
+    from pipeline.config import Schedule
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    tokens = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
+    blip = BlipForImageTextRetrieval(blip_config(_TINY_SHAPE, 32, len(tok), 24, tokens))
+    table = tokenize_captions(tok, [["a red circle"], ["a blue square"], ["a cross"], ["a green cross"]], 24)
+    pixels = torch.randn(4, 3, 32, 32)
+    before = {name: param.detach().clone() for name, param in blip.named_parameters()}
+    expected = image_tokens(blip, pixels)
+    train_blip(blip, pixels, table, Schedule(steps=2, batch_size=4, warmup=1), seed=0, listwise=True,
+               freeze_vision=True)
+    changed = {name for name, param in blip.named_parameters() if not torch.equal(param, before[name])}
+    assert not {name for name in changed if name.startswith("vision_model.")}
+    assert {"vision_proj.weight", "itm_head.weight"} <= changed
+    assert any(name.startswith("text_encoder.") and "crossattention" in name for name in changed)
+    assert torch.equal(image_tokens(blip, pixels), expected)
+
+
+def test_freezing_the_image_tower_needs_a_trained_one(tmp_path):
+    from mcad_cache.teachers.train import train_teachers
+    from pipeline.config import TeachersConfig
+
+    with pytest.raises(ValueError, match="blip_vision_init"):
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_freeze_vision=True))
+
+
+def test_split_negatives_come_from_each_texts_itc_top_and_never_its_own_image(tiny_blip):
+    from mcad_cache.teachers.train import SplitNegatives
+
+    model, _ = tiny_blip
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(12, 3, model.config.vision_config.hidden_size, generator=generator)
+    text_feat = F.normalize(torch.randn(2, model.config.image_text_hidden_size, generator=generator), dim=-1)
+    own = torch.tensor([4, 7])
+    with torch.no_grad():
+        image_feat = F.normalize(model.vision_proj(tokens[:, 0]), dim=-1)
+        ranked = (text_feat @ image_feat.t()).argsort(1, descending=True)
+    mined = SplitNegatives(model, tokens, count=3, top=4).for_batch(own)(text_feat, generator)
+    assert mined.shape == (2, 3, *tokens.shape[1:])
+    for text in range(2):
+        allowed = [i for i in ranked[text].tolist() if i != own[text]][:4]
+        rows = [next(i for i in range(12) if torch.equal(tokens[i], m)) for m in mined[text]]
+        assert len(set(rows)) == 3 and set(rows) <= set(allowed)
+
+
+def test_split_negatives_join_each_texts_listwise_group(tiny_blip, tokenizer_dir):
+    """Each mined image is one more ITM pair and one more member of its text's listwise group."""
+    model, _ = tiny_blip
+    tok, ids, mask, same = _blip_batch(tokenizer_dir)
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+
+        def two_more(text_feat, generator):  # every text gets images 0 and 1 of the batch as extra negatives
+            return vision[:2][None].expand(len(text_feat), -1, -1, -1)
+
+        plain, more = (blip_losses(model, vision, ids, mask, same, torch.Generator().manual_seed(0), listwise=True,
+                                   split_negatives=miner) for miner in (None, two_more))
+    assert not torch.allclose(plain["itm"], more["itm"])
+    assert more["itm_list"] > plain["itm_list"]

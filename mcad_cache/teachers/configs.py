@@ -15,8 +15,14 @@ IMAGE_MEAN = tuple(OPENAI_DATASET_MEAN)
 IMAGE_STD = tuple(OPENAI_DATASET_STD)
 
 
-def clip_model_cfg(shape: TowerShape, image_size: int, vocab_size: int, context_length: int, eos_id: int) -> dict:
+def clip_model_cfg(
+    shape: TowerShape, image_size: int, vocab_size: int, context_length: int, eos_id: int, no_ln_pre: bool = False
+) -> dict:
     """An open_clip model config whose text tower reads a BERT-style WordPiece tokenizer.
+
+    ``no_ln_pre`` drops the LayerNorm before the first image block. BLIP's ViT has
+    none, so only such a tower copies into BLIP's exactly (``init_vision_from_clip``)
+    and can be locked there (``TeachersConfig.blip_freeze_vision``).
 
     ``pool_type="eos"`` with the causal mask pools the ``[SEP]`` token, which has
     seen the whole caption and none of the padding after it.
@@ -30,6 +36,7 @@ def clip_model_cfg(shape: TowerShape, image_size: int, vocab_size: int, context_
             "layers": shape.layers,
             "head_width": shape.width // shape.heads,
             "mlp_ratio": 2.0,
+            "no_ln_pre": no_ln_pre,
         },
         "text_cfg": {
             "context_length": context_length,

@@ -187,7 +187,7 @@ def masked_words_for(model: BlipForImageTextRetrieval, tokenizer, prob: float = 
 
 def blip_losses(
     model: BlipForImageTextRetrieval,
-    pixels: torch.Tensor,
+    vision: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     same_image: torch.Tensor,
@@ -198,9 +198,12 @@ def blip_losses(
     random_negatives: int = 0,
     edits: CaptionEdits | None = None,
     uniform_share: float = 0.0,
+    split_negatives: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """ITC, ITM on hard negatives (``negatives`` texts per image and images per text) and, with ``mlm``, MLM.
 
+    ``vision`` is the image tower's token sequence for the batch (B, tokens, width):
+    computed with gradients when the tower trains, read from a table when it is frozen.
     Hard negatives are sampled from the ITC softmax without replacement (ALBEF),
     with the true pairs (``same_image``, B x B) masked out, so the ITM head learns
     exactly the distinctions the dual-stream similarity gets wrong. ``itm`` is
@@ -225,10 +228,13 @@ def blip_losses(
     rows into the mined negatives' distribution: one negative per query that is
     sometimes easy, at no extra cost (``random_negatives`` adds pairs instead).
 
+    ``split_negatives(text_feat, generator)`` returns (B, m, tokens, width): the
+    image tokens of m more negatives per text, mined from the whole split rather
+    than the batch (see ``SplitNegatives``); they join each text's listwise group.
+
     ``edits`` adds one rule-made negative caption per image (an attribute replaced
     or swapped, or the relation flipped; see ``negatives.py``), scored by ITM only.
     """
-    vision = model.vision_model(pixel_values=pixels).last_hidden_state
     text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     image_feat = F.normalize(model.vision_proj(vision[:, 0]), dim=-1)
     text_feat = F.normalize(model.text_proj(text[:, 0]), dim=-1)
@@ -239,7 +245,7 @@ def blip_losses(
         + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean()
     )
 
-    batch = len(pixels)
+    batch = len(vision)
     with torch.no_grad():
         neg_text = neg_image = torch.empty(batch, 0, dtype=torch.long)
         if negatives:
@@ -261,6 +267,13 @@ def blip_losses(
     image_rows = torch.cat([rows, rows.repeat_interleave(per_query), neg_image.reshape(-1)])
     text_rows = torch.cat([rows, neg_text.reshape(-1), rows.repeat_interleave(per_query)])
     pair_ids, pair_mask, pair_images = input_ids[text_rows], attention_mask[text_rows], vision[image_rows]
+    from_split = 0
+    if split_negatives is not None:
+        extra = split_negatives(text_feat.detach(), generator)  # (B, m, tokens, width)
+        from_split = extra.shape[1]
+        pair_ids = torch.cat([pair_ids, input_ids.repeat_interleave(from_split, 0)])
+        pair_mask = torch.cat([pair_mask, attention_mask.repeat_interleave(from_split, 0)])
+        pair_images = torch.cat([pair_images, extra.flatten(0, 1)])
     if edits is not None:
         edited, valid = edits(input_ids, generator)
         pair_ids = torch.cat([pair_ids, edited[valid]])
@@ -273,20 +286,55 @@ def blip_losses(
     terms = {"itc": itc, "itm": F.cross_entropy(two_way, labels)}
     if listwise:
         score = two_way[:, 1] - two_way[:, 0]
-        positive, text_neg, image_neg, edit_neg = score.split(
-            [batch, batch * per_query, batch * per_query, len(score) - batch * (1 + 2 * per_query)]
+        in_batch = batch * (1 + 2 * per_query)
+        positive, text_neg, image_neg, split_neg, edit_neg = score.split(
+            [batch, batch * per_query, batch * per_query, batch * from_split, len(score) - in_batch - batch * from_split]
         )
         i2t = torch.cat([positive[:, None], text_neg.view(batch, per_query)], 1)
         if edits is not None:  # the edited caption joins its image's group; -inf where no edit applied
             edited_score = torch.full((batch,), float("-inf"), dtype=score.dtype).masked_scatter(valid, edit_neg)
             i2t = torch.cat([i2t, edited_score[:, None]], 1)
-        t2i = torch.cat([positive[:, None], image_neg.view(batch, per_query)], 1)
+        t2i = torch.cat([positive[:, None], image_neg.view(batch, per_query), split_neg.view(batch, from_split)], 1)
         zero = torch.zeros(batch, dtype=torch.long)
         terms["itm_list"] = 0.5 * (F.cross_entropy(i2t, zero) + F.cross_entropy(t2i, zero))
     if mlm is not None:
         terms["mlm"] = mlm.loss(model, vision, input_ids, attention_mask, generator)
     terms["loss"] = sum(terms.values())
     return terms
+
+
+@dataclass
+class SplitNegatives:
+    """Text-to-image ITM negatives mined from every training image, as re-ranking will meet them.
+
+    ``mcad eval`` re-ranks each text's ITC top-k over the whole test split, while
+    in-batch mining only ever shows ITM a batch's nearest images. With a locked
+    image tower every image's tokens are at hand (``tokens``), and ITC's image
+    features for the whole split are one small matmul (``vision_proj`` of the
+    class tokens), so each text gets ``count`` images drawn uniformly from its
+    ITC top ``top`` (its own image excluded): the candidates it will be re-ranked
+    against. Some are true matches too (many captions fit several scenes); the
+    listwise term then spreads their mass, which is what re-ranking needs.
+    """
+
+    model: BlipForImageTextRetrieval
+    tokens: torch.Tensor  # (N, tokens, width): the locked tower's output for every training image
+    count: int = 2
+    top: int = 16
+
+    def for_batch(self, images: torch.Tensor) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+        """The miner for one batch: ``images`` are its own (excluded) image rows."""
+
+        @torch.no_grad()
+        def mine(text_feat: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            image_feat = F.normalize(self.model.vision_proj(self.tokens[:, 0]), dim=-1)
+            similarity = text_feat @ image_feat.t()
+            similarity[torch.arange(len(images)), images] = float("-inf")
+            candidates = similarity.topk(self.top, dim=1).indices  # (B, top)
+            pick = torch.rand(candidates.shape, generator=generator).argsort(1)[:, : self.count]
+            return self.tokens[candidates.gather(1, pick)]
+
+        return mine
 
 
 def _mix_uniform(weights: torch.Tensor, allowed: torch.Tensor, share: float) -> torch.Tensor:
@@ -307,17 +355,46 @@ def train_blip(
     random_negatives: int = 0,
     edits: CaptionEdits | None = None,
     uniform_share: float = 0.0,
+    freeze_vision: bool = False,
+    split_negatives: int = 0,
 ) -> dict:
-    """BLIP's losses (see ``blip_losses``); ``mlm``'s head trains alongside and is dropped afterwards."""
+    """BLIP's losses (see ``blip_losses``); ``mlm``'s head trains alongside and is dropped afterwards.
+
+    With ``freeze_vision`` the image tower does not train (LiT, Zhai et al. 2022:
+    a locked, already trained image tower): its tokens are computed once for the
+    whole split and every step reads them from that table, so a step costs only
+    the text and cross-attention passes. Each batch's captions are cut to their
+    longest real length (padding is masked, so no output changes).
+
+    ``split_negatives`` (needs ``freeze_vision``) adds that many text-to-image
+    negatives per text from the text's ITC top 16 over the whole split
+    (``SplitNegatives``).
+    """
+    if split_negatives and not freeze_vision:
+        raise ValueError("split-wide ITM negatives need the locked image tower (freeze_vision)")
+    miner = None
+    if freeze_vision:
+        model.vision_model.requires_grad_(False)
+        tokens = image_tokens(model, pixels)
+        miner = SplitNegatives(model, tokens, split_negatives) if split_negatives else None
+
+        def vision_of(images: torch.Tensor) -> torch.Tensor:
+            return tokens[images]
+    else:
+
+        def vision_of(images: torch.Tensor) -> torch.Tensor:
+            return model.vision_model(pixel_values=pixels[images]).last_hidden_state
 
     def batch_loss(images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         rows = table.sample(images, generator)
+        mask = table.attention_mask[rows]
+        length = int(mask.sum(1).max())
         same_image = images[:, None] == images[None, :]
-        terms = blip_losses(
+        return blip_losses(
             model,
-            pixels[images],
-            table.input_ids[rows],
-            table.attention_mask[rows],
+            vision_of(images),
+            table.input_ids[rows, :length],
+            mask[:, :length],
             same_image,
             generator,
             negatives,
@@ -326,11 +403,25 @@ def train_blip(
             random_negatives,
             edits,
             uniform_share,
+            miner.for_batch(images) if miner is not None else None,
         )
-        return terms
 
     trained = torch.nn.ModuleDict({"blip": model, **({"mlm": mlm} if mlm is not None else {})})
     return _fit(trained, len(pixels), schedule, seed, "blip", batch_loss)
+
+
+@torch.no_grad()
+def image_tokens(model: BlipForImageTextRetrieval, pixels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The image tower's output tokens for every image, in eval mode (N, tokens, width)."""
+    vision = model.vision_model
+    was_training = vision.training
+    vision.eval()
+    chunks = [
+        vision(pixel_values=pixels[start : start + batch_size]).last_hidden_state
+        for start in tqdm(range(0, len(pixels), batch_size), desc="blip image tokens", mininterval=5.0)
+    ]
+    vision.train(was_training)
+    return torch.cat(chunks)
 
 
 def init_text_tower(model: BlipForImageTextRetrieval) -> None:
@@ -425,6 +516,10 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         raise ValueError(f"blip_uniform_share must be in [0, 1], got {cfg.blip_uniform_share}")
     if cfg.blip_random_negatives < 0:
         raise ValueError(f"blip_random_negatives must be >= 0, got {cfg.blip_random_negatives}")
+    if cfg.blip_freeze_vision and not cfg.blip_vision_init:
+        raise ValueError("blip_freeze_vision locks a trained image tower: set blip_vision_init (clip_a or clip_b)")
+    if cfg.blip_split_negatives < 0:
+        raise ValueError(f"blip_split_negatives must be >= 0, got {cfg.blip_split_negatives}")
     unknown = set(cfg.only) - set(TEACHERS)
     if unknown:
         raise ValueError(f"unknown teachers {sorted(unknown)}; known: {list(TEACHERS)}")
@@ -454,7 +549,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
             continue
         start = time.perf_counter()
         torch.manual_seed(cfg.seed + offset)
-        model_cfg = clip_model_cfg(shape, image_size, len(tokenizer), cfg.context_length, tokenizer.sep_token_id)
+        model_cfg = clip_model_cfg(shape, image_size, len(tokenizer), cfg.context_length, tokenizer.sep_token_id,
+                                   no_ln_pre=cfg.clip_no_ln_pre)
         model = open_clip.model.CLIP(**model_cfg, output_dict=True)
         summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
@@ -467,13 +563,17 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         model = build_blip(cfg, tokenizer, image_size)
         if cfg.blip_vision_init:
             source = dual.DualStreamTeacher.load(dual.DualTeacherSpec.local(out / cfg.blip_vision_init))
+            if cfg.blip_freeze_vision and not isinstance(source.model.visual.ln_pre, torch.nn.Identity):
+                raise ValueError(f"{cfg.blip_vision_init} has an ln_pre that BLIP's ViT lacks, so a locked copy "
+                                 "would not be the trained tower: train the CLIPs with clip_no_ln_pre")
             init_vision_from_clip(model, source.model.visual)
         mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob) if cfg.blip_mask_prob > 0 else None
         edits = CaptionEdits.from_words(tokenizer, CAPTION_WORDS, RELATION_FLIPS) if cfg.blip_edit_negatives else None
         summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2, cfg.blip_mined_negatives,
                              listwise=cfg.blip_listwise, mlm=mlm,
                              random_negatives=cfg.blip_random_negatives, edits=edits,
-                             uniform_share=cfg.blip_uniform_share)
+                             uniform_share=cfg.blip_uniform_share, freeze_vision=cfg.blip_freeze_vision,
+                             split_negatives=cfg.blip_split_negatives)
         spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip")
         report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
 
