@@ -103,7 +103,8 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
              blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
              blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
-             clip_no_ln_pre: bool, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...], on_error: str) -> None:
+             clip_no_ln_pre: bool, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
+             on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
     Each is saved in its hub layout (open_clip local-dir, Hugging Face

@@ -13,6 +13,8 @@ from mcad_cache.teachers.train import CaptionTable, MaskedWords, blip_losses, ma
 from pipeline.config import TowerShape
 from pipeline.optim import adamw_warmup_cosine, warmup_cosine
 
+_TINY_SHAPE = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)  # conftest's TINY (not importable)
+
 
 def _images(n=3, size=32):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
@@ -91,6 +93,11 @@ def test_itm_refuses_misaligned_pairs(tiny_blip):
         teacher.itm(vision, teacher.tokenize(["one text"]))
 
 
+def _vision(model) -> torch.Tensor:
+    """The image tower's tokens for 3 random 32x32 images (what train_blip hands blip_losses)."""
+    return model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+
+
 def _blip_batch(tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -107,7 +114,7 @@ def test_blip_losses_train_every_head(tiny_blip, tokenizer_dir):
     model.train()
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     mlm = masked_words_for(model, tok, prob=0.5)
-    vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+    vision = _vision(model)
     terms = blip_losses(model, vision, ids, mask, same, torch.Generator().manual_seed(0),
                         negatives=2, listwise=True, mlm=mlm, random_negatives=1)
     terms["loss"].backward()
@@ -126,7 +133,7 @@ def test_blip_losses_binary_itm_without_mlm(tiny_blip, tokenizer_dir):
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     with torch.no_grad():
-        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+        vision = _vision(model)
         terms = blip_losses(model, vision, ids, mask, same, torch.Generator().manual_seed(0))
     assert set(terms) == {"itc", "itm", "loss"}
 
@@ -138,7 +145,7 @@ def test_blip_losses_do_not_depend_on_trailing_padding(tiny_blip, tokenizer_dir)
     length = int(mask.sum(1).max())
     assert length < ids.shape[1]
     with torch.no_grad():
-        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+        vision = _vision(model)
         full, cut = (
             blip_losses(model, vision, i, m, same, torch.Generator().manual_seed(0), listwise=True)
             for i, m in ((ids, mask), (ids[:, :length], mask[:, :length]))
@@ -212,7 +219,7 @@ def _terms_with_edits(tiny_blip, tokenizer_dir) -> dict[str, dict]:
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     with torch.no_grad():
-        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+        vision = _vision(model)
     edits = {
         "plain": None,
         "no such words": CaptionEdits.from_words(tok, {"g": ("left", "right")}, {}),
@@ -283,9 +290,6 @@ def test_mixing_uniform_negatives_into_the_mined_distribution():
     assert torch.allclose(_mix_uniform(weights, allowed, 0.0), weights / weights.sum(1, keepdim=True), atol=1e-6)
 
 
-_TINY_SHAPE = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)  # conftest's TINY (not importable)
-
-
 def test_frozen_image_tower_trains_only_the_text_side(tokenizer_dir):
     """LiT mode: the image tower's weights and tokens stay as they were; text, cross-attention and heads train."""
     from transformers import AutoTokenizer, BlipForImageTextRetrieval
@@ -311,12 +315,14 @@ def test_frozen_image_tower_trains_only_the_text_side(tokenizer_dir):
     assert torch.equal(image_tokens(blip, pixels), expected)
 
 
-def test_freezing_the_image_tower_needs_a_trained_one(tmp_path):
+def test_locked_tower_options_are_checked_before_any_training(tmp_path):
     from mcad_cache.teachers.train import train_teachers
     from pipeline.config import TeachersConfig
 
     with pytest.raises(ValueError, match="blip_vision_init"):
         train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_freeze_vision=True))
+    with pytest.raises(ValueError, match="blip_freeze_vision"):
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_split_negatives=2))
 
 
 def test_split_negatives_come_from_each_texts_itc_top_and_never_its_own_image(tiny_blip):
@@ -343,7 +349,7 @@ def test_split_negatives_join_each_texts_listwise_group(tiny_blip, tokenizer_dir
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
     with torch.no_grad():
-        vision = model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state
+        vision = _vision(model)
 
         def two_more(text_feat, generator):  # every text gets images 0 and 1 of the batch as extra negatives
             return vision[:2][None].expand(len(text_feat), -1, -1, -1)

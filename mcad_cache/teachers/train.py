@@ -33,7 +33,7 @@ from mcad_cache.teachers import dual, single
 from mcad_cache.teachers.negatives import CaptionEdits
 from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
 from pipeline.atomic import atomic_write_json
-from pipeline.config import TEACHERS, Schedule, TeachersConfig
+from pipeline.config import TEACHERS, EvalConfig, Schedule, TeachersConfig
 from pipeline.optim import adamw_warmup_cosine
 from pipeline.shards import ReadStats, list_shards, load_split
 from pipeline.synth import CAPTION_WORDS, RELATION_FLIPS
@@ -286,10 +286,8 @@ def blip_losses(
     terms = {"itc": itc, "itm": F.cross_entropy(two_way, labels)}
     if listwise:
         score = two_way[:, 1] - two_way[:, 0]
-        in_batch = batch * (1 + 2 * per_query)
-        positive, text_neg, image_neg, split_neg, edit_neg = score.split(
-            [batch, batch * per_query, batch * per_query, batch * from_split, len(score) - in_batch - batch * from_split]
-        )
+        sizes = [batch, batch * per_query, batch * per_query, batch * from_split]
+        positive, text_neg, image_neg, split_neg, edit_neg = score.split([*sizes, len(score) - sum(sizes)])
         i2t = torch.cat([positive[:, None], text_neg.view(batch, per_query)], 1)
         if edits is not None:  # the edited caption joins its image's group; -inf where no edit applied
             edited_score = torch.full((batch,), float("-inf"), dtype=score.dtype).masked_scatter(valid, edit_neg)
@@ -320,14 +318,17 @@ class SplitNegatives:
     model: BlipForImageTextRetrieval
     tokens: torch.Tensor  # (N, tokens, width): the locked tower's output for every training image
     count: int = 2
-    top: int = 16
+    top: int = EvalConfig.rerank_k  # the candidates `mcad eval` re-ranks
+
+    def __post_init__(self) -> None:
+        self.class_tokens = self.tokens[:, 0].contiguous()  # ITC reads only these; sliced once, not every step
 
     def for_batch(self, images: torch.Tensor) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
         """The miner for one batch: ``images`` are its own (excluded) image rows."""
 
         @torch.no_grad()
         def mine(text_feat: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            image_feat = F.normalize(self.model.vision_proj(self.tokens[:, 0]), dim=-1)
+            image_feat = F.normalize(self.model.vision_proj(self.class_tokens), dim=-1)
             similarity = text_feat @ image_feat.t()
             similarity[torch.arange(len(images)), images] = float("-inf")
             candidates = similarity.topk(self.top, dim=1).indices  # (B, top)
@@ -367,7 +368,7 @@ def train_blip(
     longest real length (padding is masked, so no output changes).
 
     ``split_negatives`` (needs ``freeze_vision``) adds that many text-to-image
-    negatives per text from the text's ITC top 16 over the whole split
+    negatives per text from the text's ITC top-k over the whole split
     (``SplitNegatives``).
     """
     if split_negatives and not freeze_vision:
@@ -520,6 +521,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         raise ValueError("blip_freeze_vision locks a trained image tower: set blip_vision_init (clip_a or clip_b)")
     if cfg.blip_split_negatives < 0:
         raise ValueError(f"blip_split_negatives must be >= 0, got {cfg.blip_split_negatives}")
+    if cfg.blip_split_negatives and not cfg.blip_freeze_vision:  # train_blip refuses it too; fail before the CLIPs
+        raise ValueError("blip_split_negatives needs the locked image tower (blip_freeze_vision)")
     unknown = set(cfg.only) - set(TEACHERS)
     if unknown:
         raise ValueError(f"unknown teachers {sorted(unknown)}; known: {list(TEACHERS)}")
