@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/diag_itm.py NAME STEPS NEGATIVES LISTWISE [INIT]
 
-Trains the default world's BLIP (from scratch, or from the directory INIT) for STEPS steps with
+Trains the default world's BLIP (image tower trainable, from scratch, or from the directory INIT) for STEPS steps with
 ``blip_losses(negatives=NEGATIVES, listwise=LISTWISE)``, logs the loss terms every 25 steps, then prints
 ITC and ITM-rerank recalls on the first 500 validation images. Writes nothing but the log.
 Environment: LR, WARMUP, ITM_ONLY=1 (drop the ITC term), ITM_WEIGHT (scales the ITM terms).
@@ -38,7 +38,8 @@ model.train()
 start, log = time.perf_counter(), []
 for step, images in enumerate(_batches(len(pixels), schedule, generator)):
     rows = table.sample(images, generator)
-    terms = blip_losses(model, pixels[images], table.input_ids[rows], table.attention_mask[rows],
+    vision = model.vision_model(pixel_values=pixels[images]).last_hidden_state  # the tower trains here
+    terms = blip_losses(model, vision, table.input_ids[rows], table.attention_mask[rows],
                         images[:, None] == images[None, :], generator, negatives, listwise)
     optimizer.zero_grad(set_to_none=True)
     itm_weight = float(os.environ.get("ITM_WEIGHT", "1"))

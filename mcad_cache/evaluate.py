@@ -3,6 +3,13 @@
 Re-ranking is how a single-stream model retrieves in practice (ALBEF, BLIP):
 scoring every pair costs N x T cross-attention passes, so the ITM head scores
 only each query's top-k ITC candidates, which rank above all other candidates.
+Two re-ranking scores are reported from the same ITM passes:
+
+- ``itm_rerank``: the ITM logit alone (ALBEF's evaluation);
+- ``itm_itc_rerank``: the ITM logit plus the candidate's ITC logit, cosine / tau
+  (BLIP's evaluation adds ITM and ITC scores). Both are logits, so the sum is
+  a product of the two heads' experts; tau is the temperature the teacher's ITC
+  was trained at (``SingleStreamTeacher.itc_temperature``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from tqdm import tqdm
 
 from mcad_cache.teachers.single import SingleStreamTeacher
 from pipeline.evaluation import flat_captions
-from pipeline.retrieval import i2t_ranks, recall_table, rerank_rows, t2i_ranks
+from pipeline.retrieval import i2t_ranks, place_fine, recall_table, t2i_ranks
 from pipeline.shards import SplitData
 
 
@@ -26,7 +33,7 @@ def evaluate_single_stream(
     rerank_k: int = 16,
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Recall of the ITC embeddings alone (``itc``) and of ITM over the ITC top-k (``itm_rerank``)."""
+    """Recall of ITC alone (``itc``), of ITM over the ITC top-k (``itm_rerank``) and of ITM + ITC (``itm_itc_rerank``)."""
     texts, image_of = flat_captions(split)
     text_batch = teacher.tokenize(texts)
     vision = torch.cat(
@@ -42,9 +49,13 @@ def evaluate_single_stream(
     )
     coarse = image_emb @ text_emb.t()
     image_ids = torch.arange(len(split.images))
-    itc = recall_table(i2t_ranks(coarse, image_ids, image_of), t2i_ranks(coarse.t(), image_of), ks)
 
-    progress = tqdm(total=(len(split.images) + len(texts)) * min(rerank_k, len(texts)), desc="itm rerank", unit="pair")
+    def table(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
+        return recall_table(i2t_ranks(i2t, image_ids, image_of), t2i_ranks(t2i, image_of), ks)
+
+    top_texts = coarse.topk(min(rerank_k, len(texts)), dim=1).indices  # (N, k): each image's candidate captions
+    top_images = coarse.t().topk(min(rerank_k, len(image_ids)), dim=1).indices  # (T, k'): each caption's images
+    progress = tqdm(total=top_texts.numel() + top_images.numel(), desc="itm rerank", unit="pair")
 
     def itm_scores(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         out = []
@@ -54,8 +65,15 @@ def evaluate_single_stream(
             progress.update(len(rows))
         return torch.cat(out)
 
-    fine_i2t = rerank_rows(coarse, rerank_k, itm_scores)
-    fine_t2i = rerank_rows(coarse.t(), rerank_k, lambda rows, cols: itm_scores(cols, rows))
+    itm_i2t = itm_scores(image_ids.repeat_interleave(top_texts.shape[1]), top_texts.reshape(-1))
+    itm_t2i = itm_scores(top_images.reshape(-1), torch.arange(len(texts)).repeat_interleave(top_images.shape[1]))
+    itm_i2t, itm_t2i = itm_i2t.view(top_texts.shape), itm_t2i.view(top_images.shape)
     progress.close()
-    rerank = recall_table(i2t_ranks(fine_i2t, image_ids, image_of), t2i_ranks(fine_t2i, image_of), ks)
-    return {"itc": itc, "itm_rerank": rerank}
+    itc_i2t = coarse.gather(1, top_texts) / teacher.itc_temperature
+    itc_t2i = coarse.t().gather(1, top_images) / teacher.itc_temperature
+    return {
+        "itc": table(coarse, coarse.t()),
+        "itm_rerank": table(place_fine(coarse, top_texts, itm_i2t), place_fine(coarse.t(), top_images, itm_t2i)),
+        "itm_itc_rerank": table(place_fine(coarse, top_texts, itm_i2t + itc_i2t),
+                                place_fine(coarse.t(), top_images, itm_t2i + itc_t2i)),
+    }

@@ -88,9 +88,9 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
               show_default=True,
               help="Lock the image tower taken from --blip-vision-init (LiT): its tokens are computed once, "
                    "and only the text and cross-attention side trains.")
-@click.option("--clip-no-ln-pre/--no-clip-no-ln-pre", default=TeachersConfig.clip_no_ln_pre, show_default=True,
-              help="Train the CLIPs without open_clip's pre-block LayerNorm, which BLIP's ViT lacks, so "
-                   "--blip-freeze-vision can lock an exact copy of one.")
+@click.option("--clip-ln-pre/--no-clip-ln-pre", default=TeachersConfig.clip_ln_pre, show_default=True,
+              help="Give the CLIPs open_clip's pre-block LayerNorm. BLIP's ViT has none, so with it "
+                   "--blip-freeze-vision cannot lock an exact copy of a CLIP tower.")
 @click.option("--blip-split-negatives", type=int, default=TeachersConfig.blip_split_negatives, show_default=True,
               help="Text-to-image ITM negatives per text drawn from its ITC top 16 over the whole training split, "
                    "the candidates re-ranking meets (needs --blip-freeze-vision).")
@@ -103,7 +103,7 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
              blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
              blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
-             clip_no_ln_pre: bool, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
+             clip_ln_pre: bool, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
              on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
@@ -130,7 +130,7 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         blip_listwise=blip_listwise,
         blip_freeze_vision=blip_freeze_vision,
         blip_split_negatives=blip_split_negatives,
-        clip_no_ln_pre=clip_no_ln_pre,
+        clip_ln_pre=clip_ln_pre,
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
         blip_schedule=replace(defaults.blip_schedule, steps=blip_steps, lr=blip_lr),
     )
@@ -167,8 +167,10 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
     """Recall@1/5/10 (image-to-text, text-to-image) and mean recall on a shard set.
 
     Scores dual-stream models by embedding similarity, and single-stream models
-    both by their ITC embeddings and as re-rankers (ITM over the ITC top-k).
-    An image query is a hit if any of its captions is in the top k.
+    three ways: by their ITC embeddings; re-ranking the ITC top-k by the ITM
+    logit alone (ALBEF's evaluation); and by ITM logit + ITC logit (cosine over
+    the teacher's ITC temperature; BLIP's evaluation adds ITM and ITC). An
+    image query is a hit if any of its captions is in the top k.
     """
     from pipeline.jobs import evaluate_models, format_table
     from pipeline.shards import ShardReadError

@@ -77,6 +77,8 @@ def evaluate_models(
         seconds = time.perf_counter() - start
         results[f"{_row_name(spec.name)} (itc)"] = {**both["itc"], "seconds": seconds}
         results[f"{_row_name(spec.name)} (itm rerank top-{cfg.rerank_k})"] = {**both["itm_rerank"], "seconds": seconds}
+        results[f"{_row_name(spec.name)} (itm+itc rerank top-{cfg.rerank_k})"] = {**both["itm_itc_rerank"],
+                                                                                  "seconds": seconds}
 
     if cfg.out_json is not None:
         split = next(iter(splits.values()))

@@ -78,9 +78,18 @@ def rerank_rows(coarse: torch.Tensor, k: int, fine_fn) -> torch.Tensor:
     ``fine_fn(rows, cols)`` scores the (row, col) candidate pairs, both (B*k,).
     Candidates outside the top-k keep their coarse order below every re-scored one.
     """
-    k = min(k, coarse.shape[1])
-    top = coarse.topk(k, dim=1).indices
-    rows = torch.arange(coarse.shape[0])[:, None].expand(-1, k)
-    fine = fine_fn(rows.reshape(-1), top.reshape(-1)).view(-1, k).to(coarse.dtype)
-    below_fine = coarse - (coarse.max() - fine.min() + 1.0)
-    return below_fine.scatter(1, top, fine)
+    top = coarse.topk(min(k, coarse.shape[1]), dim=1).indices
+    rows = torch.arange(coarse.shape[0])[:, None].expand_as(top)
+    fine = fine_fn(rows.reshape(-1), top.reshape(-1)).view(top.shape)
+    return place_fine(coarse, top, fine)
+
+
+def place_fine(coarse: torch.Tensor, top: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """``coarse`` with the ``top`` (rows, k) candidates re-scored by ``fine`` (rows, k), ranked above the rest.
+
+    The fine scores enter as their dense ranks (same order, same ties) above ``coarse.max()``, in float64:
+    shifting fine below coarse by arithmetic would lose the coarse order in rounding when fine is large.
+    """
+    dense = torch.unique(fine, return_inverse=True)[1]
+    coarse = coarse.double()
+    return coarse.scatter(1, top, coarse.max() + 1.0 + dense.double())

@@ -74,7 +74,8 @@ def test_teachers_then_eval_end_to_end(tmp_path, tiny_world):
     assert result.exit_code == 0, result.output
     written = json.loads(out_json.read_text())
     assert written["n_images"] == 16
-    assert set(written["results"]) == {"clip_a", "clip_b", "blip (itc)", "blip (itm rerank top-4)"}
+    assert set(written["results"]) == {"clip_a", "clip_b", "blip (itc)", "blip (itm rerank top-4)",
+                                         "blip (itm+itc rerank top-4)"}
     for metrics in written["results"].values():
         assert 0.0 <= metrics["i2t_R@1"] <= metrics["i2t_R@5"] <= metrics["i2t_R@10"] <= 100.0
     assert "| clip_a |" in result.output

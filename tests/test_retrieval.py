@@ -4,6 +4,7 @@ import torch
 from pipeline.retrieval import (
     dual_stream_ranks,
     i2t_ranks,
+    place_fine,
     recall_table,
     rerank_rows,
     t2i_ranks,
@@ -70,3 +71,13 @@ def test_rerank_puts_rescored_top_k_first_in_fine_order():
     assert calls == [[0, 1]]
     order = out[0].argsort(descending=True).tolist()
     assert order == [1, 0, 2, 3]
+
+
+def test_place_fine_keeps_coarse_order_below_huge_fine_scores_and_keeps_ties():
+    coarse = torch.tensor([[0.50, 0.40, 0.30, 0.2000001, 0.2]])
+    top = torch.tensor([[0, 1, 2]])
+    out = place_fine(coarse, top, torch.tensor([[3e7, 3e7, 1e7]]))
+    # the two tied fine scores stay tied (pessimistic ranks count a tie against the truth), above the third
+    assert out[0, 0] == out[0, 1] > out[0, 2]
+    # below every re-scored candidate, the coarse order survives, down to a 1e-7 difference
+    assert out[0, 2] > out[0, 3] > out[0, 4]

@@ -320,9 +320,12 @@ def test_locked_tower_options_are_checked_before_any_training(tmp_path):
     from pipeline.config import TeachersConfig
 
     with pytest.raises(ValueError, match="blip_vision_init"):
-        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_freeze_vision=True))
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_vision_init=""))
     with pytest.raises(ValueError, match="blip_freeze_vision"):
-        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_split_negatives=2))
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_freeze_vision=False,
+                                      blip_split_negatives=2))
+    with pytest.raises(ValueError, match="clip_ln_pre"):
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", clip_ln_pre=True))
 
 
 def test_split_negatives_come_from_each_texts_itc_top_and_never_its_own_image(tiny_blip):

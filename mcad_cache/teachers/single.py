@@ -75,6 +75,16 @@ class SingleStreamTeacher(torch.nn.Module):
         return int(self.model.config.image_text_hidden_size)
 
     @property
+    def itc_temperature(self) -> float:
+        """The temperature ITC was trained at, which turns a cosine into an ITC logit.
+
+        Teachers trained here store it in their config (``itc_temperature``).
+        Hub BLIP checkpoints do not; for them it is 1, so ITM + ITC is the raw
+        ITM logit plus cosine, as BLIP's own retrieval evaluation adds them.
+        """
+        return float(getattr(self.model.config, "itc_temperature", 1.0))
+
+    @property
     def fused_dim(self) -> int:
         return int(self.model.config.text_config.hidden_size)
 
@@ -151,8 +161,12 @@ def save_local(
     mean: Sequence[float],
     std: Sequence[float],
     out_dir: str | Path,
+    itc_temperature: float | None = None,
 ) -> SingleTeacherSpec:
-    """Save in the hub layout (``save_pretrained`` of model and processor), atomically."""
+    """Save in the hub layout (``save_pretrained`` of model and processor), atomically.
+
+    ``itc_temperature``, when given, is stored in the model config for ``SingleStreamTeacher.itc_temperature``.
+    """
     from transformers import AutoTokenizer, BlipImageProcessor
 
     image_processor = BlipImageProcessor(
@@ -160,6 +174,8 @@ def save_local(
     )
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    if itc_temperature is not None:
+        model.config.itc_temperature = itc_temperature
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))

@@ -527,6 +527,9 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown teachers {sorted(unknown)}; known: {list(TEACHERS)}")
     todo = [name for name in TEACHERS if not cfg.only or name in cfg.only]
+    if cfg.blip_freeze_vision and cfg.clip_ln_pre and "blip" in todo and cfg.blip_vision_init in todo:
+        raise ValueError("clip_ln_pre gives the CLIPs a LayerNorm BLIP's ViT lacks, so blip_freeze_vision "
+                         "could not lock an exact copy: drop one of them")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -553,7 +556,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         start = time.perf_counter()
         torch.manual_seed(cfg.seed + offset)
         model_cfg = clip_model_cfg(shape, image_size, len(tokenizer), cfg.context_length, tokenizer.sep_token_id,
-                                   no_ln_pre=cfg.clip_no_ln_pre)
+                                   no_ln_pre=not cfg.clip_ln_pre)
         model = open_clip.model.CLIP(**model_cfg, output_dict=True)
         summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
@@ -568,7 +571,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
             source = dual.DualStreamTeacher.load(dual.DualTeacherSpec.local(out / cfg.blip_vision_init))
             if cfg.blip_freeze_vision and not isinstance(source.model.visual.ln_pre, torch.nn.Identity):
                 raise ValueError(f"{cfg.blip_vision_init} has an ln_pre that BLIP's ViT lacks, so a locked copy "
-                                 "would not be the trained tower: train the CLIPs with clip_no_ln_pre")
+                                 "would not be the trained tower: train the CLIPs without clip_ln_pre")
             init_vision_from_clip(model, source.model.visual)
         mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob) if cfg.blip_mask_prob > 0 else None
         edits = CaptionEdits.from_words(tokenizer, CAPTION_WORDS, RELATION_FLIPS) if cfg.blip_edit_negatives else None
@@ -577,7 +580,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
                              random_negatives=cfg.blip_random_negatives, edits=edits,
                              uniform_share=cfg.blip_uniform_share, freeze_vision=cfg.blip_freeze_vision,
                              split_negatives=cfg.blip_split_negatives)
-        spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip")
+        spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip",
+                                 itc_temperature=BLIP_TEMPERATURE)
         report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
 
     atomic_write_json(out / "teachers.json", report)
