@@ -33,7 +33,8 @@ def evaluate_single_stream(
     rerank_k: int = 16,
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Recall of ITC alone (``itc``), of ITM over the ITC top-k (``itm_rerank``) and of ITM + ITC (``itm_itc_rerank``)."""
+    """Recall of ITC alone (``itc``), of ITM over the ITC top-k (``itm_rerank``) and of ITM + ITC there
+    (``itm_itc_rerank``)."""
     texts, image_of = flat_captions(split)
     text_batch = teacher.tokenize(texts)
     vision = torch.cat(
