@@ -1,5 +1,7 @@
 """The single-stream re-ranking scores: ITM alone, and ITM + ITC at the teacher's ITC temperature."""
 
+import copy
+
 import pytest
 
 from mcad_cache.evaluate import evaluate_single_stream
@@ -13,7 +15,7 @@ def test_itc_temperature_is_saved_with_the_teacher_and_hub_models_default_to_raw
         tiny_blip, tokenizer_dir, tmp_path):
     model, spec = tiny_blip
     assert SingleStreamTeacher.load(spec).itc_temperature == 1.0  # saved without one, as hub checkpoints are
-    saved = single.save_local(model, tokenizer_dir, 32, IMAGE_MEAN, IMAGE_STD, tmp_path / "blip",
+    saved = single.save_local(copy.deepcopy(model), tokenizer_dir, 32, IMAGE_MEAN, IMAGE_STD, tmp_path / "blip",
                               itc_temperature=0.05)
     assert SingleStreamTeacher.load(saved).itc_temperature == 0.05
 
