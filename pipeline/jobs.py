@@ -75,10 +75,10 @@ def evaluate_models(
         teacher = SingleStreamTeacher.load(spec)
         both = evaluate_single_stream(teacher, split_at(teacher.image_size), cfg.ks, cfg.rerank_k, cfg.batch_size)
         seconds = time.perf_counter() - start
-        results[f"{_row_name(spec.name)} (itc)"] = {**both["itc"], "seconds": seconds}
-        results[f"{_row_name(spec.name)} (itm rerank top-{cfg.rerank_k})"] = {**both["itm_rerank"], "seconds": seconds}
-        results[f"{_row_name(spec.name)} (itm+itc rerank top-{cfg.rerank_k})"] = {**both["itm_itc_rerank"],
-                                                                                  "seconds": seconds}
+        rows = {"itc": "itc", "itm_rerank": f"itm rerank top-{cfg.rerank_k}",
+                "itm_itc_rerank": f"itm+itc rerank top-{cfg.rerank_k}"}
+        for key, label in rows.items():
+            results[f"{_row_name(spec.name)} ({label})"] = {**both[key], "seconds": seconds}
 
     if cfg.out_json is not None:
         split = next(iter(splits.values()))

@@ -72,18 +72,6 @@ def dual_stream_ranks(
     return i2t, t2i
 
 
-def rerank_rows(coarse: torch.Tensor, k: int, fine_fn) -> torch.Tensor:
-    """Replace each row's top-``k`` coarse scores by fine scores ranked above the rest.
-
-    ``fine_fn(rows, cols)`` scores the (row, col) candidate pairs, both (B*k,).
-    Candidates outside the top-k keep their coarse order below every re-scored one.
-    """
-    top = coarse.topk(min(k, coarse.shape[1]), dim=1).indices
-    rows = torch.arange(coarse.shape[0])[:, None].expand_as(top)
-    fine = fine_fn(rows.reshape(-1), top.reshape(-1)).view(top.shape)
-    return place_fine(coarse, top, fine)
-
-
 def place_fine(coarse: torch.Tensor, top: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     """``coarse`` with the ``top`` (rows, k) candidates re-scored by ``fine`` (rows, k), ranked above the rest.
 

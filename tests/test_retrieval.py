@@ -6,7 +6,6 @@ from pipeline.retrieval import (
     i2t_ranks,
     place_fine,
     recall_table,
-    rerank_rows,
     t2i_ranks,
 )
 
@@ -59,16 +58,11 @@ def test_blocked_ranks_equal_one_block():
     assert torch.equal(whole[0], i2t_ranks(sim, torch.arange(37), text_to_image))
 
 
-def test_rerank_puts_rescored_top_k_first_in_fine_order():
+def test_place_fine_puts_rescored_top_k_first_in_fine_order():
     coarse = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
-    calls = []
-
-    def fine(rows, cols):
-        calls.append(cols.tolist())
-        return torch.tensor([-5.0, 3.0])  # fine order reverses the two coarse leaders
-
-    out = rerank_rows(coarse, 2, fine)
-    assert calls == [[0, 1]]
+    top = coarse.topk(2, dim=1).indices
+    assert top.tolist() == [[0, 1]]
+    out = place_fine(coarse, top, torch.tensor([[-5.0, 3.0]]))  # fine order reverses the two coarse leaders
     order = out[0].argsort(descending=True).tolist()
     assert order == [1, 0, 2, 3]
 

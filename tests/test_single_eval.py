@@ -29,4 +29,3 @@ def test_itm_plus_itc_ranks_by_the_dominant_term(tiny_blip, tiny_world, temperat
     out = evaluate_single_stream(teacher, split, ks=(1, 5), rerank_k=4, batch_size=7)
     assert out["itm_itc_rerank"] == pytest.approx(out[same_as])
     assert set(out) == {"itc", "itm_rerank", "itm_itc_rerank"}
-
