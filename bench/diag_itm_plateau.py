@@ -36,7 +36,10 @@ for step in range(150):
     fused = fused_states(model, ids.repeat(2, 1), mask.repeat(2, 1), pair_vision)[:, 0]
     itm = F.cross_entropy(model.itm_head(fused),
                           torch.cat([torch.ones(batch), torch.zeros(batch)]).long())
-    loss = itm + (mlm.loss(model, vision, ids, mask, generator) if mode == "mlm" else 0.0)
+    loss = itm
+    if mode == "mlm":
+        masked_ids, masked = mlm.inputs(ids, mask, generator)
+        loss = loss + mlm.loss(fused_states(model, masked_ids, mask, vision), ids, masked)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -94,7 +94,7 @@ def plan_pairs(i2t_ids: torch.Tensor, t2i_ids: torch.Tensor, text_image: torch.T
 def rescore(
     plan: PairPlan,
     vision_tokens: Callable[[torch.Tensor], torch.Tensor],
-    itm: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    itm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     image_chunk: int,
     pair_batch: int,
     fused_dim: int,
@@ -103,9 +103,11 @@ def rescore(
     """ITM logit of every planned pair, and the fused feature of every planned pair.
 
     ``vision_tokens(image_rows)`` gives the single-stream vision tokens of those
-    block images; ``itm(tokens, text_rows)`` scores aligned pairs and returns
-    (logits, fused features). Pairs are sorted by image, so each image chunk's
-    tokens are computed once and serve all of that chunk's pairs.
+    block images; ``itm(tokens, image_rows, text_rows)`` scores the pairs
+    (``tokens[image_rows[i]]``, ``text_rows[i]``) and returns (logits, fused
+    features). Pairs are sorted by image, so each image chunk's tokens are
+    computed once and serve all of that chunk's pairs, and within a pair batch
+    each image's cross-attention keys and values are computed once.
     """
     logits = torch.empty(len(plan))
     fused = torch.empty(len(plan), fused_dim, dtype=torch.float16)
@@ -120,7 +122,7 @@ def rescore(
         for start in range(lo, hi, pair_batch):
             stop = min(hi, start + pair_batch)
             rows = local[start - lo : stop - lo]
-            score, feature = itm(tokens[rows], plan.texts[start:stop])
+            score, feature = itm(tokens, rows, plan.texts[start:stop])
             logits[start:stop] = score.float()
             fused[start:stop] = feature.to(torch.float16)
             bar.update(stop - start)

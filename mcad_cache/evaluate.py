@@ -62,7 +62,7 @@ def evaluate_single_stream(
         out = []
         for s in range(0, len(image_rows), batch_size):
             rows, cols = image_rows[s : s + batch_size], text_rows[s : s + batch_size]
-            out.append(teacher.itm(vision[rows], text_batch.select(cols)).logits)
+            out.append(teacher.itm(vision, text_batch.select(cols), image_rows=rows).logits)
             progress.update(len(rows))
         return torch.cat(out)
 

@@ -223,7 +223,7 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
 
 def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
                           emb: block_ops.BlockEmbeddings):
-    """Closures giving vision tokens of block image rows and ITM scores of (tokens, text rows)."""
+    """Closures giving vision tokens of block image rows and ITM scores of (tokens, image rows, text rows)."""
     from pipeline.views import FULL_VIEW, render_views
 
     paths = {s["name"]: s["path"] for s in store.manifest["shards"]}
@@ -245,10 +245,10 @@ def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: Teacher
         return tokens
 
     @torch.no_grad()
-    def itm(tokens: torch.Tensor, text_rows: torch.Tensor):
+    def itm(tokens: torch.Tensor, image_rows: torch.Tensor, text_rows: torch.Tensor):
         batch = TextBatch(texts.input_ids[text_rows], texts.attention_mask[text_rows])
         start = time.perf_counter()
-        out = single.itm(tokens, batch)
+        out = single.itm(tokens, batch, image_rows=image_rows)
         clock["seconds"] += time.perf_counter() - start
         return out.logits, out.fused
 

@@ -77,3 +77,16 @@ def test_run_all_quick_on_the_tiny_cache(tiny_cache, tiny_world, tmp_path):
     assert [r["k"] for r in stage1] == [1, 3] and stage1[0]["pairs_per_sample"] < stage1[1]["pairs_per_sample"]
     loading = json.loads((out / "data_loading.json").read_text())
     assert loading["student"] is not None and loading["loader"]["blocks"] == 2
+
+
+def test_fused_pass_bench_checks_the_ways_agree_then_times_each(tiny_blip, tiny_world, tmp_path):
+    from bench.fused_pass import VARIANTS, main
+
+    results = main(["--blip", tiny_blip[1].name, "--shards", str(tiny_world / "train"), "--out", str(tmp_path),
+                    "--rounds", "1", "--batch-size", "8", "--images", "6", "--no-edits"])
+    assert results["agreement"]["itm_logits_max_abs_diff"] < 1e-4
+    assert results["agreement"]["loss_terms_max_abs_diff"] < 1e-4
+    assert {job: {v: len(t) for v, t in by.items()} for job, by in results["seconds"].items()} == {
+        job: {v: 1 for v in VARIANTS} for job in ("train_step", "rescore")}
+    assert results["settings"]["rescore_k"] == 16
+    assert json.loads((tmp_path / "fused_pass.json").read_text())["speedup"] == results["speedup"]

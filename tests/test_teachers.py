@@ -361,3 +361,53 @@ def test_split_negatives_join_each_texts_listwise_group(tiny_blip, tokenizer_dir
                                    split_negatives=miner) for miner in (None, two_more))
     assert not torch.allclose(plain["itm"], more["itm"])
     assert more["itm_list"] > plain["itm_list"]
+
+
+def test_fused_states_with_image_rows_equal_the_per_pair_pass(tiny_blip, tokenizer_dir):
+    """Keys and values once per image, gathered per pair: same states and same gradients as one image copy a pair."""
+    from mcad_cache.teachers.single import fused_states
+
+    model, _ = tiny_blip
+    _, ids, mask, _ = _blip_batch(tokenizer_dir)
+    text_rows = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    image_rows = torch.tensor([0, 1, 2, 1, 2, 0, 2])  # every image in two or three pairs
+    ids, mask = ids[text_rows], mask[text_rows]
+    vision = _vision(model).detach()
+    key = model.text_encoder.encoder.layer[0].crossattention.self.key
+
+    def run(per_image: bool):
+        tokens = vision.clone().requires_grad_(True)
+        model.zero_grad()
+        if per_image:
+            states = fused_states(model, ids, mask, tokens, image_rows=image_rows)
+        else:
+            states = fused_states(model, ids, mask, tokens[image_rows])
+        (states * torch.linspace(-1, 1, states.shape[-1])).sum().backward()
+        return states.detach(), tokens.grad, key.weight.grad.clone()
+
+    for reference, shared in zip(run(per_image=False), run(per_image=True)):
+        assert torch.allclose(reference, shared, atol=1e-5)
+    assert "forward" not in vars(key)  # the redirect is gone after the call
+    model.zero_grad()
+    with pytest.raises(ValueError, match="2 image rows for 7 texts"):
+        fused_states(model, ids, mask, vision, image_rows=image_rows[:2])
+
+
+def test_fused_states_by_length_match_one_padded_pass_on_every_real_token(tiny_blip, tokenizer_dir):
+    from mcad_cache.teachers.single import fused_states, fused_states_by_length
+
+    model, _ = tiny_blip
+    _, ids, mask, _ = _blip_batch(tokenizer_dir)
+    text_rows = torch.tensor([2, 0, 1, 0, 2, 1, 1])
+    image_rows = torch.tensor([0, 1, 2, 1, 2, 0, 2])
+    ids, mask = ids[text_rows], mask[text_rows]
+    assert len(set(mask.sum(1).tolist())) > 1  # captions of different lengths, so the groups cut differently
+    vision = _vision(model).detach()
+    with torch.no_grad():
+        reference = fused_states(model, ids, mask, vision[image_rows])
+        for rows, tokens in ((image_rows, vision), (None, vision[image_rows])):
+            for groups in (1, 3, 20):
+                grouped = fused_states_by_length(model, ids, mask, tokens, rows, groups=groups)
+                real = mask.bool()
+                assert grouped.shape == reference.shape
+                assert torch.allclose(grouped[real], reference[real], atol=1e-5), (rows is None, groups)

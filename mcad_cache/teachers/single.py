@@ -14,7 +14,9 @@ the image tower runs once per image, however many texts it is paired with:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +26,9 @@ from transformers import BlipForImageTextRetrieval, BlipProcessor
 
 from mcad_cache.teachers.identity import TeacherIdentity, state_dict_sha256
 from pipeline.atomic import atomic_dir
+
+
+LENGTH_GROUPS = 4  # fused passes run in this many groups of similar caption length (fused_states_by_length)
 
 
 @dataclass(frozen=True)
@@ -124,13 +129,22 @@ class SingleStreamTeacher(torch.nn.Module):
     def itc_texts(self, text: TextBatch) -> torch.Tensor:
         return F.normalize(self.model.text_proj(self.text_states(text)[:, 0, :]), dim=-1)
 
-    def itm(self, image_tokens: torch.Tensor, text: TextBatch) -> ItmOutput:
-        """Score aligned pairs: row i of ``image_tokens`` with row i of ``text``."""
-        if image_tokens.shape[0] != len(text):
-            raise ValueError(f"{image_tokens.shape[0]} images for {len(text)} texts: ITM scores aligned pairs")
+    def itm(self, image_tokens: torch.Tensor, text: TextBatch, image_rows: torch.Tensor | None = None) -> ItmOutput:
+        """Score aligned pairs: row i of ``image_tokens`` (or row ``image_rows[i]``) with row i of ``text``.
+
+        With ``image_rows`` an image paired with several texts has its cross-attention
+        keys and values computed once (see ``fused_states``).
+        """
+        images = image_tokens.shape[0] if image_rows is None else len(image_rows)
+        if images != len(text):
+            raise ValueError(f"{images} images for {len(text)} texts: ITM scores aligned pairs")
         device = self.mean.device
-        states = fused_states(
-            self.model, text.input_ids.to(device), text.attention_mask.to(device), image_tokens.to(device)
+        states = fused_states_by_length(
+            self.model,
+            text.input_ids.to(device),
+            text.attention_mask.to(device),
+            image_tokens.to(device),
+            None if image_rows is None else image_rows.to(device),
         )
         fused = states[:, 0, :]
         two_way = self.model.itm_head(fused)
@@ -138,15 +152,98 @@ class SingleStreamTeacher(torch.nn.Module):
 
 
 def fused_states(
-    model: BlipForImageTextRetrieval, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
+    model: BlipForImageTextRetrieval,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_tokens: torch.Tensor,
+    image_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The text encoder's hidden states with cross-attention to every image token (BLIP's multimodal mode)."""
+    """The text encoder's hidden states with cross-attention to every image token (BLIP's multimodal mode).
+
+    Row i of the text is paired with row i of ``image_tokens``, or, given ``image_rows``,
+    with row ``image_rows[i]``: then each image's cross-attention keys and values are
+    computed once, however many texts it is paired with, and gathered per pair
+    (re-ranking pairs each image with k texts). The result is the same up to float rounding.
+    """
+    if image_rows is None:
+        return _multimodal(model, input_ids, attention_mask, image_tokens)
+    if len(image_rows) != len(input_ids):
+        raise ValueError(f"{len(image_rows)} image rows for {len(input_ids)} texts")
+    used, image_rows = torch.unique(image_rows, return_inverse=True)  # project only the images some pair uses
+    image_tokens = image_tokens.index_select(0, used)
+    with _keys_values_per_image(model, image_tokens, image_rows):
+        return _multimodal(model, input_ids, attention_mask, image_tokens.index_select(0, image_rows))
+
+
+def fused_states_by_length(
+    model: BlipForImageTextRetrieval,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_tokens: torch.Tensor,
+    image_rows: torch.Tensor | None = None,
+    groups: int = LENGTH_GROUPS,
+) -> torch.Tensor:
+    """``fused_states`` in ``groups`` runs of similar caption length, each cut to its longest caption.
+
+    Padding is masked, so every real token's state is unchanged; the fused pass's cost
+    grows with the padded length, and the default world's captions are 13 tokens on
+    average against 19 at most. States at padding positions mean nothing (zeros past a group's cut).
+    """
+    lengths = attention_mask.sum(1)
+    order = lengths.argsort(stable=True)
+    parts = []
+    for run in order.tensor_split(min(groups, len(order))):
+        cut = int(lengths[run].max())
+        tokens, rows = (image_tokens.index_select(0, run), None) if image_rows is None else (
+            image_tokens, image_rows.index_select(0, run))
+        states = fused_states(model, input_ids.index_select(0, run)[:, :cut],
+                              attention_mask.index_select(0, run)[:, :cut], tokens, rows)
+        parts.append(F.pad(states, (0, 0, 0, input_ids.shape[1] - cut)))
+    return torch.cat(parts).index_select(0, order.argsort())
+
+
+def _multimodal(model, input_ids, attention_mask, image_tokens):
     return model.text_encoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
         encoder_hidden_states=image_tokens,
         encoder_attention_mask=torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=image_tokens.device),
     ).last_hidden_state
+
+
+@contextmanager
+def _keys_values_per_image(model: BlipForImageTextRetrieval, image_tokens: torch.Tensor, rows: torch.Tensor):
+    """Inside: every cross-attention key/value projection reads ``image_tokens`` once and gathers ``rows``.
+
+    The layers are HF's own; only the two ``Linear`` calls of each cross-attention
+    are redirected (an instance ``forward``, removed on exit). Their input is
+    ``image_tokens[rows]`` by construction, so ``linear(image_tokens)[rows]`` is its
+    projection, computed on the distinct images only.
+    """
+    projections = []
+    for layer in model.text_encoder.encoder.layer:
+        attention = getattr(getattr(layer, "crossattention", None), "self", None)
+        if not isinstance(getattr(attention, "key", None), torch.nn.Linear) or not isinstance(
+            getattr(attention, "value", None), torch.nn.Linear
+        ):
+            raise TypeError(
+                "this transformers version's BLIP text layers have no crossattention.self.key/value Linear; "
+                "fused_states(image_rows=...) needs them"
+            )
+        projections += [attention.key, attention.value]
+
+    def gathered(projection: torch.nn.Linear, pair_tokens: torch.Tensor) -> torch.Tensor:
+        if pair_tokens.shape[0] != len(rows):
+            raise RuntimeError(f"cross-attention got {pair_tokens.shape[0]} rows, expected the {len(rows)} pairs")
+        return F.linear(image_tokens, projection.weight, projection.bias).index_select(0, rows)
+
+    for projection in projections:
+        projection.forward = partial(gathered, projection)
+    try:
+        yield
+    finally:
+        for projection in projections:
+            del projection.forward
 
 
 def _display_name(name: str) -> str:

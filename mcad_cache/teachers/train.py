@@ -163,18 +163,17 @@ class MaskedWords(torch.nn.Module):
         words = attention_mask.bool() & ~torch.isin(input_ids, self.special)
         return words & (torch.rand(input_ids.shape, generator=generator) < self.prob)
 
-    def loss(
-        self,
-        model: BlipForImageTextRetrieval,
-        vision: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
+    def inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions with ``[MASK]`` in place of the drawn words, and which tokens those are."""
         masked = self.mask(input_ids, attention_mask, generator)
+        return input_ids.masked_fill(masked, self.mask_id), masked
+
+    def loss(self, states: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the masked words, read from the fused states of the masked captions."""
         if not masked.any():
-            return vision.sum() * 0.0
-        states = single.fused_states(model, input_ids.masked_fill(masked, self.mask_id), attention_mask, vision)
+            return states.sum() * 0.0
         return F.cross_entropy(self.head(states[masked]), input_ids[masked])
 
 
@@ -222,7 +221,8 @@ def blip_losses(
     not, so ITM's signal lies only in the image-text interaction, and at random init
     its gradient toward one is ~0 (the loss sits at ln 2). Filling in "a [MASK]
     circle" from the image gives the cross-attention a first-order signal to look
-    up the right object's attributes, which is the interaction ITM needs.
+    up the right object's attributes, which is the interaction ITM needs. The
+    masked captions ride in the same fused pass as the ITM pairs.
 
     ``uniform_share`` mixes that share of a uniform draw over the non-matching
     rows into the mined negatives' distribution: one negative per query that is
@@ -266,20 +266,27 @@ def blip_losses(
     rows = torch.arange(batch)
     image_rows = torch.cat([rows, rows.repeat_interleave(per_query), neg_image.reshape(-1)])
     text_rows = torch.cat([rows, neg_text.reshape(-1), rows.repeat_interleave(per_query)])
-    pair_ids, pair_mask, pair_images = input_ids[text_rows], attention_mask[text_rows], vision[image_rows]
+    pair_ids, pair_mask, images = input_ids[text_rows], attention_mask[text_rows], vision
     from_split = 0
     if split_negatives is not None:
         extra = split_negatives(text_feat.detach(), generator)  # (B, m, tokens, width)
         from_split = extra.shape[1]
         pair_ids = torch.cat([pair_ids, input_ids.repeat_interleave(from_split, 0)])
         pair_mask = torch.cat([pair_mask, attention_mask.repeat_interleave(from_split, 0)])
-        pair_images = torch.cat([pair_images, extra.flatten(0, 1)])
+        images = torch.cat([images, extra.flatten(0, 1)])
+        image_rows = torch.cat([image_rows, batch + torch.arange(batch * from_split)])
     if edits is not None:
         edited, valid = edits(input_ids, generator)
         pair_ids = torch.cat([pair_ids, edited[valid]])
         pair_mask = torch.cat([pair_mask, attention_mask[valid]])
-        pair_images = torch.cat([pair_images, vision[valid]])
-    fused = single.fused_states(model, pair_ids, pair_mask, pair_images)[:, 0]
+        image_rows = torch.cat([image_rows, rows[valid]])
+    pairs = len(pair_ids)
+    if mlm is not None:  # the masked captions, each with its own image, join the same fused pass
+        masked_ids, masked = mlm.inputs(input_ids, attention_mask, generator)
+        pair_ids, pair_mask = torch.cat([pair_ids, masked_ids]), torch.cat([pair_mask, attention_mask])
+        image_rows = torch.cat([image_rows, rows])
+    states = single.fused_states_by_length(model, pair_ids, pair_mask, images, image_rows)
+    fused = states[:pairs, 0]
     two_way = model.itm_head(fused)
     labels = torch.zeros(len(fused), dtype=torch.long)
     labels[:batch] = 1
@@ -296,7 +303,7 @@ def blip_losses(
         zero = torch.zeros(batch, dtype=torch.long)
         terms["itm_list"] = 0.5 * (F.cross_entropy(i2t, zero) + F.cross_entropy(t2i, zero))
     if mlm is not None:
-        terms["mlm"] = mlm.loss(model, vision, input_ids, attention_mask, generator)
+        terms["mlm"] = mlm.loss(states[pairs:], input_ids, masked)
     terms["loss"] = sum(terms.values())
     return terms
 
