@@ -194,8 +194,10 @@ def fused_states_by_length(
     parts = []
     for run in order.tensor_split(min(groups, len(order))):
         cut = int(lengths[run].max())
-        tokens, rows = (image_tokens.index_select(0, run), None) if image_rows is None else (
-            image_tokens, image_rows.index_select(0, run))
+        if image_rows is None:
+            tokens, rows = image_tokens.index_select(0, run), None
+        else:
+            tokens, rows = image_tokens, image_rows.index_select(0, run)
         states = fused_states(model, input_ids.index_select(0, run)[:, :cut],
                               attention_mask.index_select(0, run)[:, :cut], tokens, rows)
         parts.append(F.pad(states, (0, 0, 0, input_ids.shape[1] - cut)))
