@@ -52,7 +52,7 @@ def _ways(fused_states) -> dict:
 
 def measure(blip_dir: Path, shards: Path, rounds: int, batch_size: int, images: int, k: int = 16,
             edits: bool = True) -> dict:
-    """Time both ways, interleaved; first check they agree (ITM logits and every training loss term)."""
+    """Time the three ways, interleaved; first check they agree (ITM logits and every training loss term)."""
     from mcad_cache.teachers import single
     from mcad_cache.teachers.negatives import CaptionEdits
     from mcad_cache.teachers.train import (blip_losses, image_tokens, masked_words_for, normalize_pixels,
@@ -118,7 +118,7 @@ def measure(blip_dir: Path, shards: Path, rounds: int, batch_size: int, images: 
         outputs = {}
         for variant in VARIANTS:
             single.fused_states_by_length = ways[variant]
-            trained.eval()  # no dropout, so both ways see the same function
+            trained.eval()  # no dropout, so every way sees the same function
             with torch.no_grad():
                 outputs[variant] = (rescore(), losses())
         logits, terms = outputs["padded"]
