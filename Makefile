@@ -41,6 +41,7 @@ bench:  ## Benchmarks (~9 min on 2 idle CPU cores; needs make cache distill) -> 
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 	$(BIN)/python bench/search_latency.py --student runs/default/student
 	$(BIN)/python -m bench.fused_pass --blip $(TEACHERS)/blip --shards $(DATA)/train
+	$(BIN)/python -m bench.clip_block
 
 export:  ## The default student as open_clip + TorchScript + ONNX (checked with onnxruntime) into exports/default
 	$(BIN)/mcad export --student runs/default/student --out exports/default

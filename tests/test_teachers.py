@@ -411,3 +411,28 @@ def test_fused_states_by_length_match_one_padded_pass_on_every_real_token(tiny_b
                 real = mask.bool()
                 assert grouped.shape == reference.shape
                 assert torch.allclose(grouped[real], reference[real], atol=1e-5), (rows is None, groups)
+
+
+def test_build_clip_gives_the_custom_block_the_default_blocks_initialization(tokenizer_dir):
+    import open_clip
+    from transformers import AutoTokenizer
+
+    from mcad_cache.teachers.configs import build_clip, clip_model_cfg, with_block_type
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = clip_model_cfg(_TINY_SHAPE, 32, len(tok), 24, tok.sep_token_id, no_ln_pre=True)
+    assert cfg["vision_cfg"]["block_type"] == cfg["text_cfg"]["block_type"] == "custom"
+    torch.manual_seed(0)
+    model = build_clip(cfg).eval()
+    torch.manual_seed(0)
+    default = open_clip.model.CLIP(**with_block_type(cfg, "default")).eval()
+    for tower in (model.visual, model):
+        attn = tower.transformer.resblocks[0].attn
+        assert isinstance(attn, open_clip.transformer.Attention)
+    assert isinstance(default.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+    state = model.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in default.state_dict().items())
+    pixels, texts = torch.randn(2, 3, 32, 32), torch.randint(5, len(tok), (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixels), default.encode_image(pixels), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_text(texts), default.encode_text(texts), atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ ViT-L-14 or blip-itm-large read these.
 
 from __future__ import annotations
 
+import open_clip
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from transformers import BlipConfig
 
@@ -26,6 +27,13 @@ def clip_model_cfg(
 
     ``pool_type="eos"`` with the causal mask pools the ``[SEP]`` token, which has
     seen the whole caption and none of the padding after it.
+
+    ``block_type="custom"`` is open_clip's own attention block (one fused q/k/v
+    projection and ``scaled_dot_product_attention``) in place of its default
+    ``nn.MultiheadAttention`` block: same parameter names, same outputs for the
+    same weights, 1.12-1.21x faster per CPU training step (``bench/clip_block.py``).
+    Build new models with ``build_clip``, which keeps the default block's
+    initialization.
     """
     return {
         "embed_dim": shape.embed_dim,
@@ -37,6 +45,7 @@ def clip_model_cfg(
             "head_width": shape.width // shape.heads,
             "mlp_ratio": 2.0,
             "no_ln_pre": no_ln_pre,
+            "block_type": "custom",
         },
         "text_cfg": {
             "context_length": context_length,
@@ -49,8 +58,33 @@ def clip_model_cfg(
             "pad_id": 0,
             "eos_id": eos_id,
             "pool_type": "eos",
+            "block_type": "custom",
         },
     }
+
+
+def with_block_type(model_cfg: dict, block_type: str) -> dict:
+    """``model_cfg`` with both towers built from open_clip's ``block_type`` ("default" or "custom")."""
+    return {
+        **model_cfg,
+        "vision_cfg": {**model_cfg["vision_cfg"], "block_type": block_type},
+        "text_cfg": {**model_cfg["text_cfg"], "block_type": block_type},
+    }
+
+
+def build_clip(model_cfg: dict, **kwargs) -> open_clip.model.CLIP:
+    """A new CLIP of ``model_cfg`` whose weights start as open_clip's default block would start them.
+
+    The custom block draws its image tower's q/k/v projection from N(0, 1/head_dim),
+    about 3x the Xavier init of ``nn.MultiheadAttention``, and its output projection
+    keeps a random bias; trained from that start, clip_a reached 40.6 test mean recall
+    instead of 51.2. So the weights come from a default-block model built first, from
+    the same random state (the parameter names are the same); the model is the fast one.
+    """
+    start = open_clip.model.CLIP(**with_block_type(model_cfg, "default"), **kwargs)
+    model = open_clip.model.CLIP(**model_cfg, **kwargs)
+    model.load_state_dict(start.state_dict())
+    return model
 
 
 def clip_preprocess_cfg(image_size: int) -> dict:

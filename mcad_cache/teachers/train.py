@@ -31,7 +31,14 @@ from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
 from mcad_cache.teachers import dual, single
 from mcad_cache.teachers.negatives import CaptionEdits
-from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
+from mcad_cache.teachers.configs import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    blip_config,
+    build_clip,
+    clip_model_cfg,
+    clip_preprocess_cfg,
+)
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TEACHERS, EvalConfig, Schedule, TeachersConfig
 from pipeline.optim import adamw_warmup_cosine
@@ -564,7 +571,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         torch.manual_seed(cfg.seed + offset)
         model_cfg = clip_model_cfg(shape, image_size, len(tokenizer), cfg.context_length, tokenizer.sep_token_id,
                                    no_ln_pre=not cfg.clip_ln_pre)
-        model = open_clip.model.CLIP(**model_cfg, output_dict=True)
+        model = build_clip(model_cfg, output_dict=True)
         summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
         report[name] = {"spec": spec.name, **summary, "seconds": _since(start)}
