@@ -1,4 +1,9 @@
-"""The CLIP teachers' training step with open_clip's two attention blocks, side by side in one process.
+"""The CLIP teachers' training step three ways, side by side in one process.
+
+- ``default``: open_clip's default block (``nn.MultiheadAttention``), one graph per step on all threads;
+- ``custom``: open_clip's custom block, which ``clip_model_cfg`` names, one graph per step;
+- ``custom_split``: the custom block with the batch encoded in two slices by two threads with one
+  intra-op thread each (``SplitBatch``, what `mcad teachers` does with ``clip_workers=2``).
 
 ``clip_model_cfg`` names open_clip's custom block (``block_type="custom"``: its own ``Attention``,
 one fused q/k/v ``F.linear`` and ``scaled_dot_product_attention``) where open_clip's default
@@ -6,8 +11,8 @@ block is ``nn.MultiheadAttention``. The parameters have the same names, so one s
 into both; ``build_clip`` relies on that to start the custom block from the default block's
 initialization.
 
-For each CLIP shape of ``TeachersConfig`` this builds both models from the same weights, checks
-that they give the same embeddings, then times one training step of each (forward, open_clip's
+For each CLIP shape of ``TeachersConfig`` this builds the models from the same weights, checks
+that the blocks give the same embeddings, then times one training step of each (forward, open_clip's
 ``ClipLoss``, backward, gradient clipping, AdamW) at the teacher batch size on random 64 px images
 and random captions of the context length. The steps are interleaved round by round after a
 warmup round; each figure is the median. Needs no inputs.
@@ -24,7 +29,7 @@ from bench.common import Figure, apply_threads, machine, markdown_table, median,
 from bench.step_time import Variant, run_interleaved
 
 NAME = "clip_block"
-BLOCKS = ("default", "custom")
+WAYS = ("default", "custom", "custom_split")
 SHAPES = ("clip_a", "clip_b")
 
 
@@ -32,6 +37,7 @@ def measure(rounds: int, batch_size: int, image_size: int = 64) -> dict:
     from open_clip.loss import ClipLoss
 
     from mcad_cache.teachers.configs import build_clip, clip_model_cfg, with_block_type
+    from mcad_cache.teachers.parallel import SplitBatch
     from pipeline.config import TeachersConfig
 
     cfg = TeachersConfig()
@@ -39,33 +45,47 @@ def measure(rounds: int, batch_size: int, image_size: int = 64) -> dict:
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     texts = torch.randint(5, cfg.vocab_size, (batch_size, cfg.context_length), generator=generator)
     loss_fn = ClipLoss()
-    variants, agreement = [], {}
+    threads = torch.get_num_threads()
+    variants, agreement, splits = [], {}, []
     for name in SHAPES:
         model_cfg = clip_model_cfg(getattr(cfg, name), image_size, cfg.vocab_size, cfg.context_length, eos_id=3,
                                    no_ln_pre=not cfg.clip_ln_pre)
         torch.manual_seed(0)
-        custom = build_clip(model_cfg, output_dict=True)
-        default = build_clip(with_block_type(model_cfg, "default"), output_dict=True)
-        default.load_state_dict(custom.state_dict())
-        models = {"default": default, "custom": custom}
+        models = {way: build_clip(with_block_type(model_cfg, "default") if way == "default" else model_cfg,
+                                  output_dict=True) for way in WAYS}
+        for model in models.values():
+            model.load_state_dict(models["custom"].state_dict())
         with torch.no_grad():
-            outs = [m.eval()(images[:16], texts[:16]) for m in models.values()]
+            outs = [models[way].eval()(images[:16], texts[:16]) for way in ("default", "custom")]
         agreement[name] = max(float((outs[0][k] - outs[1][k]).abs().max()) for k in ("image_features", "text_features"))
-        for block, model in models.items():
+        split = SplitBatch(2, models["custom_split"].parameters())
+        splits.append(split)
+        for way, model in models.items():
             optimizer = torch.optim.AdamW(model.train().parameters(), lr=1e-4)
 
-            def step(model=model, optimizer=optimizer) -> None:
-                out = model(images, texts)
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            def step(way=way, model=model, optimizer=optimizer, split=split) -> None:
+                def encode(px, ids, model=model):
+                    return model.encode_image(px, normalize=True), model.encode_text(ids, normalize=True)
+
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if way == "custom_split":
+                    torch.set_num_threads(1)
+                    split.backward(loss_fn(*split.forward(encode, images, texts), model.logit_scale.exp()))
+                else:
+                    torch.set_num_threads(threads)
+                    loss_fn(*encode(images, texts), model.logit_scale.exp()).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
 
-            variants.append(Variant(f"{name}/{block}", step, step, rounds))
-    times = run_interleaved(variants, warmup=1)
-    seconds = {name: {block: times[f"{name}/{block}"] for block in BLOCKS} for name in SHAPES}
-    medians = {name: {b: median(t) for b, t in by.items()} for name, by in seconds.items()}
+            variants.append(Variant(f"{name}/{way}", step, step, rounds))
+    try:
+        times = run_interleaved(variants, warmup=1)
+    finally:
+        for split in splits:
+            split.close()
+        torch.set_num_threads(threads)
+    seconds = {name: {way: times[f"{name}/{way}"] for way in WAYS} for name in SHAPES}
+    medians = {name: {w: median(t) for w, t in by.items()} for name, by in seconds.items()}
     return {
         "machine": machine(),
         "settings": {"batch_size": batch_size, "image_size": image_size, "context_length": cfg.context_length,
@@ -73,27 +93,30 @@ def measure(rounds: int, batch_size: int, image_size: int = 64) -> dict:
         "embedding_max_abs_diff": agreement,
         "seconds": seconds,
         "median_seconds": {name: {b: rounded(s) for b, s in by.items()} for name, by in medians.items()},
-        "speedup": {name: rounded(by["default"] / by["custom"], 3) for name, by in medians.items()},
+        "speedup": {name: {w: rounded(by["default"] / by[w], 3) for w in WAYS[1:]} for name, by in medians.items()},
     }
 
 
 def figures(results: dict) -> list[Figure]:
-    return [Figure(NAME, f"{name} training step speedup, custom over default block", value, "x", "", None)
-            for name, value in results["speedup"].items()]
+    return [Figure(NAME, f"{name} training step speedup, {way} over default", value, "x", "", None)
+            for name, by in results["speedup"].items() for way, value in by.items()]
 
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    rows = [[name, by["default"], by["custom"], results["speedup"][name], results["embedding_max_abs_diff"][name]]
+    rows = [[name, by["default"], by["custom"], by["custom_split"], results["speedup"][name]["custom"],
+             results["speedup"][name]["custom_split"], results["embedding_max_abs_diff"][name]]
             for name, by in results["median_seconds"].items()]
     return "\n".join([
-        "# CLIP teachers: open_clip's default vs custom attention block",
+        "# CLIP teachers' training step: attention block and batch split",
         "",
         f"One training step, batch {s['batch_size']}, {s['image_size']} px, {s['context_length']} tokens; medians "
-        f"of {s['rounds']} interleaved rounds, seconds. Embedding difference: largest absolute difference of "
-        "the two blocks' embeddings for the same weights.",
+        f"of {s['rounds']} interleaved rounds, seconds; speedups over the default block. Split: the batch in two "
+        "slices on two threads with one intra-op thread each. Embedding difference: largest absolute difference "
+        "of the two blocks' embeddings for the same weights.",
         "",
-        markdown_table(["model", "default block", "custom block", "speedup", "embedding difference"], rows),
+        markdown_table(["model", "default block", "custom block", "custom block, split", "custom speedup",
+                        "split speedup", "embedding difference"], rows),
     ])
 
 

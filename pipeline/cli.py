@@ -91,6 +91,10 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--clip-ln-pre/--no-clip-ln-pre", default=TeachersConfig.clip_ln_pre, show_default=True,
               help="Give the CLIPs open_clip's pre-block LayerNorm. BLIP's ViT has none, so with it "
                    "--blip-freeze-vision cannot lock an exact copy of a CLIP tower.")
+@click.option("--clip-workers", type=int, default=TeachersConfig.clip_workers, show_default=True,
+              help="Threads that each encode a slice of every CLIP training batch with one intra-op thread; 1: one "
+                   "graph per step on all threads. On a 2-core CPU two workers train the CLIPs faster, since one "
+                   "operator of these small models splits badly over threads.")
 @click.option("--blip-split-negatives", type=int, default=TeachersConfig.blip_split_negatives, show_default=True,
               help="Text-to-image ITM negatives per text drawn from its ITC top 16 over the whole training split, "
                    "the candidates re-ranking meets (needs --blip-freeze-vision).")
@@ -103,7 +107,7 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
              blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
              blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
-             clip_ln_pre: bool, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
+             clip_ln_pre: bool, clip_workers: int, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
              on_error: str) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
@@ -131,6 +135,7 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         blip_freeze_vision=blip_freeze_vision,
         blip_split_negatives=blip_split_negatives,
         clip_ln_pre=clip_ln_pre,
+        clip_workers=clip_workers,
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
         blip_schedule=replace(defaults.blip_schedule, steps=blip_steps, lr=blip_lr),
     )

@@ -64,6 +64,9 @@ class TeachersConfig:
     blip_split_negatives: int = 0
     only: tuple[str, ...] = ()  # retrain just these of clip_a, clip_b, blip; keep the rest (and the tokenizer)
     threads: int = 2
+    # Threads that each encode a slice of every CLIP training batch with one intra-op thread
+    # (mcad_cache/teachers/parallel.py); 1: one graph per step on `threads` intra-op threads.
+    clip_workers: int = 2
     on_error: str = "raise"  # shard error policy: "warn" skips and counts, "raise" stops
 
     def to_dict(self) -> dict:

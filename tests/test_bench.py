@@ -93,10 +93,10 @@ def test_fused_pass_bench_checks_the_ways_agree_then_times_each(tiny_blip, tiny_
 
 
 def test_clip_block_bench_checks_the_blocks_agree_then_times_each(tmp_path):
-    from bench.clip_block import BLOCKS, SHAPES, main
+    from bench.clip_block import SHAPES, WAYS, main
 
     results = main(["--out", str(tmp_path), "--rounds", "2", "--batch-size", "4"])
     assert all(diff < 1e-4 for diff in results["embedding_max_abs_diff"].values())
     assert {name: {b: len(t) for b, t in by.items()} for name, by in results["seconds"].items()} == {
-        name: {b: 2 for b in BLOCKS} for name in SHAPES}
+        name: {w: 2 for w in WAYS} for name in SHAPES}
     assert json.loads((tmp_path / "clip_block.json").read_text())["speedup"] == results["speedup"]

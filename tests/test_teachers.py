@@ -436,3 +436,84 @@ def test_build_clip_gives_the_custom_block_the_default_blocks_initialization(tok
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixels), default.encode_image(pixels), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.encode_text(texts), default.encode_text(texts), atol=1e-5, rtol=1e-5)
+
+
+def _tiny_clip_training(tokenizer_dir, workers: int, steps: int = 3):
+    """A tiny CLIP after ``steps`` of train_clip on 16 random images with two captions each."""
+    from transformers import AutoTokenizer
+
+    from mcad_cache.teachers.configs import build_clip, clip_model_cfg
+    from mcad_cache.teachers.train import train_clip
+    from pipeline.config import Schedule
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    captions = [[f"a red circle left of a blue square {i}", f"a blue square {i}"] for i in range(16)]
+    table = tokenize_captions(tok, captions, 24)
+    pixels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = build_clip(clip_model_cfg(_TINY_SHAPE, 32, len(tok), 24, tok.sep_token_id, no_ln_pre=True),
+                       output_dict=True)
+    summary = train_clip(model, pixels, table, Schedule(steps=steps, batch_size=8, warmup=1), seed=0, desc="t",
+                         workers=workers)
+    return model, summary
+
+
+def test_clip_batch_split_over_worker_threads_gives_the_one_graph_gradients(tiny_clip):
+    from open_clip.loss import ClipLoss
+
+    from mcad_cache.teachers.parallel import SplitBatch
+
+    model = tiny_clip[0]
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    texts = torch.randint(5, 100, (8, 24), generator=torch.Generator().manual_seed(3))
+    loss_fn = ClipLoss()
+
+    def encode(images, ids):
+        return model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True)
+
+    def gradients(step) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        step()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    one = gradients(lambda: loss_fn(*encode(pixels, texts), model.logit_scale.exp()).backward())
+    split = SplitBatch(2, model.parameters())
+    try:
+        two = gradients(lambda: split.backward(loss_fn(*split.forward(encode, pixels, texts), model.logit_scale.exp())))
+        again = gradients(lambda: split.backward(loss_fn(*split.forward(encode, pixels, texts),
+                                                         model.logit_scale.exp())))
+    finally:
+        split.close()
+    model.zero_grad(set_to_none=True)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=name)
+        assert torch.equal(two[name], again[name]), f"{name}: the split step depends on thread timing"
+
+
+def test_train_clip_with_worker_threads_is_repeatable_and_restores_threads(tokenizer_dir):
+    threads = torch.get_num_threads()
+    one, one_summary = _tiny_clip_training(tokenizer_dir, workers=1)
+    two, two_summary = _tiny_clip_training(tokenizer_dir, workers=2)
+    again, _ = _tiny_clip_training(tokenizer_dir, workers=2)
+    assert torch.get_num_threads() == threads  # the workers' one intra-op thread is not left behind
+    assert two_summary["first_loss"] == pytest.approx(one_summary["first_loss"], abs=1e-5)
+    assert two_summary["last_loss"] == pytest.approx(one_summary["last_loss"], abs=1e-3)
+    for (name, b), c in zip(two.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(b, c), f"{name} differs between two runs with worker threads"
+
+
+def test_split_batch_refuses_misuse_and_bad_worker_counts(tmp_path):
+    from mcad_cache.teachers.parallel import SplitBatch
+    from mcad_cache.teachers.train import train_teachers
+    from pipeline.config import TeachersConfig
+
+    with pytest.raises(ValueError, match="at least 2 workers"):
+        SplitBatch(1, [])
+    split = SplitBatch(2, [])
+    with pytest.raises(RuntimeError, match="without a forward"):
+        split.backward(torch.zeros((), requires_grad=True))
+    split.close()
+    with pytest.raises(ValueError, match="clip_workers"):
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", clip_workers=0))
+

@@ -39,6 +39,7 @@ from mcad_cache.teachers.configs import (
     clip_model_cfg,
     clip_preprocess_cfg,
 )
+from mcad_cache.teachers.parallel import SplitBatch
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TEACHERS, EvalConfig, Schedule, TeachersConfig
 from pipeline.optim import adamw_warmup_cosine
@@ -103,12 +104,13 @@ def _fit(
     seed: int,
     desc: str,
     batch_loss: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]],
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> dict:
     """The shared loop: AdamW + warmup/cosine, clip at norm 1.
 
     ``batch_loss(images, generator)`` returns named terms with their sum as ``"loss"``;
     the progress bar shows them, and the summary holds each term's first value and
-    its mean over the last tenth of the steps.
+    its mean over the last tenth of the steps. ``backward(loss)`` fills the gradients.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer, scheduler = _optimizer(model, schedule)
@@ -118,7 +120,7 @@ def _fit(
     for images in progress:
         terms = batch_loss(images, generator)
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        backward(terms["loss"])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -136,17 +138,39 @@ def train_clip(
     schedule: Schedule,
     seed: int,
     desc: str,
+    workers: int = 1,
 ) -> dict:
-    """Contrastive training with open_clip's ``ClipLoss``; returns the loss curve's ends."""
-    loss_fn = ClipLoss()
+    """Contrastive training with open_clip's ``ClipLoss``; returns the loss curve's ends.
 
-    def batch_loss(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    With ``workers`` > 1 each step's batch is encoded in that many slices by
+    threads with one intra-op thread each (``SplitBatch``), and the loss is taken
+    over the whole batch's features as before.
+    """
+    loss_fn = ClipLoss()
+    split = SplitBatch(workers, model.parameters()) if workers > 1 else None
+
+    def encode(images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)
+
+    def batch_loss(images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        out = model(pixels[images], table.input_ids[table.sample(images, generator)])
-        return {"loss": loss_fn(out["image_features"], out["text_features"], out["logit_scale"])}
+        texts = table.input_ids[table.sample(images, generator)]
+        if split is None:
+            image_features, text_features = encode(pixels[images], texts)
+        else:
+            image_features, text_features = split.forward(encode, pixels[images], texts)
+        return {"loss": loss_fn(image_features, text_features, model.logit_scale.exp())}
 
-    return _fit(model, len(pixels), schedule, seed, desc, batch_loss)
+    if split is None:
+        return _fit(model, len(pixels), schedule, seed, desc, batch_loss)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the main thread's loss and AdamW too: no third thread team on the cores
+    try:
+        return _fit(model, len(pixels), schedule, seed, desc, batch_loss, backward=split.backward)
+    finally:
+        split.close()
+        torch.set_num_threads(threads)
 
 
 class MaskedWords(torch.nn.Module):
@@ -533,6 +557,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         raise ValueError(f"blip_random_negatives must be >= 0, got {cfg.blip_random_negatives}")
     if cfg.blip_freeze_vision and not cfg.blip_vision_init:
         raise ValueError("blip_freeze_vision locks a trained image tower: set blip_vision_init (clip_a or clip_b)")
+    if not 1 <= cfg.clip_workers <= cfg.clip_schedule.batch_size:
+        raise ValueError(f"clip_workers must be in [1, {cfg.clip_schedule.batch_size}], got {cfg.clip_workers}")
     if cfg.blip_split_negatives < 0:
         raise ValueError(f"blip_split_negatives must be >= 0, got {cfg.blip_split_negatives}")
     if cfg.blip_split_negatives and not cfg.blip_freeze_vision:  # train_blip refuses it too; fail before the CLIPs
@@ -572,7 +598,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         model_cfg = clip_model_cfg(shape, image_size, len(tokenizer), cfg.context_length, tokenizer.sep_token_id,
                                    no_ln_pre=not cfg.clip_ln_pre)
         model = build_clip(model_cfg, output_dict=True)
-        summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name)
+        summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name,
+                             workers=cfg.clip_workers)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
         report[name] = {"spec": spec.name, **summary, "seconds": _since(start)}
         log.info("%s: %s", name, report[name])
