@@ -21,7 +21,7 @@ install:  ## Create $(VENV) and install the project with pip (pinned torch/torch
 data:  ## Generate the default image-text world (22k samples, ~15 s) into $(DATA)
 	$(BIN)/mcad data --out $(DATA)
 
-teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, ~15 min)
+teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, 15-18 min on 2 cores)
 	$(BIN)/mcad teachers --data $(DATA) --out $(TEACHERS)
 
 eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/eval/teachers.json
@@ -37,7 +37,7 @@ distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then i
 ablation:  ## Rows (a)-(f) of the README ablation table (300 steps, 2 seeds, online row 1 seed; ~85 min on 2 cores) into runs/ablation
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --steps 300 --seeds 0,1 --online-seeds 0
 
-bench:  ## Benchmarks (~9 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
+bench:  ## Benchmarks (~11 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 	$(BIN)/python bench/search_latency.py --student runs/default/student
 	$(BIN)/python -m bench.fused_pass --blip $(TEACHERS)/blip --shards $(DATA)/train
