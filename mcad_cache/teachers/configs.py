@@ -31,7 +31,7 @@ def clip_model_cfg(
     ``block_type="custom"`` is open_clip's own attention block (one fused q/k/v
     projection and ``scaled_dot_product_attention``) in place of its default
     ``nn.MultiheadAttention`` block: same parameter names, same outputs for the
-    same weights, 1.12-1.21x faster per CPU training step (``bench/clip_block.py``).
+    same weights, 1.12-1.22x faster per CPU training step (``bench/clip_block.py``).
     Build new models with ``build_clip``, which keeps the default block's
     initialization.
     """
