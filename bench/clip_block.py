@@ -38,6 +38,7 @@ def measure(rounds: int, batch_size: int, image_size: int = 64) -> dict:
 
     from mcad_cache.teachers.configs import build_clip, clip_model_cfg, with_block_type
     from mcad_cache.teachers.parallel import SplitBatch
+    from mcad_cache.teachers.train import clip_loss
     from pipeline.config import TeachersConfig
 
     cfg = TeachersConfig()
@@ -63,17 +64,14 @@ def measure(rounds: int, batch_size: int, image_size: int = 64) -> dict:
         for way, model in models.items():
             optimizer = torch.optim.AdamW(model.train().parameters(), lr=1e-4)
 
-            def step(way=way, model=model, optimizer=optimizer, split=split) -> None:
-                def encode(px, ids, model=model):
-                    return model.encode_image(px, normalize=True), model.encode_text(ids, normalize=True)
-
+            def step(model=model, optimizer=optimizer, split=split if way == "custom_split" else None) -> None:
+                torch.set_num_threads(threads if split is None else 1)
                 optimizer.zero_grad(set_to_none=True)
-                if way == "custom_split":
-                    torch.set_num_threads(1)
-                    split.backward(loss_fn(*split.forward(encode, images, texts), model.logit_scale.exp()))
+                loss = clip_loss(model, loss_fn, images, texts, split)
+                if split is None:
+                    loss.backward()
                 else:
-                    torch.set_num_threads(threads)
-                    loss_fn(*encode(images, texts), model.logit_scale.exp()).backward()
+                    split.backward(loss)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
 

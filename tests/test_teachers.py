@@ -462,26 +462,23 @@ def test_clip_batch_split_over_worker_threads_gives_the_one_graph_gradients(tiny
     from open_clip.loss import ClipLoss
 
     from mcad_cache.teachers.parallel import SplitBatch
+    from mcad_cache.teachers.train import clip_loss
 
     model = tiny_clip[0]
     pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     texts = torch.randint(5, 100, (8, 24), generator=torch.Generator().manual_seed(3))
     loss_fn = ClipLoss()
 
-    def encode(images, ids):
-        return model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True)
-
     def gradients(step) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         step()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    one = gradients(lambda: loss_fn(*encode(pixels, texts), model.logit_scale.exp()).backward())
+    one = gradients(lambda: clip_loss(model, loss_fn, pixels, texts).backward())
     split = SplitBatch(2, model.parameters())
     try:
-        two = gradients(lambda: split.backward(loss_fn(*split.forward(encode, pixels, texts), model.logit_scale.exp())))
-        again = gradients(lambda: split.backward(loss_fn(*split.forward(encode, pixels, texts),
-                                                         model.logit_scale.exp())))
+        two = gradients(lambda: split.backward(clip_loss(model, loss_fn, pixels, texts, split)))
+        again = gradients(lambda: split.backward(clip_loss(model, loss_fn, pixels, texts, split)))
     finally:
         split.close()
     model.zero_grad(set_to_none=True)

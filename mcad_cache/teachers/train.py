@@ -131,6 +131,25 @@ def _fit(
     return _loss_summary(history)
 
 
+def clip_loss(
+    model: open_clip.model.CLIP,
+    loss_fn: ClipLoss,
+    pixels: torch.Tensor,
+    texts: torch.Tensor,
+    split: SplitBatch | None = None,
+) -> torch.Tensor:
+    """``loss_fn`` over the batch's normalized embeddings, encoded in ``split``'s slices when given.
+
+    With ``split``, back-propagate with ``split.backward(loss)``, not ``loss.backward()``.
+    """
+
+    def encode(images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True)
+
+    features = encode(pixels, texts) if split is None else split.forward(encode, pixels, texts)
+    return loss_fn(*features, model.logit_scale.exp())
+
+
 def train_clip(
     model: open_clip.model.CLIP,
     pixels: torch.Tensor,
@@ -149,18 +168,11 @@ def train_clip(
     loss_fn = ClipLoss()
     split = SplitBatch(workers, model.parameters()) if workers > 1 else None
 
-    def encode(images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)
-
     def batch_loss(images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         texts = table.input_ids[table.sample(images, generator)]
-        if split is None:
-            image_features, text_features = encode(pixels[images], texts)
-        else:
-            image_features, text_features = split.forward(encode, pixels[images], texts)
-        return {"loss": loss_fn(image_features, text_features, model.logit_scale.exp())}
+        return {"loss": clip_loss(model, loss_fn, pixels[images], texts, split)}
 
     if split is None:
         return _fit(model, len(pixels), schedule, seed, desc, batch_loss)
