@@ -6,9 +6,13 @@ teacher's training step and ITM re-ranking both run it on hundreds of pairs. Way
 - ``padded``: what HF's BLIP does: every pair carries its own copy of the image tokens, so each
   cross-attention projects them per pair, and all captions are padded to the longest;
 - ``kv_per_image``: ``fused_states(image_rows=...)``: each image's cross-attention keys and values
-  are computed once and gathered per pair;
-- ``by_length`` (the default, ``fused_states_by_length``): keys and values per image, and the
-  pairs run in ``LENGTH_GROUPS`` groups of similar caption length, each cut to its longest caption.
+  are computed once and gathered per pair with ``index_select`` (autograd's own backward);
+- ``kv_per_group``: keys and values per image, and the pairs run in ``LENGTH_GROUPS`` groups of
+  similar caption length, each cut to its longest caption; each group projects the keys and values
+  of the images it uses and gathers them with ``index_select`` (the default until December 2026);
+- ``by_length`` (the default, ``fused_states_by_length``): the same groups, with the keys and values
+  of every image projected once for the whole pass, and gathered by ``_GatherRows``, whose backward
+  is one ``index_add_`` instead of autograd's element-wise scatter.
 
 Jobs, on the default world's shapes:
 
@@ -26,6 +30,7 @@ by round after a warmup round, and each figure is the median. Inputs: a BLIP tea
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,20 +39,47 @@ from bench.common import (Figure, MissingInputError, apply_threads, machine, mar
                           quiet_progress, rounded, timed)
 
 NAME = "fused_pass"
-VARIANTS = ("padded", "kv_per_image", "by_length")
+VARIANTS = ("padded", "kv_per_image", "kv_per_group", "by_length")
 
 
-def _ways(fused_states) -> dict:
+class _AutogradGather:
+    """Stands in for ``single._GatherRows``: plain ``index_select``, differentiated by autograd."""
+
+    @staticmethod
+    def apply(source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return source.index_select(0, rows)
+
+
+@contextmanager
+def _autograd_gather(single):
+    original = single._GatherRows
+    single._GatherRows = _AutogradGather
+    try:
+        yield
+    finally:
+        single._GatherRows = original
+
+
+def _ways(single) -> dict:
     """Stand-ins for ``fused_states_by_length``, one per way (``by_length`` is the function itself)."""
+    fused_states = single.fused_states
 
     def padded(model, input_ids, attention_mask, image_tokens, image_rows=None, groups=None):
         tokens = image_tokens if image_rows is None else image_tokens[image_rows]
         return fused_states(model, input_ids, attention_mask, tokens)
 
     def kv_per_image(model, input_ids, attention_mask, image_tokens, image_rows=None, groups=None):
-        return fused_states(model, input_ids, attention_mask, image_tokens, image_rows)
+        with _autograd_gather(single):
+            return fused_states(model, input_ids, attention_mask, image_tokens, image_rows)
 
-    return {"padded": padded, "kv_per_image": kv_per_image}
+    def kv_per_group(model, input_ids, attention_mask, image_tokens, image_rows=None, groups=single.LENGTH_GROUPS):
+        order = attention_mask.sum(1).argsort(stable=True)
+        with _autograd_gather(single):
+            parts = [single._fused_runs(model, input_ids, attention_mask, image_tokens, image_rows, [run], cut=True)
+                     for run in order.tensor_split(min(groups, len(order)))]
+        return torch.cat(parts).index_select(0, order.argsort())
+
+    return {"padded": padded, "kv_per_image": kv_per_image, "kv_per_group": kv_per_group}
 
 
 def measure(blip_dir: Path, shards: Path, rounds: int, batch_size: int, images: int, k: int = 16,
@@ -111,7 +143,7 @@ def measure(blip_dir: Path, shards: Path, rounds: int, batch_size: int, images: 
         ])
 
     original = single.fused_states_by_length
-    ways = {**_ways(single.fused_states), "by_length": original}
+    ways = {**_ways(single), "by_length": original}
     jobs = {"train_step": train_step, "rescore": rescore}
     seconds: dict[str, dict[str, list[float]]] = {job: {v: [] for v in VARIANTS} for job in jobs}
     try:
@@ -157,7 +189,7 @@ def markdown(results: dict) -> str:
     rows = [[job, *(by[v] for v in VARIANTS), *results["speedup"][job].values()]
             for job, by in results["median_seconds"].items()]
     return "\n".join([
-        "# BLIP's fused pass: padded per pair vs keys/values per image vs also grouped by caption length",
+        "# BLIP's fused pass: padded per pair vs keys/values per image vs grouped by caption length (keys/values per group or once)",
         "",
         f"BLIP teacher `{s['blip']}`; train step: batch {s['batch_size']} with the `mcad teachers` "
         f"defaults; rescore: {s['rescore_images']} images x {s['rescore_k']} captions. Medians of "
