@@ -78,11 +78,39 @@ def test_random_edit_always_changes_a_caption_and_reports_none_left(edits_and_id
     assert (out[:4] != ids).any(1).all()
 
 
-def test_words_must_be_single_tokens(world_tokenizer, tokenizer_dir):
+def test_words_must_be_single_tokens(world_tokenizer, tmp_path):
     with pytest.raises(UnknownWordError, match="zebra"):
         CaptionEdits.from_words(world_tokenizer, {"colour": ("red", "zebra")}, {})
     with pytest.raises(ValueError, match="2 or more"):
         CaptionEdits.from_words(world_tokenizer, {"colour": ("red", "red")}, {})
-    small = AutoTokenizer.from_pretrained(str(tokenizer_dir))  # 128 tokens: some edit words are split
+    small = train_wordpiece(CAPTIONS, tmp_path / "tok", vocab_size=128)  # never saw most edit words: spells them
     with pytest.raises(UnknownWordError, match="not a single token"):
         CaptionEdits.from_words(small, CAPTION_WORDS, RELATION_FLIPS)
+
+
+def test_trained_tokenizer_files_repeat_across_processes(tmp_path):
+    """Same captions, same files, whatever the process's hash seed (tokenizers' own trainer breaks ties by hash order)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from pipeline.tokenizer import train_wordpiece; "
+              f"train_wordpiece({CAPTIONS!r} * 2, sys.argv[1], vocab_size=128)")
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"tok{seed}"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env=dict(os.environ, PYTHONHASHSEED=seed))
+        outs.append({p.name: p.read_bytes() for p in out.iterdir()})
+    assert outs[0] == outs[1]
+
+
+def test_tokenizer_vocabulary_words_by_count_after_every_character():
+    from pipeline.tokenizer import SPECIAL_TOKENS, wordpiece_vocab
+
+    vocab = wordpiece_vocab(["b a b", "cc b a", "A dd"], vocab_size=16)
+    assert vocab[:5] == SPECIAL_TOKENS
+    assert vocab[5:] == ["a", "b", "c", "d", "##a", "##b", "##c", "##d", "cc", "dd"]  # a, b are characters already
+    assert wordpiece_vocab(["b a b", "cc b a", "A dd"], vocab_size=14)[-1] == "cc"  # ties alphabetical, then cut
+    with pytest.raises(ValueError, match="cannot hold"):
+        wordpiece_vocab(["abc"], vocab_size=8)

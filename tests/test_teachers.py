@@ -466,7 +466,7 @@ def test_clip_batch_split_over_worker_threads_gives_the_one_graph_gradients(tiny
 
     model = tiny_clip[0]
     pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    texts = torch.randint(5, 100, (8, 24), generator=torch.Generator().manual_seed(3))
+    texts = torch.randint(5, model.token_embedding.num_embeddings, (8, 24), generator=torch.Generator().manual_seed(3))
     loss_fn = ClipLoss()
 
     def gradients(step) -> dict[str, torch.Tensor]:
@@ -513,4 +513,5 @@ def test_split_batch_refuses_misuse_and_bad_worker_counts(tmp_path):
     split.close()
     with pytest.raises(ValueError, match="clip_workers"):
         train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", clip_workers=0))
+
 
