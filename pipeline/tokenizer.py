@@ -35,7 +35,7 @@ def wordpiece_vocab(captions: Iterable[str], vocab_size: int) -> list[str]:
     counts = Counter(word for text in captions
                      for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     chars = sorted({char for word in counts for char in word})
-    vocab = SPECIAL_TOKENS + chars + [f"##{char}" for char in chars if f"##{char}" not in SPECIAL_TOKENS]
+    vocab = SPECIAL_TOKENS + chars + [f"##{char}" for char in chars]
     if vocab_size < len(vocab):
         raise ValueError(f"vocab_size {vocab_size} cannot hold the {len(SPECIAL_TOKENS)} special tokens and the "
                          f"captions' {len(chars)} characters (alone and as ## continuations): {len(vocab)} needed")

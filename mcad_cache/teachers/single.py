@@ -13,8 +13,8 @@ the image tower runs once per image, however many texts it is paired with:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
