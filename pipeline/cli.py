@@ -66,6 +66,12 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
               show_default=True, help="Receives tokenizer/, clip_a/, clip_b/, blip/ and teachers.json.")
 @click.option("--clip-steps", type=int, default=TeachersConfig.clip_schedule.steps, show_default=True)
 @click.option("--blip-steps", type=int, default=TeachersConfig.blip_schedule.steps, show_default=True)
+@click.option("--blip-batch-size", type=int, default=TeachersConfig.blip_schedule.batch_size, show_default=True,
+              help="Images per BLIP step; each brings its positive pair, mined and edited negatives and a masked "
+                   "caption to the fused pass.")
+@click.option("--clip-b-width", type=int, default=TeachersConfig.clip_b.width, show_default=True,
+              help="Width (and embedding size) of the second CLIP, the one AMMKD adds; a multiple of its "
+                   f"{TeachersConfig.clip_b.heads} heads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--blip-mask-prob", type=float, default=TeachersConfig.blip_mask_prob, show_default=True,
               help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).")
@@ -104,7 +110,8 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
               help="Retrain only this teacher (repeatable); the others and the tokenizer in --out are kept.")
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
-def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, seed: int, blip_mask_prob: float,
+def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, blip_batch_size: int,
+             clip_b_width: int, seed: int, blip_mask_prob: float,
              blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
              blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
              clip_ln_pre: bool, clip_workers: int, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
@@ -136,8 +143,9 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, se
         blip_split_negatives=blip_split_negatives,
         clip_ln_pre=clip_ln_pre,
         clip_workers=clip_workers,
+        clip_b=replace(defaults.clip_b, width=clip_b_width, embed_dim=clip_b_width),
         clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
-        blip_schedule=replace(defaults.blip_schedule, steps=blip_steps, lr=blip_lr),
+        blip_schedule=replace(defaults.blip_schedule, steps=blip_steps, lr=blip_lr, batch_size=blip_batch_size),
     )
     try:
         report = train_teachers(cfg)

@@ -100,3 +100,4 @@ def test_clip_block_bench_checks_the_blocks_agree_then_times_each(tmp_path):
     assert {name: {b: len(t) for b, t in by.items()} for name, by in results["seconds"].items()} == {
         name: {w: 2 for w in WAYS} for name in SHAPES}
     assert json.loads((tmp_path / "clip_block.json").read_text())["speedup"] == results["speedup"]
+    assert set(results["text_cut_speedup"]) == set(SHAPES)

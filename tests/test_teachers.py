@@ -10,7 +10,7 @@ from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTe
 from mcad_cache.teachers.identity import state_dict_sha256
 from mcad_cache.teachers.single import SingleStreamTeacher
 from mcad_cache.teachers.train import CaptionTable, MaskedWords, blip_losses, masked_words_for, tokenize_captions
-from pipeline.config import TowerShape
+from pipeline.config import Schedule, TowerShape
 from pipeline.optim import adamw_warmup_cosine, warmup_cosine
 
 _TINY_SHAPE = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)  # conftest's TINY (not importable)
@@ -515,3 +515,47 @@ def test_split_batch_refuses_misuse_and_bad_worker_counts(tmp_path):
         train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", clip_workers=0))
 
 
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"clip_b": TowerShape(width=66, heads=4)}, "clip_b's width must be a positive multiple of its 4 heads"),
+        ({"blip_schedule": Schedule(steps=10, batch_size=1)}, "blip schedule needs steps >= 1 and batch_size >= 2"),
+        ({"clip_schedule": Schedule(steps=0)}, "clip schedule needs steps >= 1"),
+    ],
+)
+def test_bad_teacher_shapes_and_schedules_are_refused_before_any_work(tmp_path, change, message):
+    from mcad_cache.teachers.train import train_teachers
+    from pipeline.config import TeachersConfig
+
+    with pytest.raises(ValueError, match=message):  # the data directory is empty: no shard is read first
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", **change))
+
+
+def test_text_cut_to_the_longest_caption_gives_open_clips_features_and_gradients(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from mcad_cache.teachers.configs import build_clip, clip_model_cfg
+    from mcad_cache.teachers.train import encode_text_cut
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    model = build_clip(clip_model_cfg(_TINY_SHAPE, 32, len(tok), 24, tok.sep_token_id, no_ln_pre=True))
+    texts = ["a red circle left of a blue square", "a square", "a small blue circle above a large red triangle"]
+    ids = tok(texts, padding="max_length", max_length=24, return_tensors="pt")["input_ids"]
+    longest = int((ids != tok.pad_token_id).sum(1).max())
+    assert longest < 24  # there is padding to cut
+
+    cut = encode_text_cut(model, ids)
+    cut.sum().backward()
+    cut_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model.encode_text(ids, normalize=True)
+    full.sum().backward()
+    torch.testing.assert_close(cut, full, atol=1e-6, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if name in cut_grads:
+            torch.testing.assert_close(cut_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # the positional embeddings past the longest caption get no gradient from the cut pass
+    assert cut_grads["positional_embedding"][longest:].abs().max() == 0

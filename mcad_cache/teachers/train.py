@@ -26,6 +26,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from open_clip.transformer import text_global_pool
 from tqdm import tqdm
 from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
@@ -131,20 +132,42 @@ def _fit(
     return _loss_summary(history)
 
 
+def encode_text_cut(model: open_clip.model.CLIP, ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """``model.encode_text(ids, normalize=True)``, run on the captions cut to the longest one.
+
+    The text tower is causal and pools the ``[SEP]`` token, so no real token reads
+    the (right-)padding after it: cutting the padding leaves every output the same up
+    to float rounding, and a batch's longest caption is 19 of the 24 positions.
+    A tower without the causal mask would read the padding, so it runs uncut.
+    """
+    if model.attn_mask is None:
+        return model.encode_text(ids, normalize=True)
+    length = int((ids != pad_id).sum(1).max())
+    ids = ids[:, :length]
+    x = model.token_embedding(ids) + model.positional_embedding[:length]
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return F.normalize(x, dim=-1)
+
+
 def clip_loss(
     model: open_clip.model.CLIP,
     loss_fn: ClipLoss,
     pixels: torch.Tensor,
     texts: torch.Tensor,
     split: SplitBatch | None = None,
+    cut_text: bool = True,
 ) -> torch.Tensor:
     """``loss_fn`` over the batch's normalized embeddings, encoded in ``split``'s slices when given.
 
     With ``split``, back-propagate with ``split.backward(loss)``, not ``loss.backward()``.
+    ``cut_text``: each slice's captions run cut to its longest (``encode_text_cut``); else all positions.
     """
 
     def encode(images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True)
+        text = encode_text_cut(model, ids) if cut_text else model.encode_text(ids, normalize=True)
+        return model.encode_image(images, normalize=True), text
 
     features = encode(pixels, texts) if split is None else split.forward(encode, pixels, texts)
     return loss_fn(*features, model.logit_scale.exp())
@@ -571,6 +594,13 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         raise ValueError("blip_freeze_vision locks a trained image tower: set blip_vision_init (clip_a or clip_b)")
     if not 1 <= cfg.clip_workers <= cfg.clip_schedule.batch_size:
         raise ValueError(f"clip_workers must be in [1, {cfg.clip_schedule.batch_size}], got {cfg.clip_workers}")
+    for name, shape in (("clip_a", cfg.clip_a), ("clip_b", cfg.clip_b), ("blip", cfg.blip)):
+        if shape.width <= 0 or shape.width % shape.heads:
+            raise ValueError(f"{name}'s width must be a positive multiple of its {shape.heads} heads, got {shape.width}")
+    for name, schedule in (("clip", cfg.clip_schedule), ("blip", cfg.blip_schedule)):
+        if schedule.batch_size < 2 or schedule.steps < 1:
+            raise ValueError(f"the {name} schedule needs steps >= 1 and batch_size >= 2 (contrastive), got "
+                             f"{schedule.steps} steps of {schedule.batch_size}")
     if cfg.blip_split_negatives < 0:
         raise ValueError(f"blip_split_negatives must be >= 0, got {cfg.blip_split_negatives}")
     if cfg.blip_split_negatives and not cfg.blip_freeze_vision:  # train_blip refuses it too; fail before the CLIPs
