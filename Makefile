@@ -21,7 +21,7 @@ install:  ## Create $(VENV) and install the project with pip (pinned torch/torch
 data:  ## Generate the default image-text world (22k samples, ~15 s) into $(DATA)
 	$(BIN)/mcad data --out $(DATA)
 
-teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, 17-20 min on 2 cores)
+teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, 12-15 min on 2 cores)
 	$(BIN)/mcad teachers --data $(DATA) --out $(TEACHERS)
 
 eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/eval/teachers.json

@@ -44,7 +44,7 @@ class TeachersConfig:
     clip_b: TowerShape = TowerShape(width=64, layers=4, heads=4, embed_dim=64)
     blip: TowerShape = TowerShape(width=128, layers=4, heads=4, embed_dim=128)
     clip_schedule: Schedule = Schedule(steps=400)
-    blip_schedule: Schedule = Schedule(steps=360)
+    blip_schedule: Schedule = Schedule(steps=320)
     # The BLIP recipe (README, "Teachers on the default world"). Share of words the image-conditioned MLM masks
     # (ALBEF's third loss; 0: off). From scratch it is what got ITM off the constant guess; on the locked, trained
     # clip_a tower ITM learns without it, and dropping it gave a better and 15 % cheaper BLIP (README).
