@@ -17,8 +17,9 @@ initialization.
 For each CLIP shape of ``TeachersConfig`` this builds the models from the same weights, checks
 that the blocks give the same embeddings, then times one training step of each (forward, open_clip's
 ``ClipLoss``, backward, gradient clipping, AdamW) at the teacher batch size on random 64 px images
-and random captions of the default world's lengths (7-19 tokens, padded to the context length). The steps are interleaved round by round after a
-warmup round; each figure is the median. Needs no inputs.
+and random captions of the default world's lengths (7-19 tokens, padded to the context length).
+The steps are interleaved round by round after a warmup round; each figure is the median.
+Needs no inputs.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def markdown(results: dict) -> str:
         "of the two blocks' embeddings for the same weights.",
         "",
         markdown_table(["model", "default block", "custom block", "split, uncut", "split, cut (default)",
-                        "custom speedup", "split uncut speedup", "split cut speedup", "cut over uncut", "embedding difference"], rows),
+                        "custom speedup", "split uncut speedup", "split cut speedup", "cut over uncut",
+                        "embedding difference"], rows),
     ])
 
 

@@ -67,8 +67,8 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--clip-steps", type=int, default=TeachersConfig.clip_schedule.steps, show_default=True)
 @click.option("--blip-steps", type=int, default=TeachersConfig.blip_schedule.steps, show_default=True)
 @click.option("--blip-batch-size", type=int, default=TeachersConfig.blip_schedule.batch_size, show_default=True,
-              help="Images per BLIP step; each brings its positive pair, mined and edited negatives and a masked "
-                   "caption to the fused pass.")
+              help="Images per BLIP step; each brings its positive pair, its mined and edited negatives and "
+                   "(with --blip-mask-prob) a masked caption to the fused pass.")
 @click.option("--clip-b-width", type=int, default=TeachersConfig.clip_b.width, show_default=True,
               help="Width (and embedding size) of the second CLIP, the one AMMKD adds; a multiple of its "
                    f"{TeachersConfig.clip_b.heads} heads.")

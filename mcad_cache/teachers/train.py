@@ -596,7 +596,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         raise ValueError(f"clip_workers must be in [1, {cfg.clip_schedule.batch_size}], got {cfg.clip_workers}")
     for name, shape in (("clip_a", cfg.clip_a), ("clip_b", cfg.clip_b), ("blip", cfg.blip)):
         if shape.width <= 0 or shape.width % shape.heads:
-            raise ValueError(f"{name}'s width must be a positive multiple of its {shape.heads} heads, got {shape.width}")
+            raise ValueError(f"{name}'s width must be a positive multiple of its {shape.heads} heads, "
+                             f"got {shape.width}")
     for name, schedule in (("clip", cfg.clip_schedule), ("blip", cfg.blip_schedule)):
         if schedule.batch_size < 2 or schedule.steps < 1:
             raise ValueError(f"the {name} schedule needs steps >= 1 and batch_size >= 2 (contrastive), got "
