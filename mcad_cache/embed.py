@@ -8,9 +8,10 @@ arrays of its shard group. The caller writes them and then the done marker.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,15 @@ import numpy as np
 import torch
 
 from mcad_cache.schema import SCHEMA_VERSION, VIEW_PARAMS
+from mcad_cache.sources import path_hints
 from mcad_cache.store import file_sha256, plan_blocks, source_list
 from mcad_cache.teachers.dual import DualStreamTeacher
 from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
 from pipeline.config import CacheConfig
-from pipeline.shards import ReadStats, load_split
+from pipeline.shards import DuplicateKeyError, ReadStats, SplitData, load_split
 from pipeline.views import render_views, view_boxes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,15 +100,17 @@ def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]
     single = teachers.single
     described[teachers.single_name] = {**single.identity().to_dict(), "embed_dim": single.embed_dim,
                                        "fused_dim": single.fused_dim, "image_size": single.image_size}
-    sources = source_list(shards)
+    sources = [{**source, **path_hints(source["path"], cfg.store)} for source in source_list(shards)]
     tokenizer_file = Path(teachers.tokenizer_path) / "tokenizer.json"
+    local_tokenizer = Path(teachers.tokenizer_path).is_dir()
     return {
         "schema_version": SCHEMA_VERSION,
         "teachers": described,
         "dual_teachers": list(teachers.duals),
         "single_teacher": teachers.single_name,
         "tokenizer": {
-            "path": teachers.tokenizer_path,
+            **(path_hints(teachers.tokenizer_path, cfg.store) if local_tokenizer else {"path": teachers.tokenizer_path}),
+            "local": local_tokenizer,
             "sha256": file_sha256(tokenizer_file) if tokenizer_file.exists() else None,
             "context_length": teachers.context_length,
         },
@@ -119,11 +125,18 @@ def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]
 
 
 @torch.no_grad()
-def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays of one shard group, and its status (samples, skips by reason, seconds)."""
+def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
+                seen: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of one shard group, and its status (samples, skips by reason, truncation, seconds).
+
+    ``seen`` maps the keys of the job's earlier shards to the shard each was read
+    from: a key read again (there, or earlier in this shard) is refused here,
+    before stage 2 would trip over it (see ``drop_duplicate_keys``).
+    """
     start = time.perf_counter()
     stats = ReadStats()
     data = load_split([shard], image_size=cfg.source_size, policy=cfg.on_error, stats=stats)
+    data = drop_duplicate_keys(data, shard, seen or {}, cfg.on_error, stats)
     read_seconds = time.perf_counter() - start
     texts = [text for captions in data.captions for text in captions]
     text_image = np.repeat(np.arange(len(data)), [len(c) for c in data.captions]).astype(np.int32)
@@ -152,17 +165,54 @@ def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet) -> tuple[dic
     status = {
         "samples": len(data),
         "texts": len(texts),
-        "skipped": stats.skipped,
+        "skipped": stats.skipped,  # skip events: bad samples plus one per truncated or unreadable shard
+        "skipped_samples": stats.samples_skipped,  # samples known lost; a truncated shard's rest is not known
         "skipped_by_reason": dict(stats.by_reason),
         "skip_records": [list(r) for r in stats.records[:20]],
         "seconds": round(time.perf_counter() - start, 3),
         "read_seconds": round(read_seconds, 3),
         "teacher_seconds": round(clock["seconds"], 3),
     }
+    if stats.truncated:  # one shard read: at most one truncation
+        status["truncated"] = stats.truncated[0].to_dict()
     if stats.by_reason.get("unreadable_shard"):
         status["failed"] = "unreadable_shard: " + "; ".join(
             f"{key or '-'}: {reason}" for _, key, reason in stats.records if reason.startswith("unreadable"))[:500]
     return arrays, status
+
+
+def drop_duplicate_keys(data: SplitData, shard: str, seen: Mapping[str, str], policy: str,
+                        stats: ReadStats) -> SplitData:
+    """``data`` without the samples whose key was read before: in ``seen`` or earlier in this shard.
+
+    Stage 2 addresses samples by key, so a repeated key must not reach the store.
+    Under ``raise`` the first repeat is a ``DuplicateKeyError`` naming both
+    shards; under ``warn`` every repeat is a counted ``duplicate_key`` skip. Found
+    with a numpy unique and one set intersection, not a lookup per sample.
+    """
+    keys = np.asarray(data.keys, dtype=str)
+    repeated = np.ones(len(keys), dtype=bool)
+    repeated[np.unique(keys, return_index=True)[1]] = False  # all but each key's first row in this shard
+    earlier = seen.keys() & set(data.keys)
+    if earlier:
+        repeated |= np.isin(keys, list(earlier))
+    rows = np.flatnonzero(repeated)
+    if not len(rows):
+        return data
+
+    def error(row: int) -> DuplicateKeyError:
+        key = str(keys[row])
+        return DuplicateKeyError(key, seen.get(key, shard), shard)
+
+    if policy == "raise":
+        raise error(rows[0])
+    for row in rows:
+        stats.record(error(row))
+    log.warning("shard %s: skipping %d sample(s) whose key was already read, e.g. %s", shard, len(rows), error(rows[0]))
+    keep = ~repeated
+    return SplitData(keys=keys[keep].tolist(), images=data.images[torch.from_numpy(keep)],
+                     captions=[c for c, k in zip(data.captions, keep, strict=True) if k],
+                     shard_of=[s for s, k in zip(data.shard_of, keep, strict=True) if k])
 
 
 def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, size: int, prepare, encode, batch: int, dim: int,

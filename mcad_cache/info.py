@@ -25,6 +25,7 @@ def describe(path: str | Path) -> dict:
     manifest = store.manifest
     shards = {"done": [], "missing": [], "failed": []}
     samples = texts = skipped = 0
+    truncated: list[str] = []
     embed_seconds = teacher_seconds = 0.0
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for source in manifest["shards"]:
@@ -35,7 +36,9 @@ def describe(path: str | Path) -> dict:
         shards["failed" if status.get("failed") else "done"].append(source["name"])
         samples += status.get("samples", 0)
         texts += status.get("texts", 0)
-        skipped += status.get("skipped", 0)
+        skipped += status.get("skipped_samples", status.get("skipped", 0))
+        if status.get("truncated"):
+            truncated.append(status["truncated"].get("message", source["name"]))
         embed_seconds += status.get("seconds", 0.0)
         teacher_seconds += status.get("teacher_seconds", 0.0)
         for array, (stored, raw) in _array_sizes(store.shard_group(source["name"])).items():
@@ -64,6 +67,7 @@ def describe(path: str | Path) -> dict:
         "samples": samples,
         "texts": texts,
         "skipped_samples": skipped,
+        "truncated_shards": truncated,
         "embed_seconds": round(embed_seconds, 3),
         "teacher_seconds": round(teacher_seconds, 3),
         "blocks": blocks,
@@ -91,6 +95,8 @@ def format_report(report: dict) -> str:
     lines.append(f"shards: {sh['done']} done, {sh['failed']} failed, {sh['missing']} missing "
                  f"(of {len(m['shards'])}); {report['samples']} samples, {report['texts']} captions, "
                  f"{report['skipped_samples']} skipped samples")
+    for message in report.get("truncated_shards", []):
+        lines.append(f"  TRUNCATED: {message}")
     if report["missing_shards"]:
         more = " ..." if len(report["missing_shards"]) > 10 else ""
         lines.append(f"  missing: {report['missing_shards'][:10]}{more}")

@@ -113,11 +113,24 @@ CHECKED_FIELDS = {
 }
 
 
+# Where the data lives is a hint (see mcad_cache/sources.py), not its identity: moved shards or a moved
+# tokenizer, or a run from another directory, give the same store.
+_PATH_HINTS = ("path", "store_relative")
+
+
+def _identity(key: str, value):
+    if key == "shards" and isinstance(value, list):
+        return [{k: v for k, v in s.items() if k not in _PATH_HINTS} for s in value]
+    if key == "tokenizer" and isinstance(value, dict) and value.get("sha256"):  # a local tokenizer: its hash
+        return {k: v for k, v in value.items() if k not in (*_PATH_HINTS, "local")}
+    return value
+
+
 def manifest_differences(stored: dict, expected: dict) -> list[str]:
     """Human-readable differences between a stored manifest and the one this run would write."""
     out = []
     for key, words in CHECKED_FIELDS.items():
-        a, b = stored.get(key), expected.get(key)
+        a, b = _identity(key, stored.get(key)), _identity(key, expected.get(key))
         if a == b:
             continue
         if key == "shards" and isinstance(a, list) and isinstance(b, list):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mcad_cache.schema import BLOCK_PASSES, read_block_rows
+from mcad_cache.sources import locate_shards
 from mcad_cache.store import CacheStore, block_name
 from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits
 from pipeline.shards import ReadStats, load_split
@@ -57,9 +58,11 @@ class Block:
         return len(self.keys)
 
 
-def read_block(store: CacheStore, index: int, policy: str = "warn") -> Block:
+def read_block(store: CacheStore, index: int, policy: str = "warn", paths: dict[str, str] | None = None) -> Block:
+    """Block ``index`` with its images joined from the source shards (``paths``: from ``locate_shards``)."""
     manifest = store.manifest
     shards = manifest["search"]["blocks"][index]
+    paths = paths if paths is not None else locate_shards(manifest, store.path, names=shards)
     duals = manifest["dual_teachers"]
     name = block_name(index)
     group = store.root["blocks"].get(name)
@@ -71,7 +74,8 @@ def read_block(store: CacheStore, index: int, policy: str = "warn") -> Block:
     count = torch.bincount(text_image, minlength=len(keys))
     lists = {path: torch.from_numpy(group[path][...]) for path in ("i2t/ids", "i2t/fused", "t2i/ids", "t2i/fused")}
     lists["i2t/ids"], lists["t2i/ids"] = lists["i2t/ids"].long(), lists["t2i/ids"].long()
-    images, captions, skipped = _join_images(store, shards, keys, manifest["preprocessing"]["source_size"], policy)
+    images, captions, skipped = _join_images([paths[s] for s in shards], keys,
+                                             manifest["preprocessing"]["source_size"], policy)
     if len(captions) != len(text_image):
         raise CacheJoinError(f"block {name}: shards give {len(captions)} captions, the cache holds {len(text_image)}")
     return Block(
@@ -85,11 +89,10 @@ def read_block(store: CacheStore, index: int, policy: str = "warn") -> Block:
     )
 
 
-def _join_images(store: CacheStore, shards: list[str], keys: np.ndarray, size: int, policy: str):
+def _join_images(shards: list[str], keys: np.ndarray, size: int, policy: str):
     """Stream the block's source shards and place each image at its cache row (by key)."""
-    paths = {s["name"]: s["path"] for s in store.manifest["shards"]}
     stats = ReadStats()
-    data = load_split([paths[s] for s in shards], image_size=size, policy=policy, stats=stats)
+    data = load_split(shards, image_size=size, policy=policy, stats=stats)
     row_of = {str(k): i for i, k in enumerate(keys)}
     images = torch.zeros((len(keys), 3, size, size), dtype=torch.uint8)
     found = torch.zeros(len(keys), dtype=torch.bool)
@@ -198,12 +201,20 @@ class CacheBatches:
     """The batch stream of stage 2 over a cache store: ``iter_from(position)`` yields (position_after, batch)."""
 
     def __init__(self, store_path: str | Path, batch_size: int, image_size: int, seed: int, fused: bool,
-                 policy: str = "warn", expected_manifest: dict | None = None, batching: str = "neighbor") -> None:
+                 policy: str = "warn", expected_manifest: dict | None = None, batching: str = "neighbor",
+                 shards_dir: str | Path | None = None) -> None:
         if batching not in ("neighbor", "random"):
             raise ValueError(f"batching must be 'neighbor' or 'random', got {batching!r}")
         self.batching = batching
         self.store = CacheStore.open(store_path, expected=expected_manifest)
         self.manifest = self.store.manifest
+        # Every source shard found and checked against its fingerprint now, before the first step.
+        self.paths = locate_shards(self.manifest, self.store.path, shards_dir)
+        incomplete = [block_name(i) for i in range(len(self.manifest["search"]["blocks"]))
+                      if not all(self.store.pass_done(block_name(i), p) for p in BLOCK_PASSES)]
+        if incomplete:
+            raise CacheJoinError(f"{len(incomplete)} block(s) of {self.store.path} are not complete, e.g. "
+                                 f"{incomplete[:3]}: finish `mcad cache` first")
         self.batch_size = batch_size
         self.image_size = image_size
         self.seed = seed
@@ -217,7 +228,7 @@ class CacheBatches:
 
     def block(self, index: int) -> Block:
         if self._cache is None or self._cache[0] != index:
-            block = read_block(self.store, index, self.policy)
+            block = read_block(self.store, index, self.policy, self.paths)
             for reason, n in block.skipped.items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + n
             self._cache = (index, block)

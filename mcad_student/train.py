@@ -9,8 +9,9 @@ One loop serves every ablation row; ``mode`` picks the targets and loss terms:
     ammkd         itc + kd to each CLIP with adaptive min-norm weights  (e)
 
 Checkpoints are written atomically every ``checkpoint_every`` steps and hold
-the resolved config, step, model, optimizer, scheduler, RNG state and the data
-position, so a killed run resumes exactly where it stopped.
+the resolved config, step, model, optimizer, scheduler, RNG state, the data
+position and every metrics row so far, so a killed run resumes exactly where it
+stopped and metrics.csv is rebuilt from the checkpoint (see ``MetricsLog``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mcad_cache.sources import locate_tokenizer
 from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import Student, StudentConfig, build_student, save_student
 from mcad_student.parallel import Parallel
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from pipeline.optim import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ class NonFiniteLossError(RuntimeError):
 
 class ResumeMismatchError(ValueError):
     """A checkpoint in the output directory was made with a different config."""
+
+
+class DistillConfigError(ValueError):
+    """A DistillConfig value no run can use (e.g. a batch too small for in-batch negatives)."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +78,37 @@ class DistillConfig:
     amp: bool = False  # bf16 autocast; on CUDA it pays, on CPU it is usually slower
     threads: int = 0
     on_error: str = "warn"
+    # Where the store's sources now are, when they moved since `mcad cache` (None: the paths the store
+    # records, absolute or relative to the store). Either way they are checked against the store's
+    # fingerprints (shards) and hash (tokenizer) before the first step.
+    shards: str | None = None
+    tokenizer: str | None = None
     batching: str = "neighbor"  # "neighbor": anchors with their cached candidates; "random": plain shuffles
     online: bool = False  # the baseline: the cache's teachers run in the loop instead of reading its targets
 
     def __post_init__(self) -> None:
+        """Refuse values that would hang, divide by zero or waste a run, before any work (config files too)."""
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
+            raise DistillConfigError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
         if self.mode == "ammkd" and self.loss.kd_kind != "full":
-            raise ValueError("ammkd's adaptive weights are derived for kd_kind 'full' only")
+            raise DistillConfigError("ammkd's adaptive weights are derived for kd_kind 'full' only")
+        _require(not self.online or self.mode == "mcad",
+                 f"the online baseline runs mode 'mcad' only, got {self.mode!r}")
+        _require(self.batching in ("neighbor", "random"),
+                 f"batching must be 'neighbor' or 'random', got {self.batching!r}")
+        _require(self.on_error in ("warn", "raise"), f"on_error must be 'warn' or 'raise', got {self.on_error!r}")
+        # A batch of one has no in-batch negative, so the loop skips it; with batch_size 1 (or <= 0)
+        # every batch is skipped and the run never reaches a step.
+        _require(self.batch_size >= 2, f"batch_size must be at least 2 (in-batch negatives), got {self.batch_size}")
+        _require(self.steps >= 1, f"steps must be at least 1 (0 would save an untrained student), got {self.steps}")
+        _require(self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        _require(self.eval_every >= 0, f"eval_every must be 0 (only at the end) or more, got {self.eval_every}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(self.image_lr_scale >= 0, f"image_lr_scale must be 0 (frozen) or more, got {self.image_lr_scale}")
+        _require(self.warmup >= 0, f"warmup must be 0 or more steps, got {self.warmup}")
+        _require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
+        _require(self.max_nan_skips >= 0, f"max_nan_skips must be 0 or more, got {self.max_nan_skips}")
+        _require(self.threads >= 0, f"threads must be 0 (torch's default) or more, got {self.threads}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -93,12 +122,38 @@ class DistillConfig:
         return self.loss
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DistillConfigError(message)
+
+
+def check_inputs(cfg: DistillConfig) -> None:
+    """Fail in seconds, and before the run directory exists, when an input the run needs is missing.
+
+    Without this a missing --eval-shards surfaced only after training, at the final evaluation. Every
+    run that finishes evaluates, so the shards are checked always. The store's own source shards are
+    found and checked against their fingerprints, and its tokenizer against its hash, so data changed or
+    moved since `mcad cache` is named here, not part-way through training. Raises FileNotFoundError (a
+    ``NoShardsError`` or ``SourceShardsError``) or ``TokenizerMismatchError``; creates nothing.
+    """
+    from mcad_cache.sources import locate_shards
+    from mcad_cache.store import CacheStore
+    from pipeline.shards import list_shards
+
+    store = CacheStore.open(cfg.store)  # "no cache store at ... (run `mcad cache` first)" when absent
+    locate_shards(store.manifest, store.path, cfg.shards)  # missing or changed source shards: SourceShardsError
+    locate_tokenizer(store.manifest, store.path, cfg.tokenizer)
+    list_shards(cfg.eval_shards)
+
+
 @dataclass
 class RunState:
     step: int = 0
     position: Position = field(default_factory=Position)
     nan_skips: int = 0
     seconds: float = 0.0
+    # One dict per step 1..step (str keys; int/float values, so a checkpoint stays weights_only-loadable).
+    metrics: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- loss of one batch
@@ -152,6 +207,7 @@ def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: R
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
+        "metrics": [dict(row) for row in state.metrics],
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -162,7 +218,8 @@ def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: Dis
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = payload["config"]
     current = cfg.to_dict()
-    ignore = {"steps", "checkpoint_every", "eval_every", "threads"}  # may change on resume (e.g. train longer)
+    # May change on resume: a longer run, other intervals, or inputs found at new places (checked by content).
+    ignore = {"steps", "checkpoint_every", "eval_every", "threads", "store", "out_dir", "shards", "tokenizer"}
     differences = [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
     if differences:
         raise ResumeMismatchError(f"{path} was written with a different config ({differences}); "
@@ -171,7 +228,27 @@ def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: Dis
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["rng"]["torch"])
-    return RunState(payload["step"], Position(*payload["position"]), payload["nan_skips"], payload["seconds"])
+    step = payload["step"]
+    rows = payload["metrics"] if "metrics" in payload else _rows_from_csv(path.parent / "metrics.csv", step)
+    return RunState(step, Position(*payload["position"]), payload["nan_skips"], payload["seconds"], rows)
+
+
+def _rows_from_csv(path: Path, step: int) -> list[dict]:
+    """Rows 1..step of metrics.csv, for checkpoints written before they carried their rows."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: _number(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= step]
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 # ---------------------------------------------------------------------- the loop
@@ -183,47 +260,60 @@ def _optimizer(student: Student, cfg: DistillConfig):
 
 
 class MetricsLog:
-    """metrics.csv (rows after the resume step are dropped, so a resumed run has one row per step)."""
+    """metrics.csv as a derived view of the rows the checkpoint holds; the checkpoint is the one source of truth.
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    Two files cannot be replaced in one atomic step, so the rows travel inside checkpoint.pt
+    (``RunState.metrics``) and metrics.csv is only ever rewritten from a checkpoint's rows: right after
+    each checkpoint is saved, and at every start from the checkpoint it resumes (none: no file). A kill
+    at any instant therefore leaves either (a) both files from the same checkpoint, or (b) a new
+    checkpoint and the previous csv, a prefix of its rows; the next start rewrites the csv from the
+    checkpoint, so no row is lost and none describes a step the checkpoint does not hold.
+    (Writing the csv first instead would need the resume to truncate it and refill rows from
+    somewhere; keeping the rows in the checkpoint removes that second path.)
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: list[dict] = []
-        if path.exists() and resume_step:
-            with open(path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def flush(self) -> None:
+    def write(self, rows: list[dict]) -> None:
+        """Replace metrics.csv by ``rows`` (one per step); no rows removes it."""
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
         fields: list[str] = []
-        for row in self.rows:
+        for row in rows:
             fields += [k for k in row if k not in fields]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows(rows)
         atomic_write_bytes(self.path, buffer.getvalue().encode())
 
 
 def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) the student in ``cfg.out_dir``; returns the run summary (also written as summary.json).
 
-    ``stop_after`` ends the process-local loop early after that many steps (for tests of resume).
+    ``stop_after`` ends the process-local loop early after that many steps (for tests of resume); steps
+    after the last checkpoint are then not kept, as after a kill.
     """
+    check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     par = Parallel.from_env()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if par.main:  # the main rank is this directory's only writer, and it has written nothing yet
+        for stale in remove_stale_temporaries(out):
+            log.warning("removed %s, left by a writer that was killed", stale)
     torch.manual_seed(cfg.seed)
     stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
-                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching)
+                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching,
+                          shards_dir=cfg.shards)
     manifest = stream.manifest
     integration_dim = int(manifest["integration"]["dim"])
     student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),
                           context_length=int(manifest["tokenizer"]["context_length"]))
-    tokenizer_dir = manifest["tokenizer"]["path"]
+    tokenizer_dir = locate_tokenizer(manifest, stream.store.path, cfg.tokenizer)
     student = build_student(student_cfg, tokenizer_dir, out / "student_build" / f"rank{par.rank}")
     par.broadcast_parameters(student)
     optimizer, scheduler = _optimizer(student, cfg)
@@ -231,13 +321,13 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     state = load_checkpoint(checkpoint, student, optimizer, scheduler, cfg) if checkpoint.exists() else RunState()
     if par.main:
         atomic_write_json(out / "config.json", cfg.to_dict())
-    metrics = MetricsLog(out / "metrics.csv", state.step)
+    metrics = MetricsLog(out / "metrics.csv")
+    if par.main:
+        metrics.write(state.metrics)  # repairs a csv that a kill left behind the checkpoint
     writer = _tensorboard(out / "tb") if par.main else None
     teachers = stream.spec.teachers
     online = None
     if cfg.online:
-        if cfg.mode != "mcad":
-            raise ValueError("the online baseline runs mode 'mcad' only")
         from mcad_student.online import OnlineTeachers
 
         online = OnlineTeachers.from_store(stream.store)
@@ -280,24 +370,25 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         row = {"step": state.step, "lr": scheduler.get_last_lr()[0],
                "candidates_in_batch": batch["candidates_in_batch"],
                **{k: float(v.detach()) for k, v in terms.items()}}
-        metrics.add(row)
+        state.metrics.append(row)
         if writer is not None:
             for key, value in row.items():
                 if key != "step":
                     writer.add_scalar(key, value, state.step)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+        # Evaluate before checkpointing, so a checkpoint of this step holds the row with its val/ recalls.
+        if par.main and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+            recalls = evaluate_student(student, tokenizer_dir, cfg)
+            row.update({f"val/{k}": v for k, v in recalls.items()})
+            student.train()
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             state.seconds += time.perf_counter() - start
             start = time.perf_counter()
             if par.main:
                 save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
-                metrics.flush()
+                metrics.write(state.metrics)
             par.barrier()
-        if par.main and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-            recalls = evaluate_student(student, tokenizer_dir, cfg)
-            metrics.rows[-1].update({f"val/{k}": v for k, v in recalls.items()})
-            student.train()
     bar.close()
     state.seconds += time.perf_counter() - start
     if writer is not None:
@@ -306,12 +397,12 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         par.barrier()
         par.close()
         return {"step": state.step, "finished": state.step >= cfg.steps, "rank": par.rank}
-    metrics.flush()
     if state.step < cfg.steps:
         par.barrier()
         par.close()
         return {"step": state.step, "finished": False}
     save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
+    metrics.write(state.metrics)
     student.eval()
     spec = save_student(student, tokenizer_dir, out / "student")
     recalls = evaluate_student(student, tokenizer_dir, cfg)
@@ -319,11 +410,13 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     summary = {
         "mode": cfg.mode, "steps": state.step, "seconds": round(state.seconds, 2),
         "steps_per_second": round(state.step / max(state.seconds, 1e-9), 3),
-        "parameters": sum(p.numel() for p in student.parameters()),
+        # The deployed retrieval model (the open_clip model); the fd/ia heads are a training device only.
+        "parameters": sum(p.numel() for p in student.clip.parameters()),
+        "head_parameters": sum(p.numel() for p in student.heads.parameters()),
         "candidates_in_batch": round(sum(hits) / len(hits), 4) if hits else None,
         "nan_skips": state.nan_skips, "skipped_samples": stream.skipped,
         "eval_shards": cfg.eval_shards, "recalls": recalls, "student": spec,
-        "last_loss": metrics.rows[-1]["loss"] if metrics.rows else None,
+        "last_loss": state.metrics[-1]["loss"] if state.metrics else None,
     }
     atomic_write_json(out / "summary.json", summary)
     par.barrier()

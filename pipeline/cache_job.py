@@ -16,22 +16,33 @@ that depends on the embed array job; see ``jobs/``).
 from __future__ import annotations
 
 import logging
+import os
+import tarfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
+from webdataset.tariterators import base_plus_ext
 
 from mcad_cache import blocks as block_ops
 from mcad_cache.embed import TeacherSet, build_manifest, embed_shard, load_teacher_set
+from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_array, write_shard_group
-from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, shard_name
+from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name
 from mcad_cache.teachers.single import TextBatch
 from pipeline.config import CacheConfig
 from pipeline.dist import TaskPlace, partition
-from pipeline.shards import NoShardsError, ShardReadError, list_shards, load_split
+from pipeline.shards import (
+    IMAGE_EXTENSIONS,
+    DuplicateKeyError,
+    NoShardsError,
+    ShardReadError,
+    list_shards,
+    load_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +59,9 @@ class CacheSummary:
     shards_skipped_done: int = 0
     shards_failed: list[str] = field(default_factory=list)
     samples: int = 0
-    skipped_samples: int = 0
+    skipped_samples: int = 0  # skip events (status "skipped"): bad samples + one per truncated/unreadable shard
+    bad_samples: int = 0  # samples known lost: bad, duplicate key, or cut in half by a truncation
+    shards_truncated: list[str] = field(default_factory=list)  # what each truncated shard lost, in words
     itm_pairs: int = 0
     itm_positions: int = 0  # candidate-list entries + positives the pairs serve (before deduplication)
     teacher_seconds: float = 0.0  # inside teacher forward passes, every pass
@@ -59,8 +72,11 @@ class CacheSummary:
         out = [f"store {self.store} (task {self.place.rank}/{self.place.world_size}, {self.place.source})"]
         if "embed" in self.seconds:
             out.append(f"  embed: {self.shards_embedded} shards ({self.shards_skipped_done} already done), "
-                       f"{self.samples} samples, {self.skipped_samples} skipped samples, "
+                       f"{self.samples} samples, {self.bad_samples} skipped samples, "
                        f"teacher forward {self.embed_teacher_seconds:.1f}s of {self.seconds['embed']:.1f}s")
+        if self.shards_truncated:
+            out.append(f"  TRUNCATED shards ({len(self.shards_truncated)}); samples past a cut are not counted above:")
+            out.extend(f"    {message}" for message in self.shards_truncated)
         if self.shards_failed:
             out.append(f"  FAILED shards (recorded in the store): {self.shards_failed}")
         if self.itm_pairs:
@@ -84,10 +100,15 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
         raise ValueError(f"passes {block_passes} run as one task after all embed tasks; this is task "
                          f"{place.rank} of {place.world_size} ({place.source}). Run them in a separate "
                          "single-task job (see jobs/README.md).")
+    if cfg.fusion_rule not in FUSION_RULES:
+        raise ValueError(f"unknown fusion rule {cfg.fusion_rule!r}; known: {sorted(FUSION_RULES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     shards = list_shards(cfg.shards)
+    check_k_fits_blocks(shards, cfg.k, cfg.block_shards)
     teachers = load_teacher_set(cfg, resolve_device(cfg.device))
+    if cfg.source_size is None:
+        cfg = replace(cfg, source_size=max(t.image_size for t in [*teachers.duals.values(), teachers.single]))
     store = CacheStore.create_or_open(cfg.store, build_manifest(cfg, teachers, shards))
     summary = CacheSummary(str(cfg.store), place)
     if "embed" in passes:
@@ -112,6 +133,40 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
     return summary
 
 
+def check_k_fits_blocks(shards: Sequence[str], k: int, block_shards: int) -> None:
+    """Refuse a k larger than the smallest candidate pool, before any teacher runs or a store is made.
+
+    A block's pool is its images (t2i lists) and its captions (i2t lists, at least
+    one per image), so the images bound k. They are counted from the tar headers
+    of local shards (no member is read or decoded); remote or piped shards cannot
+    be counted cheaply, and the search pass checks them instead.
+    """
+    local = [s for s in shards if os.path.isfile(s)]
+    if len(local) < len(shards):
+        return
+    for block in plan_blocks(local, block_shards):
+        images = sum(_count_images(shard) for shard in block)
+        if k > images:
+            names = ", ".join(os.path.basename(s) for s in block)
+            raise ValueError(f"k={k} exceeds the {images} images of the candidate block [{names}] (a block is "
+                             f"{block_shards} shard(s)): lower k or raise block_shards")
+
+
+def _count_images(shard: str) -> int:
+    """Distinct sample keys with an image member, from the tar headers alone."""
+    keys = set()
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = base_plus_ext(member.name)  # webdataset's own key/extension split
+                    if ext is not None and ext.lower() in IMAGE_EXTENSIONS:
+                        keys.add(key)
+    except (tarfile.TarError, OSError, EOFError):
+        return len(keys)  # a broken shard is the embed pass's to report (raise or a counted skip)
+    return len(keys)
+
+
 def resolve_device(device: str) -> str:
     """``auto`` picks this task's GPU (torchrun's LOCAL_RANK) when CUDA is available, else the CPU."""
     import os
@@ -126,14 +181,28 @@ def resolve_device(device: str) -> str:
 
 def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
                summary: CacheSummary, progress: bool) -> None:
+    """Embed this task's shards in order, skipping those already done.
+
+    A shard recorded as failed (under ``warn``) is retried: failures can pass (a
+    file server that was away), and a failed shard would otherwise stay empty
+    for good. Keys are checked against every earlier shard of this task, done
+    ones included; other tasks' shards are checked when a block is read
+    (``check_block_keys``).
+    """
     widths = teachers.widths()
+    seen: dict[str, str] = {}  # key -> the shard it was first read from
     for shard in tqdm(shards, desc="embed shards", unit="shard", disable=not progress):
         name = shard_name(shard)
-        if store.shard_done(name):
+        previous = store.shard_status(name)
+        if previous.get("done") and not previous.get("failed"):
             summary.shards_skipped_done += 1
+            _remember_keys(seen, store.shard_group(name)["keys"][...], shard)
             continue
+        if previous.get("failed"):
+            # Unmarked before the retry writes: a retry killed half-way leaves a shard the next run redoes.
+            store.shard_group(name).attrs.put({})
         try:
-            arrays, status = embed_shard(shard, cfg, teachers)
+            arrays, status = embed_shard(shard, cfg, teachers, seen)
         except (ShardReadError, NoShardsError, OSError) as err:
             if cfg.on_error == "raise":
                 raise
@@ -145,12 +214,30 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
         if status.get("failed") and name not in summary.shards_failed:
             summary.shards_failed.append(name)
         write_shard_group(store.root, name, arrays, widths)
+        if previous.get("failed") and (previous.get("samples") or status["samples"]):
+            _forget_block_passes(store, name)
         store.mark_shard(name, status)
+        _remember_keys(seen, arrays["keys"], shard)
         summary.shards_embedded += 1
         summary.samples += status["samples"]
         summary.skipped_samples += status.get("skipped", 0)
+        summary.bad_samples += status.get("skipped_samples", 0)
+        if status.get("truncated"):
+            summary.shards_truncated.append(status["truncated"]["message"])
         summary.teacher_seconds += status.get("teacher_seconds", 0.0)
         summary.embed_teacher_seconds += status.get("teacher_seconds", 0.0)
+
+
+def _remember_keys(seen: dict[str, str], keys: np.ndarray, shard: str) -> None:
+    """Add ``keys`` read from ``shard`` to ``seen``, keeping the first shard of a key already there."""
+    seen.update(dict.fromkeys(set(np.asarray(keys).tolist()).difference(seen), shard))
+
+
+def _forget_block_passes(store: CacheStore, name: str) -> None:
+    """A retried shard's rows changed, so the block passes of its block are stale (integrate then reruns too)."""
+    for index, block in enumerate(store.manifest["search"]["blocks"]):
+        if name in block:
+            store.clear_passes(block_name(index), BLOCK_PASS_ORDER)
 
 
 def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int]) -> dict[str, np.ndarray]:
@@ -172,11 +259,30 @@ def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int])
 def load_block_embeddings(store: CacheStore, shards: Sequence[str], teacher_names: Sequence[str]):
     """View-0 embeddings of a block's rows, float32, and its caption-to-image map."""
     rows = read_block_rows(store.root, list(shards), list(teacher_names))
+    check_block_keys(rows["keys"], shards, [store.shard_group(name)["keys"].shape[0] for name in shards])
     return block_ops.BlockEmbeddings(
         keys=rows["keys"], text_image=torch.from_numpy(rows["text_image"]),
         images={t: torch.from_numpy(rows[f"emb/{t}/image"][:, 0].astype(np.float32)) for t in teacher_names},
         texts={t: torch.from_numpy(rows[f"emb/{t}/text"].astype(np.float32)) for t in teacher_names},
     )
+
+
+def check_block_keys(keys: np.ndarray, shards: Sequence[str], rows_per_shard: Sequence[int]) -> None:
+    """Refuse a block whose rows repeat a key, naming the key and both shards.
+
+    Each embed task checks keys only across its own shards, so a repeat between
+    shards of different tasks first meets here, where a block's keys are read
+    anyway; a numpy unique over the block keeps it cheap.
+    """
+    unique, first = np.unique(keys, return_index=True)
+    if len(unique) == len(keys):
+        return
+    repeated = np.ones(len(keys), dtype=bool)
+    repeated[first] = False
+    row = int(np.flatnonzero(repeated)[0])
+    first_row = int(first[np.searchsorted(unique, keys[row])])
+    owner = np.repeat(np.arange(len(shards)), rows_per_shard)
+    raise DuplicateKeyError(str(keys[row]), shards[owner[first_row]], shards[owner[row]])
 
 
 def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str, block: str,
@@ -226,7 +332,7 @@ def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: Teacher
     """Closures giving vision tokens of block image rows and ITM scores of (tokens, image rows, text rows)."""
     from pipeline.views import FULL_VIEW, render_views
 
-    paths = {s["name"]: s["path"] for s in store.manifest["shards"]}
+    paths = {shard_name(path): path for path in list_shards(cfg.shards)}  # this run's, checked against the store
     data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
     if list(data.keys) != [str(k) for k in emb.keys]:
         raise CacheIncompleteError(f"block {shards}: the shards no longer yield the samples the store holds; "

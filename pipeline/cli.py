@@ -73,6 +73,8 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
               help="Width (and embedding size) of the second CLIP, the one AMMKD adds; a multiple of its "
                    f"{TeachersConfig.clip_b.heads} heads.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=int, default=None,
+              help="Train the teachers at this square image size [default: the most common size in the data].")
 @click.option("--blip-mask-prob", type=float, default=TeachersConfig.blip_mask_prob, show_default=True,
               help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).")
 @click.option("--blip-mined-negatives", type=int, default=TeachersConfig.blip_mined_negatives, show_default=True,
@@ -83,8 +85,10 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
               help="Uniform ITM negatives per image and per text, besides the one mined from ITC.")
 @click.option("--blip-edit-negatives/--no-blip-edit-negatives", default=TeachersConfig.blip_edit_negatives,
               show_default=True,
-              help="One rule-made ITM negative caption per image: a word of the default world replaced or "
-                   "swapped, or the relation flipped.")
+              help="One rule-made ITM negative caption per image: a word replaced or swapped, or the relation "
+                   "flipped, from the word groups the data's world.json names (caption_edits, written by `mcad "
+                   "data`). Data that names none trains without them; the reason is logged and kept in "
+                   "teachers.json.")
 @click.option("--blip-listwise/--no-blip-listwise", default=TeachersConfig.blip_listwise, show_default=True,
               help="Add a listwise ITM term: softmax over each query's true pair and its negatives.")
 @click.option("--blip-vision-init", type=click.Choice(["", "clip_a", "clip_b"]),
@@ -111,7 +115,7 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
 def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, blip_batch_size: int,
-             clip_b_width: int, seed: int, blip_mask_prob: float,
+             clip_b_width: int, seed: int, image_size: int | None, blip_mask_prob: float,
              blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
              blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
              clip_ln_pre: bool, clip_workers: int, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
@@ -130,6 +134,7 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, bl
         data_dir=data_dir,
         out_dir=out_dir,
         seed=seed,
+        image_size=image_size,
         on_error=on_error,
         only=only,
         blip_mask_prob=blip_mask_prob,
@@ -280,8 +285,8 @@ def cache_info(store: Path, as_json: bool) -> None:
               help="Run directory: checkpoint.pt, metrics.csv, tb/, student/, summary.json. Re-running resumes.")
 @click.option("--mode", type=click.Choice(["contrastive", "dual_kd", "fused_kd", "mcad", "ammkd"]),
               help="Targets and loss terms (see the README's ablation table).")
-@click.option("--steps", type=int, help="Optimizer steps in total (a resumed run continues to this count).")
-@click.option("--batch-size", type=int)
+@click.option("--steps", type=int, help="Optimizer steps in total, at least 1 (a resumed run continues to this count).")
+@click.option("--batch-size", type=int, help="Images per step, at least 2 (the other images are the negatives).")
 @click.option("--lr", type=float, help="Peak learning rate (warmup, then cosine decay to 0).")
 @click.option("--image-lr-scale", type=float, help="LR multiplier of the image tower.")
 @click.option("--warmup", type=int, help="Linear LR warmup steps (then cosine decay).")
@@ -294,6 +299,10 @@ def cache_info(store: Path, as_json: bool) -> None:
               help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
 @click.option("--image-model", help="timm image tower of the student (default mobilevitv2_050).")
 @click.option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
+@click.option("--shards", help="Directory that now holds the store's source shards, if they moved since `mcad cache` "
+                               "(default: the paths the store records, absolute or relative to the store). Found by "
+                               "file name and checked against the store's fingerprints before the first step.")
+@click.option("--tokenizer", help="Directory that now holds the store's tokenizer, if it moved (checked by hash).")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (0: only at the end).")
 @click.option("--checkpoint-every", type=int)
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
@@ -301,12 +310,17 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--teacher-table", type=click.Path(path_type=Path), default=Path("artifacts/eval/teachers.json"),
               show_default=True, help="`mcad eval` output whose rows are printed beside the student's when it "
                                       "was measured on the same shards.")
-def distill(config_file: Path | None, teacher_table: Path, **options) -> None:
+@click.option("--results-json", type=click.Path(path_type=Path), default=None,
+              help="Also write the student's and the teachers' test figures here (mean recall, parameters, and "
+                   "the student's steps and seconds): what `make distill` keeps in bench/results/distill.json.")
+def distill(config_file: Path | None, teacher_table: Path, results_json: Path | None, **options) -> None:
     """Stage 2: train a student from the cache alone (no teacher is loaded).
 
     Prints the student's recalls on --eval-shards; everything else lands in --out.
     """
+    from mcad_cache.sources import TokenizerMismatchError
     from mcad_cache.store import CacheMismatchError
+    from mcad_student.data import CacheJoinError
     from mcad_student.train import DistillConfig, NonFiniteLossError, ResumeMismatchError, distill as run_distill
     from pipeline.config import load_config_file
 
@@ -321,7 +335,8 @@ def distill(config_file: Path | None, teacher_table: Path, **options) -> None:
         raise click.UsageError(str(err)) from err
     try:
         summary = run_distill(cfg)
-    except (CacheMismatchError, ResumeMismatchError, NonFiniteLossError, FileNotFoundError) as err:
+    except (CacheMismatchError, ResumeMismatchError, NonFiniteLossError, FileNotFoundError, TokenizerMismatchError,
+            CacheJoinError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(3)
     if "recalls" not in summary:  # a non-zero torchrun rank: rank 0 reports
@@ -331,9 +346,20 @@ def distill(config_file: Path | None, teacher_table: Path, **options) -> None:
     click.echo(f"{cfg.mode}: {summary['steps']} steps in {summary['seconds']:.0f}s "
                f"({summary['steps_per_second']:.2f} steps/s), {summary['parameters'] / 1e6:.2f}M parameters, "
                f"{100 * (summary['candidates_in_batch'] or 0):.1f}% of cached candidates in-batch")
-    rows = {f"student ({cfg.mode})": summary["recalls"]}
-    rows.update(_teacher_rows(teacher_table, cfg.eval_shards))
+    teacher_rows = _teacher_rows(teacher_table, cfg.eval_shards)
+    rows = {f"student ({cfg.mode})": {**summary["recalls"], "parameters": summary["parameters"]}, **teacher_rows}
     click.echo(format_table(rows))
+    if results_json is not None:
+        from pipeline.atomic import atomic_write_json
+
+        student = {"mean_recall": summary["recalls"]["mean_recall"], "params": summary["parameters"],
+                   "steps": summary["steps"], "seconds": summary["seconds"], "mode": cfg.mode,
+                   "eval_shards": cfg.eval_shards}
+        teachers = {name: {"mean_recall": row["mean_recall"], "params": row.get("parameters")}
+                    for name, row in teacher_rows.items()}
+        best = max((row["mean_recall"] for row in teachers.values()), default=None)
+        atomic_write_json(results_json, {"student": student, "teachers": teachers,
+                                         "of_best_teacher": round(student["mean_recall"] / best, 4) if best else None})
     click.echo(f"student saved as {summary['student']}; run directory {cfg.out_dir}")
 
 
@@ -370,7 +396,10 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
     from mcad_student.train import DistillConfig
     from pipeline.ablation import run_ablation, write_report
 
-    base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards)
+    try:
+        base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     online_list = tuple(int(x) for x in online_seeds.split(",") if x.strip())
     results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
@@ -386,7 +415,8 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
 @click.option("--student", "student_dir", required=True, type=click.Path(path_type=Path),
               help="A saved student directory (e.g. runs/default/student).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Receives open_clip/, TorchScript and ONNX encoders, tokenizer/ and export.json.")
+              help="Receives open_clip/, TorchScript and ONNX encoders, tokenizer/ and export.json. An existing "
+                   "OUT is replaced only if it is empty or an earlier `mcad export` output, else refused (exit 3).")
 @click.option("--batch", type=int, default=8, show_default=True, help="Inputs per tower in the equality check.")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="Largest allowed |torch - TorchScript| and |torch - onnxruntime| on normalized embeddings.")
@@ -394,13 +424,15 @@ def export_cmd(student_dir: Path, out_dir: Path, batch: int, atol: float) -> Non
     """Export a student: open_clip checkpoint, TorchScript + ONNX image/text encoders, tokenizer.
 
     The encoders are checked against the torch student before OUT is replaced;
-    a difference above --atol fails (exit 3) and leaves OUT as it was.
+    a difference above --atol fails (exit 3) and leaves OUT as it was. So does an
+    OUT that is not an earlier export (or empty), or that overlaps the student.
     """
+    from pipeline.atomic import OutputDirError
     from pipeline.export import ExportError, export_student
 
     try:
         manifest = export_student(student_dir, out_dir, batch=batch, atol=atol)
-    except ExportError as err:
+    except (ExportError, OutputDirError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(3)
     diffs = manifest["check"]["max_abs_diff"]
@@ -413,19 +445,22 @@ def export_cmd(student_dir: Path, out_dir: Path, batch: int, atol: float) -> Non
 @click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path),
               help="Directory written by `mcad export`.")
 @click.option("--shards", required=True, help="Shard directory, tar file or brace pattern of the gallery images.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Index directory to write.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Index directory to write. An existing OUT is replaced only if it is empty or an earlier "
+                   "`mcad index` output, else refused (exit 3); it must not overlap the export or the shards.")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per ONNX image-encoder call.")
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: its default).")
 @click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
 def index_cmd(export_dir: Path, shards: str, out_dir: Path, batch: int, threads: int, on_error: str) -> None:
     """Embed every image of a shard set with the exported ONNX image encoder (float16 index)."""
+    from pipeline.atomic import OutputDirError
     from pipeline.search import SearchIndexError, build_index
     from pipeline.shards import ShardReadError
 
     try:
         index = build_index(export_dir, shards, out_dir, batch=batch, threads=threads, policy=on_error)
-    except (SearchIndexError, ShardReadError, FileNotFoundError) as err:
+    except (SearchIndexError, ShardReadError, FileNotFoundError, OutputDirError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(3)
     click.echo(f"indexed {index['count']} images ({index['embed_dim']}-d float16) -> {out_dir}"

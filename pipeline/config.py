@@ -40,6 +40,9 @@ class TeachersConfig:
     seed: int = 0
     vocab_size: int = 512
     context_length: int = 24
+    # Training images are resized to this square size; None: the most common size among the split's first
+    # samples (img2dataset shards written with resize_mode=no or keep_ratio mix sizes).
+    image_size: int | None = None
     clip_a: TowerShape = TowerShape(width=128, layers=4, heads=4, embed_dim=128)
     clip_b: TowerShape = TowerShape(width=64, layers=4, heads=4, embed_dim=64)
     blip: TowerShape = TowerShape(width=128, layers=4, heads=4, embed_dim=128)
@@ -103,7 +106,9 @@ class CacheConfig:
     single: str | None = None
     tokenizer: str | None = None
     context_length: int = 24  # caption tokens stored for the student
-    source_size: int = 64  # images are resized (shortest side) and centre-cropped to this before views
+    # Images are resized to this square size before views are cut (None: the largest teacher input size,
+    # so no teacher sees an image shrunk below its own input and scaled back up).
+    source_size: int | None = None
     views: int = 1
     view_scale: tuple[float, float] = (0.6, 1.0)
     seed: int = 0
@@ -119,6 +124,28 @@ class CacheConfig:
     on_error: str = "warn"  # bad samples are skipped, counted and recorded in the manifest
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "auto"  # "auto": cuda:$LOCAL_RANK when CUDA is available, else cpu
+
+    def __post_init__(self) -> None:
+        """Every check that needs no data, so a typo fails before a teacher loads or a store is created."""
+        positive = {"k": self.k, "views": self.views, "block_shards": self.block_shards,
+                    "batch_size": self.batch_size, "itm_batch_size": self.itm_batch_size,
+                    "integration_dim": self.integration_dim, "context_length": self.context_length,
+                    "source_size": self.source_size}
+        bad = [f"{name} must be >= 1, got {value}" for name, value in positive.items()
+               if value is not None and value < 1]
+        if self.integration_steps < 0:
+            bad.append(f"integration_steps must be >= 0, got {self.integration_steps}")
+        if self.threads < 0:
+            bad.append(f"threads must be >= 0, got {self.threads}")
+        low, high = self.view_scale
+        if not 0.0 < low <= high <= 1.0:
+            bad.append(f"view_scale must satisfy 0 < low <= high <= 1, got {tuple(self.view_scale)}")
+        if any(w < 0 for w in self.dual_weights) or (self.dual_weights and not sum(self.dual_weights) > 0):
+            bad.append(f"dual_weights must be >= 0 with a positive sum, got {tuple(self.dual_weights)}")
+        if self.on_error not in ("warn", "raise"):
+            bad.append(f"on_error must be 'warn' or 'raise', got {self.on_error!r}")
+        if bad:
+            raise ValueError("; ".join(bad))
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))

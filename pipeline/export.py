@@ -9,6 +9,9 @@ Layout of ``OUT`` (see ``export.json`` for the numbers)::
     text_encoder.onnx (+ .data)      .data files beside them (onnxruntime maps them instead of copying: less RSS)
     tokenizer/                       the student's tokenizer (tokenizer.json: what ``pipeline.search`` reads)
     export.json                      preprocessing, context length, pad id, measured max diffs, tolerance, versions
+    .mcad-output.json                marks OUT as written by ``mcad export``: only such a directory is replaced
+
+Every path ``export.json`` names is relative to ``OUT`` and must stay inside it (``read_manifest`` checks).
 
 Pixels: RGB resized (bicubic) to S x S, ``x / 255``, then ``(x - mean) / std`` per channel. Text: the
 tokenizer's ids padded with ``pad_id`` and truncated to exactly ``context_length``; the text graphs mask
@@ -30,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import check_output_dir, replace_output_dir
+from pipeline.search import resolve_inside
 
 EXPORT_JSON = "export.json"
 OPEN_CLIP_DIR = "open_clip"
@@ -38,6 +42,8 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_JSON = "tokenizer.json"
 IMAGE_TS, TEXT_TS = "image_encoder.torchscript.pt", "text_encoder.torchscript.pt"
 IMAGE_ONNX, TEXT_ONNX = "image_encoder.onnx", "text_encoder.onnx"
+FILES = {"open_clip": OPEN_CLIP_DIR, "image_torchscript": IMAGE_TS, "text_torchscript": TEXT_TS,
+         "image_onnx": IMAGE_ONNX, "text_onnx": TEXT_ONNX, "tokenizer": TOKENIZER_DIR}  # export.json "files"
 DEFAULT_ATOL = 1e-4  # max |difference| of L2-normalized embeddings, torch vs TorchScript vs onnxruntime
 ONNX_OPSET = 17
 ONNX_DATA = ".data"  # suffix of an ONNX file's external weights
@@ -62,6 +68,10 @@ class ExportError(RuntimeError):
 
 class ExportMismatchError(ExportError):
     """An exported encoder disagrees with the torch student by more than the tolerance."""
+
+
+class ExportPathError(ExportError):
+    """A path in an export leads outside the export directory (a corrupt or crafted ``export.json``)."""
 
 
 class ImageEncoder(nn.Module):
@@ -93,9 +103,9 @@ def export_student(student_dir: str | Path, out_dir: str | Path, batch: int = 8,
     Everything is written to a scratch directory and checked there (torch vs TorchScript vs
     onnxruntime on a batch of ``batch`` inputs); ``out_dir`` is replaced only if every max
     abs difference is within ``atol``, else ``ExportMismatchError`` and ``out_dir`` is untouched.
+    An existing ``out_dir`` must be empty or an earlier export, and must keep clear of the
+    student: else ``OutputDirError`` before any work.
     """
-    from transformers import AutoTokenizer
-
     from mcad_student.model import OPEN_CLIP_CONFIG, load_student, relocate_student
 
     student_dir = Path(str(student_dir).removeprefix("local-dir:")).resolve()
@@ -104,7 +114,10 @@ def export_student(student_dir: str | Path, out_dir: str | Path, batch: int = 8,
         raise ExportError(f"{student_dir} is not a saved student (no {OPEN_CLIP_CONFIG})")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    with atomic_dir(out_dir) as tmp:
+    check_output_dir(out_dir, "export", [student_dir])  # refused before anything slow, transformers' import too
+    from transformers import AutoTokenizer
+
+    with replace_output_dir(out_dir, "export", [student_dir]) as tmp:
         shutil.copytree(student_dir, tmp / OPEN_CLIP_DIR)
         student = load_student(tmp / OPEN_CLIP_DIR).eval()
         hf_tok = AutoTokenizer.from_pretrained(str(student_dir))
@@ -136,24 +149,26 @@ def check_export(export_dir: str | Path, atol: float = DEFAULT_ATOL, batch: int 
 
     export_dir = Path(export_dir)
     manifest = manifest or read_manifest(export_dir)
+    paths = manifest_paths(export_dir, manifest)
     if student is None:
-        student = load_student(export_dir / OPEN_CLIP_DIR).eval()
+        student = load_student(paths["open_clip"]).eval()
     size, length = manifest["image"]["size"], manifest["text"]["context_length"]
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     texts = list(itertools.islice(itertools.cycle(PROBE_TEXTS), batch))
-    hf_tok = AutoTokenizer.from_pretrained(str(export_dir / TOKENIZER_DIR))
+    hf_tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
     ids = hf_tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")["input_ids"]
-    fast_tok = load_tokenizer(export_dir / TOKENIZER_DIR / TOKENIZER_JSON, manifest)
+    fast_tok = load_tokenizer(paths["tokenizer_json"], manifest)
     fast_ids = [e.ids for e in fast_tok.encode_batch(texts)]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
         ref = {"image": student.encode_image(pixels), "text": student.encode_text(ids)}
-        image_ts, text_ts = torch.jit.load(str(export_dir / IMAGE_TS)), torch.jit.load(str(export_dir / TEXT_TS))
+        image_ts = torch.jit.load(str(paths["image_torchscript"]))
+        text_ts = torch.jit.load(str(paths["text_torchscript"]))
         got = {"torchscript": {"image": image_ts(pixels), "text": text_ts(ids)}}
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = {name: ort.InferenceSession(str(export_dir / f), options, providers=["CPUExecutionProvider"])
-                for name, f in (("image", IMAGE_ONNX), ("text", TEXT_ONNX))}
+    sessions = {name: ort.InferenceSession(str(paths[f"{name}_onnx"]), options, providers=["CPUExecutionProvider"])
+                for name in ("image", "text")}
     got["onnxruntime"] = {
         "image": torch.from_numpy(sessions["image"].run(None, {"pixels": pixels.numpy()})[0]),
         "text": torch.from_numpy(sessions["text"].run(None, {"input_ids": ids.numpy()})[0]),
@@ -170,11 +185,37 @@ def check_export(export_dir: str | Path, atol: float = DEFAULT_ATOL, batch: int 
 
 
 def read_manifest(export_dir: str | Path) -> dict:
-    """``export_dir/export.json``; ``ExportError`` if the directory is not a finished export."""
-    path = Path(export_dir) / EXPORT_JSON
+    """``export_dir/export.json``; ``ExportError`` if the directory is not a finished export, and
+    ``ExportPathError`` if a path it names leads outside ``export_dir`` (see ``manifest_paths``)."""
+    path = resolve_inside(export_dir, EXPORT_JSON, EXPORT_JSON, ExportPathError)
     if not path.is_file():
         raise ExportError(f"{export_dir} is not an export directory (no {EXPORT_JSON}); run `mcad export`")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ExportError(f"{path} is not valid JSON ({err}); export again with `mcad export`") from err
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} is not an export manifest (not a JSON object); export again with `mcad export`")
+    manifest_paths(export_dir, manifest)
+    return manifest
+
+
+def manifest_paths(export_dir: str | Path, manifest: dict) -> dict[str, Path]:
+    """Every file and directory the manifest names, resolved: ``FILES`` (as ``files`` names them), ``tokenizer_json``.
+
+    They are relative to ``export_dir`` and are opened by whoever loads the export (the searcher
+    reads the tokenizer and the ONNX text encoder), so each must stay inside ``export_dir``, or a
+    crafted ``export.json`` would make them read any file (``../../etc/passwd``):
+    ``ExportPathError`` then. ``..`` inside, absolute paths and symlinks out are all caught,
+    since the check is on the resolved path.
+    """
+    files, text = manifest.get("files", {}), manifest.get("text", {})
+    if not isinstance(files, dict) or not isinstance(text, dict):
+        raise ExportError(f"{EXPORT_JSON} of {export_dir}: 'files' and 'text' must be JSON objects; "
+                          "export again with `mcad export`")
+    named = {**FILES, **files, "tokenizer_json": text.get("tokenizer", f"{TOKENIZER_DIR}/{TOKENIZER_JSON}")}
+    return {key: resolve_inside(export_dir, value, f"{EXPORT_JSON} entry {key!r}", ExportPathError)
+            for key, value in named.items()}
 
 
 def _manifest(student, hf_tok, student_dir: Path) -> dict:
@@ -204,8 +245,7 @@ def _manifest(student, hf_tok, student_dir: Path) -> dict:
             "tokenizer": f"{TOKENIZER_DIR}/{TOKENIZER_JSON}",
         },
         "output": "embedding: float32 (B, embed_dim), L2-normalized",
-        "files": {"open_clip": OPEN_CLIP_DIR, "image_torchscript": IMAGE_TS, "text_torchscript": TEXT_TS,
-                  "image_onnx": IMAGE_ONNX, "text_onnx": TEXT_ONNX, "tokenizer": TOKENIZER_DIR},
+        "files": dict(FILES),
         "onnx_opset": ONNX_OPSET,
         "versions": {name: _version(name) for name in VERSIONED},
     }

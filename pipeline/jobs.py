@@ -69,7 +69,8 @@ def evaluate_models(
         start = time.perf_counter()
         teacher = DualStreamTeacher.load(spec)
         metrics = evaluate_dual_stream(teacher, split_at(teacher.image_size), cfg.ks, cfg.batch_size)
-        results[_row_name(spec.name)] = {**metrics, "seconds": time.perf_counter() - start}
+        results[_row_name(spec.name)] = {**metrics, "seconds": time.perf_counter() - start,
+                                         "parameters": _parameters(teacher.model)}
     for spec in single_specs:
         start = time.perf_counter()
         teacher = SingleStreamTeacher.load(spec)
@@ -78,7 +79,8 @@ def evaluate_models(
         rows = {"itc": "itc", "itm_rerank": f"itm rerank top-{cfg.rerank_k}",
                 "itm_itc_rerank": f"itm+itc rerank top-{cfg.rerank_k}"}
         for key, label in rows.items():
-            results[f"{_row_name(spec.name)} ({label})"] = {**both[key], "seconds": seconds}
+            results[f"{_row_name(spec.name)} ({label})"] = {**both[key], "seconds": seconds,
+                                                             "parameters": _parameters(teacher.model)}
 
     if cfg.out_json is not None:
         split = next(iter(splits.values()))
@@ -88,14 +90,19 @@ def evaluate_models(
     return results, dict(stats.by_reason)
 
 
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _row_name(name: str) -> str:
     return Path(name.removeprefix("local-dir:")).name if name.startswith("local-dir:") or Path(name).exists() else name
 
 
 def format_table(results: dict[str, dict]) -> str:
     """A markdown table, one row per model."""
-    header = "| model | " + " | ".join(METRIC_COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(METRIC_COLUMNS)
-    rows = [f"| {name} | " + " | ".join(f"{metrics[c]:.1f}" for c in METRIC_COLUMNS) + " |"
+    header = "| model | " + " | ".join(METRIC_COLUMNS) + " | parameters |"
+    rule = "|---|" + "---:|" * (len(METRIC_COLUMNS) + 1)
+    rows = [f"| {name} | " + " | ".join(f"{metrics[c]:.1f}" for c in METRIC_COLUMNS)
+            + (f" | {metrics['parameters'] / 1e6:.2f}M |" if "parameters" in metrics else " | |")
             for name, metrics in results.items()]
     return "\n".join([header, rule, *rows])

@@ -8,6 +8,11 @@ onnxruntime (one thread) for the text encoder, numpy for the scores. Index layou
     embeddings.npy    float16 (N, embed_dim), L2-normalized rows
     keys.npy          the N sample keys in row order, UTF-8 bytes (fixed width; memory-mapped, not parsed)
     score.onnx        Cast(float16 -> float32) + MatMul: the optional onnxruntime scorer
+    .mcad-output.json marks the directory as written by ``mcad index``: only such a directory is replaced
+
+Files are read from inside the index and the export only: a path named in ``export.json`` that leads
+out (``..``, absolute, a symlink out) is refused (``UnsafePathError``). The export directory recorded in
+``index.json`` is the one exception, since an export lives anywhere; it is followed, as an export.
 
 This module must not import torch at import time (``tests/test_export.py`` checks it).
 """
@@ -17,12 +22,13 @@ from __future__ import annotations
 import json
 import mmap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import check_output_dir, replace_output_dir
 
 INDEX_JSON, EMBEDDINGS, KEYS, SCORE_ONNX = "index.json", "embeddings.npy", "keys.npy", "score.onnx"
 INDEX_FORMAT = 1
@@ -42,6 +48,10 @@ class IndexNotFoundError(SearchIndexError, FileNotFoundError):
 
 class IndexMismatchError(SearchIndexError):
     """The index does not belong to the export it is used with (other export, dimension or size)."""
+
+
+class UnsafePathError(SearchIndexError):
+    """A path named in an index or an export leads outside its directory (corrupt or crafted metadata)."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +92,50 @@ def ort_session(path: str | Path, threads: int = 1, arena: bool = False):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def resolve_inside(root: str | Path, name: object, what: str,
+                   error: type[Exception] = UnsafePathError) -> Path:
+    """``root / name`` resolved, if it stays inside ``root`` (else ``error``).
+
+    ``name`` comes from a file in ``root`` (``export.json``, ``index.json``) that may be corrupt
+    or crafted; following ``../../etc/passwd``, ``/etc/passwd`` or a symlink out would read any file
+    the user can. Resolving first catches all three.
+    """
+    base = Path(root).resolve()
+    if not isinstance(name, (str, Path)) or not str(name):
+        raise error(f"{what} in {base} is {name!r}, not a relative path; rebuild the directory")
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise error(f"{what} {str(name)!r} leads outside {base} (to {path}); the directory is corrupt or "
+                    "crafted: rebuild it with mcad, and do not use it meanwhile")
+    return path
+
+
 def read_export_manifest(export_dir: str | Path) -> dict:
-    path = Path(export_dir) / "export.json"
+    path = resolve_inside(export_dir, "export.json", "export.json")
+    return _read_json(path, f"{export_dir} is not an export directory (no export.json); run `mcad export`")
+
+
+def export_file(export_dir: str | Path, manifest: dict, key: str) -> Path:
+    """The export's file ``manifest["files"][key]``: confined to ``export_dir`` and existing."""
+    files = manifest.get("files")
+    name = files.get(key) if isinstance(files, dict) else None
+    path = resolve_inside(export_dir, name, f"export.json files.{key}")
     if not path.is_file():
-        raise IndexNotFoundError(f"{export_dir} is not an export directory (no export.json); run `mcad export`")
-    return json.loads(path.read_text())
+        raise IndexNotFoundError(f"{export_dir} has no {name} (export.json files.{key}); export again")
+    return path
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    """A JSON object from ``path``; ``IndexNotFoundError(missing)`` if absent, ``SearchIndexError`` if not an object."""
+    if not path.is_file():
+        raise IndexNotFoundError(missing)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise SearchIndexError(f"{path} is not valid JSON ({err}); rebuild it") from err
+    if not isinstance(data, dict):
+        raise SearchIndexError(f"{path} is not a JSON object; rebuild it")
+    return data
 
 
 # ------------------------------------------------------------------- building
@@ -94,7 +143,11 @@ def read_export_manifest(export_dir: str | Path) -> dict:
 
 def build_index(export_dir: str | Path, shards: str | Path, out_dir: str | Path, batch: int = 64,
                 threads: int = 0, policy: str = "raise", progress: bool = True) -> dict:
-    """Embed every image of ``shards`` with the export's ONNX image encoder; write the index to ``out_dir``."""
+    """Embed every image of ``shards`` with the export's ONNX image encoder; write the index to ``out_dir``.
+
+    ``out_dir`` is checked before any image is read: an existing one must be empty or an earlier
+    index, and it must keep clear of the export and the shards (``OutputDirError`` otherwise).
+    """
     from PIL import Image
     from tqdm import tqdm
 
@@ -102,12 +155,14 @@ def build_index(export_dir: str | Path, shards: str | Path, out_dir: str | Path,
 
     export_dir = Path(export_dir).resolve()
     manifest = read_export_manifest(export_dir)
+    shard_list = list_shards(shards)
+    inputs = [*shard_list, *([shards] if Path(str(shards)).is_dir() else [])]
+    check_output_dir(out_dir, "index", [export_dir, *inputs])
     image = manifest["image"]
     size = int(image["size"])
     mean = np.asarray(image["mean"], np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(image["std"], np.float32).reshape(1, 3, 1, 1)
-    session = ort_session(export_dir / manifest["files"]["image_onnx"], threads)
-    shard_list = list_shards(shards)
+    session = ort_session(export_file(export_dir, manifest, "image_onnx"), threads)
     stats = ReadStats()
     keys: list[str] = []
     rows: list[np.ndarray] = []
@@ -132,12 +187,16 @@ def build_index(export_dir: str | Path, shards: str | Path, out_dir: str | Path,
     dim = int(manifest["embed_dim"])
     embeddings = np.concatenate(rows) if rows else np.zeros((0, dim), np.float16)
     extra = {"shards": shard_list, "skipped": stats.skipped}
-    return write_index(out_dir, embeddings, keys, export_dir, manifest, extra)
+    return write_index(out_dir, embeddings, keys, export_dir, manifest, extra, inputs=inputs)
 
 
 def write_index(out_dir: str | Path, embeddings: np.ndarray, keys: list[str], export_dir: str | Path,
-                manifest: dict, extra: dict | None = None) -> dict:
-    """Write an index directory atomically (also used by the latency benchmark for synthetic galleries)."""
+                manifest: dict, extra: dict | None = None, inputs: Sequence[str | Path] = ()) -> dict:
+    """Write an index directory atomically (also used by the latency benchmark for synthetic galleries).
+
+    ``out_dir`` may replace only an earlier index (or an empty directory), and must keep clear of
+    ``export_dir`` and ``inputs`` (the shards): else ``OutputDirError``, with nothing written.
+    """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float16)
     dim = int(manifest["embed_dim"])
     if embeddings.ndim != 2 or embeddings.shape[1] != dim or len(embeddings) != len(keys):
@@ -156,7 +215,7 @@ def write_index(out_dir: str | Path, embeddings: np.ndarray, keys: list[str], ex
         **(extra or {}),
     }
     encoded = [k.encode("utf-8") for k in keys]
-    with atomic_dir(out_dir) as tmp:
+    with replace_output_dir(out_dir, "index", [export_dir, *inputs]) as tmp:
         np.save(tmp / EMBEDDINGS, embeddings)
         np.save(tmp / KEYS, np.array(encoded, dtype=f"S{max([1, *map(len, encoded)])}"))
         (tmp / SCORE_ONNX).write_bytes(_score_graph(dim))
@@ -196,33 +255,36 @@ class Searcher:
                  threads: int = 1, chunk_rows: int = CHUNK_ROWS, release_pages: bool = True) -> None:
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
-        index_dir = Path(index_dir)
-        if not (index_dir / INDEX_JSON).is_file():
-            raise IndexNotFoundError(f"{index_dir} is not an index directory (no {INDEX_JSON}); run `mcad index`")
-        self.index = json.loads((index_dir / INDEX_JSON).read_text())
-        self.export_dir = Path(export_dir or self.index["export_dir"])
+        index_dir = Path(index_dir).resolve()
+        self.index = _read_json(resolve_inside(index_dir, INDEX_JSON, INDEX_JSON),
+                                f"{index_dir} is not an index directory (no {INDEX_JSON}); run `mcad index`")
+        self.export_dir = Path(export_dir).resolve() if export_dir else _recorded_export(index_dir, self.index)
         self.export = read_export_manifest(self.export_dir)
         if self.index["export_id"] != self.export["export_id"]:
             raise IndexMismatchError(f"{index_dir} was built with export {self.index['export_id']}, "
                                      f"{self.export_dir} is export {self.export['export_id']}")
         self.dim = int(self.export["embed_dim"])
-        self._file = open(index_dir / EMBEDDINGS, "rb")
+        self._file = open(resolve_inside(index_dir, EMBEDDINGS, EMBEDDINGS), "rb")
         self.gallery, self._mmap, self._offset = _map_npy(self._file)
         if self.gallery.shape != (self.index["count"], self.dim) or int(self.index["embed_dim"]) != self.dim:
             raise IndexMismatchError(f"{index_dir}: embeddings {self.gallery.shape}, index says "
                                      f"({self.index['count']}, {self.index['embed_dim']}), export dim {self.dim}")
-        self.keys = np.load(index_dir / KEYS, mmap_mode="r")
+        self.keys = np.load(resolve_inside(index_dir, KEYS, KEYS), mmap_mode="r")
         if self.keys.shape != (len(self.gallery),):
             raise IndexMismatchError(f"{index_dir}: {len(self.keys)} keys for {len(self.gallery)} rows")
         text = self.export["text"]
         self.context_length = int(text["context_length"])
-        self.tokenizer = load_tokenizer(self.export_dir / text["tokenizer"], self.export)
-        self.text_session = ort_session(self.export_dir / self.export["files"]["text_onnx"], threads)
+        tokenizer = resolve_inside(self.export_dir, text.get("tokenizer"), "export.json text.tokenizer")
+        if not tokenizer.is_file():
+            raise IndexNotFoundError(f"{self.export_dir} has no {text['tokenizer']} (its tokenizer); export again")
+        text_onnx = export_file(self.export_dir, self.export, "text_onnx")  # every path checked before loading
+        self.tokenizer = load_tokenizer(tokenizer, self.export)
+        self.text_session = ort_session(text_onnx, threads)
         self.text_input = text["input"]
         self.scorer = scorer
         self.score_session = None
         if scorer == "onnxruntime":
-            self.score_session = ort_session(index_dir / SCORE_ONNX, threads, arena=True)
+            self.score_session = ort_session(resolve_inside(index_dir, SCORE_ONNX, SCORE_ONNX), threads, arena=True)
         self.chunk_rows = max(1, int(chunk_rows))
         self.release_pages = release_pages and hasattr(mmap, "MADV_DONTNEED")
         self._work = np.empty((self.chunk_rows, self.dim), np.int32)
@@ -288,6 +350,21 @@ class Searcher:
         if end > self._released:
             self._mmap.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
             self._released = end
+
+
+def _recorded_export(index_dir: Path, index: dict) -> Path:
+    """The export directory ``index.json`` names (where ``mcad index --export`` pointed).
+
+    Unlike every other path read from an index it may lie anywhere, so it is not confined; it is
+    safe to follow because it is only used as an export directory: its ``export.json`` is read (a
+    directory without one is refused) and each file taken from it is confined to it. It must be
+    absolute, as ``write_index`` records it: a relative one would depend on the working directory.
+    """
+    recorded = index.get("export_dir")
+    if not isinstance(recorded, str) or not Path(recorded).is_absolute():
+        raise UnsafePathError(f"{index_dir / INDEX_JSON} names the export {recorded!r}, not an absolute "
+                              "directory; pass --export, or rebuild the index with `mcad index`")
+    return Path(recorded).resolve()
 
 
 def half_to_float32(half: np.ndarray, work: np.ndarray) -> np.ndarray:

@@ -5,18 +5,31 @@ worker -> tar -> decode -> ``Sample``. Every stage shares one error handler, so
 a bad sample or shard is either skipped and counted (``"warn"``) or stops the
 read with a ``ShardReadError`` naming the shard and key (``"raise"``).
 
+Shards are untrusted input, so two of webdataset's conveniences are left out:
+
+- decoding: only the fields the tool uses (``USED_FIELDS``: the image, ``txt``
+  and ``json``) are kept, each with its own handler. webdataset's default
+  handlers would unpickle ``.pyd``/``.pkl``, ``torch.load`` a ``.pth`` and
+  gunzip-then-decode ``.gz`` members: running code chosen by whoever wrote the tar.
+- opening: a shard that exists as a local file is opened with ``open``.
+  webdataset's ``gopen`` reads a ``scheme:`` prefix as a url, so a file *named*
+  ``pipe:cmd;...tar`` would run ``cmd`` in a shell. Only a spec naming no local
+  file (a ``pipe:`` or url spec the caller chose) goes to ``gopen``.
+
 Stats are per process: with DataLoader workers each worker counts its own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from urllib.parse import urlparse
 
 import braceexpand
 import numpy as np
@@ -24,13 +37,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
-from webdataset.autodecode import IMAGE_EXTENSIONS as _DECODED_AS_IMAGE
-from webdataset.tariterators import base_plus_ext
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 logger = logging.getLogger(__name__)
 
 ErrorPolicy = Literal["warn", "raise"]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+USED_FIELDS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))  # every other tar member is dropped, never decoded
+SHARD_REASONS = frozenset(("truncated_tar", "unreadable_shard"))  # a whole shard's problem, not one sample's
 _TAR_BLOCK = 512
 _END_MARKER = 2 * _TAR_BLOCK  # a tar archive ends with two zero blocks
 
@@ -48,13 +63,49 @@ class ShardReadError(RuntimeError):
         super().__init__(f"{reason} in shard {shard} ({where})" + (f": {detail}" if detail else ""))
 
 
+class DuplicateKeyError(ShardReadError):
+    """Two samples share a key. Stage 2 addresses samples by key, so the second one is refused in stage 1."""
+
+    def __init__(self, key: str, first: str, second: str) -> None:
+        self.first, self.second = first, second
+        super().__init__(second, key, "duplicate_key", f"first read from shard {first}")
+
+
+@dataclass
+class Truncation:
+    """A shard whose data ends early.
+
+    What followed the cut is gone with no index of it, so the number of samples
+    lost is unknown; what is known is how many were read and whether the sample
+    being read was cut in half.
+    """
+
+    shard: str
+    samples_read: int = 0  # good samples read from the shard before the cut
+    key: str | None = None  # the key being read when the data ended
+    cut_sample: bool = False  # that key's sample was cut off: one known lost sample
+
+    def describe(self) -> str:
+        if self.key is None:
+            where = "before any key was read"
+        else:
+            where = f"sample {self.key} cut off" if self.cut_sample else f"last key {self.key}"
+        return (f"shard {self.shard} truncated after {self.samples_read} samples ({where}): "
+                "the rest of the shard is lost (count unknown)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples_read": self.samples_read, "key": self.key, "cut_sample": self.cut_sample,
+                "message": self.describe()}
+
+
 @dataclass
 class ReadStats:
-    """What a read saw: good samples, and every skipped sample or shard by reason."""
+    """What a read saw: good samples, every skip event by reason, and the truncated shards."""
 
     samples_ok: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
     records: list[tuple[str, str | None, str]] = field(default_factory=list)
+    truncated: list[Truncation] = field(default_factory=list)
 
     def record(self, err: ShardReadError) -> None:
         self.by_reason[err.reason] += 1
@@ -62,7 +113,18 @@ class ReadStats:
 
     @property
     def skipped(self) -> int:
+        """Skip events: bad samples plus one per truncated or unreadable shard."""
         return sum(self.by_reason.values())
+
+    @property
+    def samples_skipped(self) -> int:
+        """Samples known to be lost: bad ones, and a sample a truncation cut in half.
+
+        A truncated shard's unknown rest and an unreadable shard are not counted
+        here: calling them "1 skipped sample" would understate the loss (see ``truncated``).
+        """
+        bad = sum(n for reason, n in self.by_reason.items() if reason not in SHARD_REASONS)
+        return bad + sum(t.cut_sample for t in self.truncated)
 
 
 @dataclass
@@ -89,19 +151,36 @@ class SplitData:
 
 
 def list_shards(path: str | Path) -> list[str]:
-    """Shard paths from a directory (its ``*.tar``), one tar, or a brace pattern."""
+    """Local shard files from a directory (its ``*.tar``), one tar, or a brace pattern of local files.
+
+    Each comes back spelled so that it can only be read as a local file (see
+    ``local_path``): a directory's file names are whatever its writer chose.
+    """
     spec = str(path)
     if "{" in spec:
-        return _expand_pattern(spec)
+        return [local_path(s) for s in _expand_pattern(spec)]
     p = Path(spec)
     if p.is_dir():
         shards = sorted(str(s) for s in p.glob("*.tar"))
         if not shards:
             raise NoShardsError(f"no *.tar shards in directory {p}")
-        return shards
+        return [local_path(s) for s in shards]
     if p.is_file():
-        return [spec]
+        return [local_path(spec)]
     raise NoShardsError(f"no shard file or directory at {spec}")
+
+
+def local_path(path: str | Path) -> str:
+    """``path`` spelled so that no url reader takes it for a url.
+
+    webdataset's ``gopen`` (like ``urlparse``) reads a leading ``scheme:`` as a
+    url: a file ``pipe:cmd;x.tar`` listed from ``.`` would run ``cmd``, and
+    ``file:x.tar`` would open ``x.tar``. Such a path (and ``-``, stdin) is made
+    absolute, so it starts with ``/``; every other path keeps its spelling, so
+    shard lists that were stored before compare equal.
+    """
+    text = str(path)
+    return os.path.abspath(text) if urlparse(text).scheme or text == "-" else text
 
 
 def _expand_pattern(spec: str) -> list[str]:
@@ -135,6 +214,9 @@ class _ReadContext:
         self.key: str | None = None
         self.suspect = False  # the shard lacks a tar end marker
         self.failed: set[str] = set()  # shards already reported as broken
+        self.shard_ok = 0  # good samples of the current shard
+        self.settled: str | None = None  # the current shard's last key yielded or skipped as a bad sample
+        self.truncation: Truncation | None = None  # the current shard's, once reported
 
     def follow_shards(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Pipeline stage: notes each shard as the tar stage opens it."""
@@ -142,6 +224,7 @@ class _ReadContext:
         for source in src:
             self._finish_shard()
             self.shard, self.key = source["url"], None
+            self.shard_ok, self.settled, self.truncation = 0, None, None
             self.suspect = _lacks_end_marker(self.shard)
             yield source
         self._finish_shard()
@@ -152,6 +235,33 @@ class _ReadContext:
         if self.suspect and self.shard not in self.failed:
             detail = "no tar end marker: whatever followed this key is lost"
             self.report(ShardReadError(self.shard, self.key, "truncated_tar", detail))
+        self._update_truncation()  # the last complete sample may have come through after the report
+
+    def _update_truncation(self) -> None:
+        if self.truncation is not None:
+            t = self.truncation
+            t.samples_read = self.shard_ok
+            t.cut_sample = t.key is not None and t.key != self.settled
+
+    def tar_samples(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage: webdataset's tar reading, with the unused members dropped before any decoding.
+
+        ``group_by_keys(suffixes=...)`` keeps a sample whose members are all
+        unused (so it is reported as missing its image) but never stores those members.
+        """
+        files = tar_file_expander(self.open_shards(src), handler=self.handle, rename_files=self.note_member)
+        return group_by_keys(files, suffixes=USED_FIELDS, handler=self.handle)
+
+    def open_shards(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage: each shard as a byte stream; a local file is always opened as a file."""
+        for source in src:
+            url = source["url"]
+            try:
+                stream = open(url, "rb") if os.path.isfile(url) else gopen(url)
+            except Exception as exn:  # noqa: BLE001 - the shared handler names it or re-raises it
+                self.handle(exn)
+                continue
+            yield {**source, "stream": stream}
 
     def note_member(self, fname: str) -> str:
         """``rename_files`` hook of the tar stage: remembers which key is being read."""
@@ -163,7 +273,7 @@ class _ReadContext:
         if isinstance(exn, ShardReadError):
             return self.report(exn)
         if isinstance(exn, wds.DecodingError):
-            reason = "corrupt_image" if str(exn.k).lower() in _DECODED_AS_IMAGE else "corrupt_field"
+            reason = "corrupt_image" if str(exn.k).lower() in IMAGE_EXTENSIONS else "corrupt_field"
             return self.report(ShardReadError(str(exn.url), exn.key, reason, f".{exn.k}: {exn.__cause__!r}"))
         if self.shard in self.failed:
             return True  # tarfile keeps failing on a shard it already failed on
@@ -172,8 +282,14 @@ class _ReadContext:
 
     def report(self, err: ShardReadError) -> bool:
         self.stats.record(err)
-        if err.reason in ("truncated_tar", "unreadable_shard"):
+        if err.reason in SHARD_REASONS:
             self.failed.add(err.shard)
+        elif err.key is not None:
+            self.settled = err.key
+        if err.reason == "truncated_tar" and self.truncation is None:
+            self.truncation = Truncation(err.shard, key=err.key)
+            self.stats.truncated.append(self.truncation)
+            self._update_truncation()
         if self.policy == "raise":
             raise err
         logger.warning("skipping: %s", err)
@@ -191,6 +307,8 @@ class _ReadContext:
                 raise ShardReadError(shard, key, "truncated_tar", "the shard's last sample is cut off")
             raise ShardReadError(shard, key, "missing_image" if image is None else "missing_caption")
         self.stats.samples_ok += 1
+        self.shard_ok += 1
+        self.settled = key
         meta = sample.get("json")
         return Sample(key=key, image=image, captions=captions, shard=shard, meta=meta if isinstance(meta, dict) else {})
 
@@ -228,6 +346,24 @@ def _lacks_end_marker(url: str) -> bool:
         return f.read(_END_MARKER).count(0) != _END_MARKER
 
 
+def field_decoders() -> list[Callable[[str, bytes], Any]]:
+    """One handler per used field: images to RGB PIL, ``txt`` to str, ``json`` parsed.
+
+    Passed with ``pre=[]``/``post=[]``: webdataset's default pre (gunzip, then
+    decode again) and post handlers (pickle, torch.load, numpy, msgpack, ...)
+    are never installed.
+    """
+    return [
+        wds.imagehandler("pil", IMAGE_EXTENSIONS),
+        wds.handle_extension("txt", _utf8),
+        wds.handle_extension("json", json.loads),
+    ]
+
+
+def _utf8(data: bytes) -> str:
+    return data.decode("utf-8")  # a module function, not a lambda: the pipeline stays picklable for workers
+
+
 def build_pipeline(
     shards: Sequence[str],
     policy: ErrorPolicy = "raise",
@@ -245,8 +381,8 @@ def build_pipeline(
         wds.split_by_node if split_by_node else None,
         wds.split_by_worker if split_by_worker else None,
         ctx.follow_shards,
-        wds.tarfile_to_samples(handler=ctx.handle, rename_files=ctx.note_member),
-        wds.decode("pil", handler=ctx.handle),
+        ctx.tar_samples,
+        wds.decode(*field_decoders(), pre=[], post=[], only=USED_FIELDS, handler=ctx.handle),
         wds.map(ctx.to_sample, handler=ctx.handle),
     )
 
@@ -280,12 +416,21 @@ def load_split(
     for sample in tqdm(samples, desc=f"load {len(shards)} shards", unit="img"):
         image = sample.image
         if image_size is not None and image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            image = square(image, image_size)
         keys.append(sample.key)
         pixels.append(np.asarray(image, dtype=np.uint8))
         captions.append(sample.captions)
         shard_of.append(sample.shard)
     return SplitData(keys=keys, images=_stack_chw(pixels, image_size), captions=captions, shard_of=shard_of)
+
+
+def square(image: Image.Image, size: int) -> Image.Image:
+    """Shortest side resized to ``size``, then the centre ``size`` x ``size`` crop: no distortion of shapes."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return image.resize(resized, Image.Resampling.BICUBIC, box=None).crop((left, top, left + size, top + size))
 
 
 def _stack_chw(pixels: list[np.ndarray], image_size: int | None) -> torch.Tensor:

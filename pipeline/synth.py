@@ -248,6 +248,19 @@ CAPTION_WORDS: dict[str, tuple[str, ...]] = {
 }
 RELATION_FLIPS = {"left": "right", "right": "left", "above": "below", "below": "above",
                   "over": "beneath", "beneath": "over"}
+
+
+def caption_edit_words() -> dict[str, Any]:
+    """The world's own description of its caption vocabulary, for rule-made ITM negatives.
+
+    Written into ``world.json`` so the teacher recipe reads it from the data it
+    trains on instead of importing this module's constants: a world from another
+    generator either describes its own words the same way or trains without
+    edited negatives.
+    """
+    return {"groups": {name: list(words) for name, words in CAPTION_WORDS.items()}, "flips": dict(RELATION_FLIPS)}
+
+
 # Every (pattern, with size?, subject object) combination reads differently.
 _N_PHRASINGS = len(_PATTERNS) * 2 * 2
 
@@ -411,7 +424,7 @@ def generate(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[str
             splits[split] = _write_split(cfg, split, out_dir / split, first_key, bar)
             splits[split]["first_key"] = first_key
             first_key += sizes[split]
-    world = {"config": dataclasses.asdict(cfg), "splits": splits}
+    world = {"config": dataclasses.asdict(cfg), "splits": splits, "caption_edits": caption_edit_words()}
     text = json.dumps(world, indent=2, sort_keys=True) + "\n"
     _write_atomic(out_dir / "world.json", lambda f: f.write(text.encode("utf-8")))
     return world

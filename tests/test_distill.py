@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 
@@ -116,6 +117,143 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_cache, tiny_world
     sb = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)["model"]
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], msg=key)
+
+
+class SimulatedKill(BaseException):
+    """A kill -9 at a chosen instant: nothing after it runs (BaseException, so no handler catches it)."""
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (pids are handed out in turn, so it is not reused at once)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _metrics(run) -> list[dict]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_cache, tiny_world, tmp_path_factory):
+    """metrics.csv rows of a 6-step run checkpointed every 2 steps, never stopped."""
+    tmp = tmp_path_factory.mktemp("straight")
+    distill(_cfg(tiny_cache, tiny_world, tmp, checkpoint_every=2), progress=False)
+    return _metrics(tmp / "run")
+
+
+def _assert_same_rows(run, expected: list[dict]) -> None:
+    """One row per step 1..6, equal to the uninterrupted run's, and the same rows as the checkpoint holds."""
+    rows = _metrics(run)
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert {k for k in rows[0] if not k.startswith("val/")} == expected[0].keys()
+    for got, want in zip(rows, expected, strict=True):
+        for key in ("lr", "itc", "kd", "fd", "ia", "loss"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-7), (got["step"], key)
+    held = torch.load(run / "checkpoint.pt", weights_only=True)["metrics"]
+    assert [r["step"] for r in held] == list(range(1, 7))
+    assert [str(r["loss"]) for r in held] == [r["loss"] for r in rows]
+
+
+@pytest.mark.parametrize("eval_every", [0, 2])
+def test_a_kill_right_after_the_checkpoint_rename_loses_no_metrics_row(tiny_cache, tiny_world, tmp_path,
+                                                                       monkeypatch, uninterrupted, eval_every):
+    """The tracker's case: killed once checkpoint.pt (step 4) is replaced, before metrics.csv is written.
+
+    With eval_every 2 the periodic recalls of steps 2 and 4 (checkpoint steps too) must survive as well.
+    """
+    import mcad_student.train as train
+
+    real_save = train.save_checkpoint
+    calls = []
+
+    def save_then_die(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == 2:  # the checkpoint of step 4 is on disk
+            raise SimulatedKill
+
+    cfg = _cfg(tiny_cache, tiny_world, tmp_path, checkpoint_every=2, eval_every=eval_every)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(SimulatedKill):
+        distill(cfg, progress=False)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert [int(r["step"]) for r in _metrics(run)] == [1, 2]  # the csv lags the checkpoint until the next start
+    distill(cfg, progress=False)
+    _assert_same_rows(run, uninterrupted)
+    if eval_every:
+        recalls = [r.get("val/mean_recall", "") for r in _metrics(run)]
+        assert [bool(v) for v in recalls] == [False, True, False, True, False, False]
+
+
+def test_a_kill_while_the_checkpoint_is_written_resumes_and_removes_the_scratch_file(
+        tiny_cache, tiny_world, tmp_path, monkeypatch, uninterrupted):
+    """Killed inside the atomic write of the step-4 checkpoint: half a scratch file, the old checkpoint."""
+    import mcad_student.train as train
+
+    dead = _dead_pid()
+    real_write = train.atomic_write_bytes
+
+    def write_half_then_die(path, data):
+        if path.name == "checkpoint.pt" and torch.load(io.BytesIO(data), weights_only=True)["step"] == 4:
+            path.with_name(f".{path.name}.tmp-{dead}").write_bytes(data[: len(data) // 2])
+            raise SimulatedKill
+        real_write(path, data)
+
+    cfg = _cfg(tiny_cache, tiny_world, tmp_path, checkpoint_every=2)
+    monkeypatch.setattr(train, "atomic_write_bytes", write_half_then_die)
+    with pytest.raises(SimulatedKill):
+        distill(cfg, progress=False)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    scratch = run / f".checkpoint.pt.tmp-{dead}"
+    assert scratch.exists() and torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    distill(cfg, progress=False)
+    assert not scratch.exists()
+    _assert_same_rows(run, uninterrupted)
+
+
+def test_a_start_removes_only_scratch_files_of_dead_writers(tiny_cache, tiny_world, tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / f".checkpoint.pt.tmp-{_dead_pid()}"
+    stale.write_bytes(b"half a checkpoint")
+    stale_dir = run / f".student.tmp-{_dead_pid()}"
+    stale_dir.mkdir()
+    (stale_dir / "weights").write_bytes(b"x")
+    live = run / f".summary.json.tmp-{os.getppid()}"  # a live process's: maybe being written right now
+    live.write_bytes(b"{")
+    unrelated = run / "notes.tmp-1"
+    unrelated.write_bytes(b"mine")
+    distill(_cfg(tiny_cache, tiny_world, tmp_path), progress=False, stop_after=1)
+    assert not stale.exists() and not stale_dir.exists()
+    assert live.exists() and unrelated.exists()
+
+
+def test_a_checkpoint_without_rows_resumes_from_metrics_csv(tiny_cache, tiny_world, tmp_path, uninterrupted):
+    """Checkpoints written before they carried their metrics rows resume with the csv's rows up to their step."""
+    from pipeline.atomic import atomic_write_bytes
+
+    cfg = _cfg(tiny_cache, tiny_world, tmp_path, checkpoint_every=2)
+    distill(cfg, progress=False, stop_after=4)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    del payload["metrics"]
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(checkpoint, buffer.getvalue())
+    distill(cfg, progress=False)
+    _assert_same_rows(tmp_path / "run", uninterrupted)
 
 
 def test_resume_with_another_config_is_refused(tiny_cache, tiny_world, tmp_path):

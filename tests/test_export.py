@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from transformers import AutoTokenizer
 
 from mcad_student.model import StudentConfig, build_student, load_student, save_student
+from pipeline.atomic import OUTPUT_MARKER
 from pipeline.cli import main
 from pipeline.export import (
     EXPORT_JSON,
@@ -124,13 +125,30 @@ def test_padding_is_masked_in_the_exported_text_graph(export_dir, student_dir):
     assert not np.allclose(out[0], out[1], atol=1e-3)  # ... so padding is what the graph ignores
 
 
-def test_impossible_tolerance_raises_and_leaves_out_untouched(student_dir, tmp_path):
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_impossible_tolerance_raises_and_leaves_out_untouched(student_dir, export_dir, tmp_path):
     out = tmp_path / "export"
-    out.mkdir()
+    shutil.copytree(export_dir, out)  # an earlier export: the one kind of directory export may replace
     (out / "keep.txt").write_text("old")
+    before = _tree(out)
     with pytest.raises(ExportMismatchError, match="atol=-1"):
         export_student(student_dir, out, batch=2, atol=-1.0)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no scratch copy left beside it
+
+
+def test_export_replaces_an_earlier_export(student_dir, export_dir, tmp_path):
+    out = tmp_path / "export"
+    shutil.copytree(export_dir, out)
+    (out / "stale.txt").write_text("from the earlier export")
+    manifest = export_student(student_dir, out, batch=2)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / OUTPUT_MARKER).read_text())["command"] == "export"
+    assert json.loads((out / EXPORT_JSON).read_text())["export_id"] == manifest["export_id"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 def test_tampered_onnx_fails_the_check(export_dir, tmp_path):
@@ -245,6 +263,12 @@ def test_cli_index_and_search(export_dir, tiny_world, tmp_path):
                                   "--json"])
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)["results"]) == 4
+    assert json.loads((tmp_path / "idx" / OUTPUT_MARKER).read_text())["command"] == "index"
+    # An earlier index is replaced by the same command.
+    result = runner.invoke(main, ["index", "--export", str(export_dir), "--shards", str(tiny_world / "test"),
+                                  "--out", str(tmp_path / "idx")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["shards"] == list_shards(tiny_world / "test")
 
 
 def test_cli_export_mismatch_exits_3(student_dir, tmp_path):

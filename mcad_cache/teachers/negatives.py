@@ -10,16 +10,20 @@ negatives mined from ITC similarities (mostly different scenes) teach slowly.
 The edits follow the rule-based negatives of SVLC (Doveh et al., 2022) and the
 swaps of NegCLIP (Yuksekgonul et al., 2023).
 
-Edits work on token ids: the word lists (``pipeline.synth.CAPTION_WORDS``)
-must be single tokens of the tokenizer, and an edit that leaves a caption
+Edits work on token ids: the word lists come from the data itself (the
+``caption_edits`` entry of a world's ``world.json``, which ``mcad data`` writes)
+and must be single tokens of the tokenizer; an edit that leaves a caption
 unchanged (two equal sizes swapped, a caption without a relation word) is not
-used.
+used. Shards that describe no such vocabulary train without edited negatives,
+for a reason that ``edits_from_world`` returns and the recipe logs.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,3 +118,30 @@ class CaptionEdits:
         """Every relation word turned into its inverse."""
         out = self.flip[input_ids]
         return out, (out != input_ids).any(1)
+
+
+def edits_from_world(data_dir: str | Path, tokenizer) -> tuple[CaptionEdits | None, str]:
+    """The edits a data directory's ``world.json`` describes, or ``None`` and why not.
+
+    Never raises on a world that describes no edit vocabulary, or one the
+    tokenizer splits: edited negatives are an aid to the recipe, not a
+    requirement, so such data trains without them and the reason is reported.
+    """
+    path = Path(data_dir) / "world.json"
+    if not path.is_file():
+        return None, f"off: {path} does not exist, so the data names no words to edit"
+    try:
+        described = json.loads(path.read_text()).get("caption_edits")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        return None, f"off: {path} is not a JSON object ({err})"
+    if not isinstance(described, dict) or not isinstance(described.get("groups"), dict):
+        return None, f"off: {path} has no caption_edits.groups"
+    groups = {str(name): tuple(words) for name, words in described["groups"].items() if isinstance(words, list)}
+    flips = described.get("flips") or {}
+    if not groups or not isinstance(flips, dict):
+        return None, f"off: {path}'s caption_edits are empty or malformed"
+    try:
+        edits = CaptionEdits.from_words(tokenizer, groups, flips)
+    except ValueError as err:  # UnknownWordError included: a word the tokenizer splits
+        return None, f"off: {err}"
+    return edits, f"on: {len(groups)} word groups and {len(flips)} relation flips from {path}"

@@ -14,10 +14,12 @@ of uint8 pixels) so the steps are not bound by JPEG decoding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
 from mcad_cache.teachers import dual, single
-from mcad_cache.teachers.negatives import CaptionEdits
+from mcad_cache.teachers.negatives import CaptionEdits, edits_from_world
 from mcad_cache.teachers.configs import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -44,8 +46,7 @@ from mcad_cache.teachers.parallel import SplitBatch
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TEACHERS, EvalConfig, Schedule, TeachersConfig
 from pipeline.optim import adamw_warmup_cosine
-from pipeline.shards import ReadStats, list_shards, load_split
-from pipeline.synth import CAPTION_WORDS, RELATION_FLIPS
+from pipeline.shards import ReadStats, iter_samples, list_shards, load_split
 from pipeline.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -613,13 +614,15 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     if cfg.blip_freeze_vision and cfg.clip_ln_pre and "blip" in todo and cfg.blip_vision_init in todo:
         raise ValueError("clip_ln_pre gives the CLIPs a LayerNorm BLIP's ViT lacks, so blip_freeze_vision "
                          "could not lock an exact copy: drop one of them")
+    out = Path(cfg.out_dir)
+    report: dict = load_report(out) if cfg.only else {}
+    _check_kept_teachers(report, out, todo, cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
     stats = ReadStats()
-    train = load_split(list_shards(Path(cfg.data_dir) / "train"), policy=cfg.on_error, stats=stats)
-    image_size = int(train.images.shape[-1])
-    report: dict = load_report(out) if cfg.only else {}
+    shards = list_shards(Path(cfg.data_dir) / "train")
+    image_size = cfg.image_size or common_image_size(shards, cfg.on_error)
+    train = load_split(shards, image_size=image_size, policy=cfg.on_error, stats=stats)
     report.update({"config": cfg.to_dict(), "image_size": image_size, "n_train": len(train.keys),
                    "skipped": dict(stats.by_reason)})
 
@@ -630,6 +633,13 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         report["tokenizer"] = {"path": str(tokenizer_dir), "seconds": _since(start)}
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     report["tokenizer"]["vocab_size"] = len(tokenizer)
+    _write_report(out, report)
+    edits = None
+    if "blip" in todo:  # resolved before the CLIPs train, so a world without edit words costs no wasted run
+        edits, report["blip_edit_negatives"] = (edits_from_world(cfg.data_dir, tokenizer) if cfg.blip_edit_negatives
+                                                else (None, "off: --no-blip-edit-negatives"))
+        (log.info if edits is not None or not cfg.blip_edit_negatives else log.warning)(
+            "BLIP edited negatives %s", report["blip_edit_negatives"])
     table = tokenize_captions(tokenizer, train.captions, cfg.context_length)
     pixels = normalize_pixels(train.images)
 
@@ -645,6 +655,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
                              workers=cfg.clip_workers)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
         report[name] = {"spec": spec.name, **summary, "seconds": _since(start)}
+        _write_report(out, report)  # each teacher is kept as it finishes: a later failure loses only the rest
         log.info("%s: %s", name, report[name])
 
     if "blip" in todo:
@@ -658,7 +669,6 @@ def train_teachers(cfg: TeachersConfig) -> dict:
                                  "would not be the trained tower: train the CLIPs without clip_ln_pre")
             init_vision_from_clip(model, source.model.visual)
         mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob) if cfg.blip_mask_prob > 0 else None
-        edits = CaptionEdits.from_words(tokenizer, CAPTION_WORDS, RELATION_FLIPS) if cfg.blip_edit_negatives else None
         summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2, cfg.blip_mined_negatives,
                              listwise=cfg.blip_listwise, mlm=mlm,
                              random_negatives=cfg.blip_random_negatives, edits=edits,
@@ -667,9 +677,34 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip",
                                  itc_temperature=BLIP_TEMPERATURE)
         report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
-
-    atomic_write_json(out / "teachers.json", report)
+        _write_report(out, report)
     return report
+
+
+def common_image_size(shards: Sequence[str], policy: str, samples: int = 256) -> int:
+    """The most common side of the first ``samples`` images (the longer side of a non-square one)."""
+    sizes = Counter(max(sample.image.size) for sample in itertools.islice(iter_samples(shards, policy), samples))
+    if not sizes:
+        raise ValueError(f"no readable training sample in {shards[0]} ... ({len(shards)} shards)")
+    return sizes.most_common(1)[0][0]
+
+
+def _write_report(out: Path, report: dict) -> None:
+    atomic_write_json(out / "teachers.json", report)
+
+
+def _check_kept_teachers(report: dict, out: Path, todo: Sequence[str], cfg: TeachersConfig) -> None:
+    """With ``--only``, the teachers that are not retrained must exist, checked before any training."""
+    if not cfg.only:
+        return
+    needed = [name for name in TEACHERS if name not in todo]  # blip_vision_init is one of them or retrained
+    if "tokenizer" not in report or not (out / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{out} has no tokenizer: run `mcad teachers` without --only first")
+    missing = [name for name in needed if name not in report or not (out / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--only {' '.join(todo)} keeps {', '.join(missing)}, which {out} does not hold "
+                                f"(teachers.json lists {sorted(k for k in report if k in TEACHERS)}): "
+                                "add them to --only or run without --only")
 
 
 def _since(start: float) -> float:
