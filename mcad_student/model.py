@@ -58,10 +58,20 @@ LOCAL_DIR = "local-dir:"
 TEXT_POOLER = "mean_pooler"  # averages real tokens only (mask from pad id); no BERT pooler weights to rely on
 
 
+VIT = "vit"  # ``image_model`` naming open_clip's own VisionTransformer, shaped by the ``image_*`` fields
+
+
 @dataclass(frozen=True)
 class StudentConfig:
-    image_model: str = "mobilevitv2_050"  # any timm model name (a ".tag" suffix picks timm pretrained weights)
+    # "vit": open_clip's own ViT (the ``image_*`` fields below); else a timm model name (a ".tag" suffix picks
+    # timm pretrained weights), e.g. "mobilevitv2_050" for runs that start from pretrained weights.
+    image_model: str = "mobilevitv2_050"
     image_size: int = 64
+    image_width: int = 128  # the "vit" tower only
+    image_layers: int = 4
+    image_heads: int = 4
+    image_patch: int = 8
+    image_mlp_ratio: float = 2.0
     text_model: str | None = None  # hub id or local dir of pretrained TinyBERT weights; None = random init
     text_layers: int = 4
     text_width: int = 312
@@ -75,6 +85,17 @@ class StudentConfig:
     # schedules gain nothing from it, and without it ranks under torchrun compute exactly what one process
     # would. A pretrained ``text_model`` keeps the dropout of its own config.
     text_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.image_model != VIT:
+            return
+        if self.image_width % self.image_heads or self.image_size % self.image_patch:
+            raise ValueError(f"the ViT student needs image_width ({self.image_width}) a multiple of image_heads "
+                             f"({self.image_heads}) and image_size ({self.image_size}) of image_patch "
+                             f"({self.image_patch})")
+        if self.image_pretrained is not None:
+            raise ValueError("image_pretrained applies to timm image towers; the 'vit' student starts from random "
+                             "init")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -226,17 +247,17 @@ def build_student(cfg: StudentConfig, tokenizer_dir: str | Path, work_dir: str |
 
 
 def student_model_cfg(cfg: StudentConfig, text_dir: str | Path, tokenizer_dir: str | Path) -> dict:
-    """The open_clip custom model config (a ``CustomTextCLIP``: timm image tower + HF text tower)."""
+    """The open_clip custom model config (a ``CustomTextCLIP``: open_clip ViT or timm image tower + HF text tower)."""
+    if cfg.image_model == VIT:
+        vision_cfg = {"image_size": cfg.image_size, "patch_size": cfg.image_patch, "width": cfg.image_width,
+                      "layers": cfg.image_layers, "head_width": cfg.image_width // cfg.image_heads,
+                      "mlp_ratio": cfg.image_mlp_ratio}
+    else:
+        vision_cfg = {"image_size": cfg.image_size, "timm_model_name": cfg.image_model, "timm_pool": "avg",
+                      "timm_proj": "linear", "timm_proj_bias": False, "timm_drop": 0.0}
     return {
         "embed_dim": cfg.embed_dim,
-        "vision_cfg": {
-            "image_size": cfg.image_size,
-            "timm_model_name": cfg.image_model,
-            "timm_pool": "avg",
-            "timm_proj": "linear",
-            "timm_proj_bias": False,
-            "timm_drop": 0.0,
-        },
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "hf_model_name": str(Path(text_dir).resolve()),
             "hf_tokenizer_name": str(Path(tokenizer_dir).resolve()),
@@ -250,7 +271,7 @@ def student_model_cfg(cfg: StudentConfig, text_dir: str | Path, tokenizer_dir: s
 def student_preprocess_cfg(cfg: StudentConfig) -> dict:
     """Pixel normalization: the teachers' CLIP constants, or timm's own when its pretrained weights are used."""
     mean, std = list(OPENAI_DATASET_MEAN), list(OPENAI_DATASET_STD)
-    if cfg.image_pretrained is not None:
+    if cfg.image_pretrained is not None and cfg.image_model != VIT:
         import timm
 
         pretrained = timm.models.get_pretrained_cfg(cfg.image_model)

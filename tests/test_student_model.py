@@ -187,3 +187,34 @@ def test_pretrained_text_and_image_weights_from_local_files(tokenizer_dir, tmp_p
     expected = trunk.state_dict()
     for key, value in student.clip.visual.trunk.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+VIT_TINY = StudentConfig(image_model="vit", image_width=32, image_layers=1, image_heads=2, image_patch=16,
+                         text_layers=1, text_width=32, text_heads=2, text_intermediate=64, embed_dim=16,
+                         image_size=64, feature_dims=(8,))
+
+
+def test_vit_student_is_open_clips_own_vit_and_loads_in_plain_open_clip(tokenizer_dir, tmp_path):
+    torch.manual_seed(0)
+    student = build_student(VIT_TINY, tokenizer_dir, tmp_path / "work").eval()
+    assert isinstance(student.clip.visual, open_clip.transformer.VisionTransformer)
+    assert student.clip.visual.conv1.kernel_size == (16, 16) and len(student.clip.visual.transformer.resblocks) == 1
+    saved = save_student(student, tokenizer_dir, tmp_path / "student")
+    model, _, _ = open_clip.create_model_and_transforms(saved)
+    pixels, ids = _pixels(student), _ids(tokenizer_dir)
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode_image(pixels, normalize=True), student.encode_image(pixels))
+        assert torch.equal(model.encode_text(ids, normalize=True), student.encode_text(ids))
+    assert load_student(saved).config == VIT_TINY
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_width": 33}, "multiple of image_heads"),
+    ({"image_patch": 12}, "image_size (64) of image_patch (12)"),
+    ({"image_pretrained": "timm"}, "random init"),
+])
+def test_vit_student_refuses_shapes_it_cannot_build(change, message):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        replace(VIT_TINY, **change)
