@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mcad_cache.fusion import FUSION_RULES, fuse
 from mcad_cache.schema import BLOCK_PASSES, read_block_rows
 from mcad_cache.sources import locate_shards
 from mcad_cache.store import CacheStore, block_name
@@ -58,8 +59,14 @@ class Block:
         return len(self.keys)
 
 
-def read_block(store: CacheStore, index: int, policy: str = "warn", paths: dict[str, str] | None = None) -> Block:
-    """Block ``index`` with its images joined from the source shards (``paths``: from ``locate_shards``)."""
+def read_block(store: CacheStore, index: int, policy: str = "warn", paths: dict[str, str] | None = None,
+               fusion: tuple[str, float] | None = None) -> Block:
+    """Block ``index`` with its images joined from the source shards (``paths``: from ``locate_shards``).
+
+    ``fusion`` (rule, a) re-derives the fused list logits from the cached dual and ITM logits of the
+    same candidates, in place of the rule the cache was made with: a fusion rule costs no teacher
+    pass, so stage 2 can compare rules on one cache.
+    """
     manifest = store.manifest
     shards = manifest["search"]["blocks"][index]
     paths = paths if paths is not None else locate_shards(manifest, store.path, names=shards)
@@ -74,6 +81,10 @@ def read_block(store: CacheStore, index: int, policy: str = "warn", paths: dict[
     count = torch.bincount(text_image, minlength=len(keys))
     lists = {path: torch.from_numpy(group[path][...]) for path in ("i2t/ids", "i2t/fused", "t2i/ids", "t2i/fused")}
     lists["i2t/ids"], lists["t2i/ids"] = lists["i2t/ids"].long(), lists["t2i/ids"].long()
+    if fusion is not None:
+        for side in ("i2t", "t2i"):
+            dual, itm = (torch.from_numpy(group[f"{side}/{kind}"][...]) for kind in ("dual", "itm"))
+            lists[f"{side}/fused"] = fuse(fusion[0], dual, itm, fusion[1]).to(lists[f"{side}/fused"].dtype)
     images, captions, skipped = _join_images([paths[s] for s in shards], keys,
                                              manifest["preprocessing"]["source_size"], policy)
     if len(captions) != len(text_image):
@@ -202,10 +213,13 @@ class CacheBatches:
 
     def __init__(self, store_path: str | Path, batch_size: int, image_size: int, seed: int, fused: bool,
                  policy: str = "warn", expected_manifest: dict | None = None, batching: str = "neighbor",
-                 shards_dir: str | Path | None = None) -> None:
+                 shards_dir: str | Path | None = None, fusion: tuple[str, float] | None = None) -> None:
         if batching not in ("neighbor", "random"):
             raise ValueError(f"batching must be 'neighbor' or 'random', got {batching!r}")
         self.batching = batching
+        if fusion is not None and fusion[0] not in FUSION_RULES:
+            raise ValueError(f"unknown fusion rule {fusion[0]!r}; known: {sorted(FUSION_RULES)}")
+        self.fusion = fusion
         self.store = CacheStore.open(store_path, expected=expected_manifest)
         self.manifest = self.store.manifest
         # Every source shard found and checked against its fingerprint now, before the first step.
@@ -228,7 +242,7 @@ class CacheBatches:
 
     def block(self, index: int) -> Block:
         if self._cache is None or self._cache[0] != index:
-            block = read_block(self.store, index, self.policy, self.paths)
+            block = read_block(self.store, index, self.policy, self.paths, self.fusion)
             for reason, n in block.skipped.items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + n
             self._cache = (index, block)

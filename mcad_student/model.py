@@ -114,6 +114,17 @@ class StudentConfig:
         return cls(**data)
 
 
+# Named students. "vit": open_clip's ViT + a small BERT, together no larger than the default world's largest
+# CLIP teacher (clip_a, 1.14M); trains from scratch. "mobilevit": MobileViTv2-050 + a TinyBERT-size text tower
+# (5.9M), the preset for runs that start from pretrained weights (timm's and TinyBERT's).
+STUDENT_PRESETS: dict[str, StudentConfig] = {
+    "vit": StudentConfig(image_model=VIT, image_width=128, image_layers=4, image_heads=4, image_patch=8,
+                         image_mlp_ratio=2.0, text_layers=3, text_width=128, text_heads=4, text_intermediate=256,
+                         embed_dim=128),
+    "mobilevit": StudentConfig(image_model="mobilevitv2_050"),
+}
+
+
 class Student(nn.Module):
     """An open_clip ``CustomTextCLIP`` (``.clip``) plus linear feature heads (``.heads``).
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.sources import locate_tokenizer
 from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
@@ -83,6 +84,10 @@ class DistillConfig:
     # fingerprints (shards) and hash (tokenizer) before the first step.
     shards: str | None = None
     tokenizer: str | None = None
+    # Re-derive the fused list logits with this rule (and weight a) from the cached dual and ITM logits,
+    # instead of the rule the cache was made with (None: the cache's). See mcad_cache/fusion.py.
+    fusion_rule: str | None = None
+    fusion_a: float = 1.0
     batching: str = "neighbor"  # "neighbor": anchors with their cached candidates; "random": plain shuffles
     online: bool = False  # the baseline: the cache's teachers run in the loop instead of reading its targets
 
@@ -109,6 +114,8 @@ class DistillConfig:
         _require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
         _require(self.max_nan_skips >= 0, f"max_nan_skips must be 0 or more, got {self.max_nan_skips}")
         _require(self.threads >= 0, f"threads must be 0 (torch's default) or more, got {self.threads}")
+        _require(self.fusion_rule is None or self.fusion_rule in FUSION_RULES,
+                 f"unknown fusion rule {self.fusion_rule!r}; known: {sorted(FUSION_RULES)}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -308,7 +315,8 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     torch.manual_seed(cfg.seed)
     stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
                           fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching,
-                          shards_dir=cfg.shards)
+                          shards_dir=cfg.shards,
+                          fusion=(cfg.fusion_rule, cfg.fusion_a) if cfg.fusion_rule is not None else None)
     manifest = stream.manifest
     integration_dim = int(manifest["integration"]["dim"])
     student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),

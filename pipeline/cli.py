@@ -303,6 +303,10 @@ def cache_info(store: Path, as_json: bool) -> None:
                                "(default: the paths the store records, absolute or relative to the store). Found by "
                                "file name and checked against the store's fingerprints before the first step.")
 @click.option("--tokenizer", help="Directory that now holds the store's tokenizer, if it moved (checked by hash).")
+@click.option("--fusion", "fusion_rule", help="Re-derive the fused targets with this rule (dual_only, itm_topk, "
+                                              "reconstruction) from the cached dual and ITM logits [default: the "
+                                              "cache's rule].")
+@click.option("--fusion-a", type=float, help="The --fusion rule's weight a.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (0: only at the end).")
 @click.option("--checkpoint-every", type=int)
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")

@@ -340,3 +340,17 @@ def test_config_refuses_kd_over_negatives_for_ammkd():
         DistillConfig(mode="ammkd", loss=LossWeights(kd_kind="negatives"))
     with pytest.raises(ValueError, match="kd_kind"):
         LossWeights(kd_kind="diagonal")
+
+
+def test_stage2_fusion_override_rederives_the_fused_lists(tiny_cache):
+    """A rule given to stage 2 is applied to the cached dual and ITM logits of the same candidates."""
+    import zarr
+
+    group = zarr.open_group(str(tiny_cache), mode="r")["blocks/b00000"]
+    dual, itm = (torch.from_numpy(group[f"i2t/{kind}"][...]) for kind in ("dual", "itm"))
+    cached = CacheBatches(tiny_cache, 8, 32, 0, True).block(0)
+    assert torch.equal(cached.lists["i2t/fused"], torch.from_numpy(group["i2t/fused"][...]))
+    added = CacheBatches(tiny_cache, 8, 32, 0, True, fusion=("itm_topk", 2.0)).block(0)
+    torch.testing.assert_close(added.lists["i2t/fused"], dual + 2.0 * itm)
+    with pytest.raises(ValueError, match="unknown fusion rule 'avg'"):
+        CacheBatches(tiny_cache, 8, 32, 0, True, fusion=("avg", 1.0))
