@@ -32,10 +32,10 @@ cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE) (~3 min on the default 
 	$(BIN)/mcad cache-info $(CACHE)
 
 distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split
-	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test
+	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test --results-json bench/results/distill.json
 
-ablation:  ## Rows (a)-(f) of the README ablation table (300 steps, 2 seeds, online row 1 seed; ~85 min on 2 cores) into runs/ablation
-	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --steps 300 --seeds 0,1 --online-seeds 0
+ablation:  ## Rows (a)-(f) at make distill's steps, 3 seeds (online row 1 seed; ~3.5 h on 2 cores) into runs/ablation
+	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --seeds 0,1,2 --online-seeds 0
 
 bench:  ## Benchmarks (~11 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)

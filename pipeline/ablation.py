@@ -70,13 +70,46 @@ def aggregate(results: dict) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], note: str) -> str:
+# The comparisons the README's goals name: each row against contrastive (a) and against CLIP-only KD (b).
+PAIRS = (("b", "a"), ("c", "a"), ("d", "a"), ("e", "a"), ("c", "b"), ("d", "b"), ("e", "b"))
+
+
+def paired(results: dict, metric: str = "mean_recall") -> list[dict]:
+    """Per-seed differences ``row - against`` on ``metric``, for the pairs both of whose rows ran.
+
+    Seeds pair runs that share the initialization and the batch order, so a difference per seed
+    removes most of the seed-to-seed spread that a difference of means keeps.
+    """
+    out = []
+    for label, against in PAIRS:
+        if label not in results or against not in results:
+            continue
+        mine = {r["seed"]: r["recalls"][metric] for r in results[label]["runs"] if "seed" in r}
+        theirs = {r["seed"]: r["recalls"][metric] for r in results[against]["runs"] if "seed" in r}
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        diffs = [mine[seed] - theirs[seed] for seed in seeds]
+        out.append({"row": label, "against": against, "metric": metric, "seeds": seeds, "diffs": diffs,
+                    "mean": statistics.fmean(diffs), "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    "wins": sum(d > 0 for d in diffs)})
+    return out
+
+
+def markdown(table: list[dict], note: str, pairs: list[dict] = ()) -> str:
     lines = [note, "", "| row | mode | " + " | ".join(METRICS) + " | wall s | steps/s | params |",
              "|---|---|" + "---:|" * (len(METRICS) + 3)]
     for e in table:
         cells = [f"{e[m]:.1f} ± {e[m + '_sd']:.1f}" if e["seeds"] > 1 else f"{e[m]:.1f}" for m in METRICS]
         lines.append(f"| ({e['row']}) | {e['mode']} | " + " | ".join(cells)
                      + f" | {e['seconds']:.0f} | {e['steps_per_second']:.2f} | {e['parameters'] / 1e6:.2f}M |")
+    if pairs:
+        lines += ["", "Paired by seed (mean recall, row minus the row it is compared with):", "",
+                  "| row | against | per seed | mean ± sd | wins |", "|---|---|---|---:|---:|"]
+        for p in pairs:
+            per_seed = ", ".join(f"{d:+.1f}" for d in p["diffs"])
+            lines.append(f"| ({p['row']}) | ({p['against']}) | {per_seed} | {p['mean']:+.1f} ± {p['sd']:.1f} | "
+                         f"{p['wins']}/{len(p['diffs'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +138,8 @@ def plot(table: list[dict], path: Path) -> None:
 
 def write_report(results: dict, out: Path, note: str) -> list[dict]:
     table = aggregate(results)
-    atomic_write_json(out / "ablation.json", {"rows": table, "runs": results})
-    atomic_write_bytes(out / "ablation.md", markdown(table, note).encode())
+    pairs = paired(results)
+    atomic_write_json(out / "ablation.json", {"rows": table, "paired": pairs, "runs": results})
+    atomic_write_bytes(out / "ablation.md", markdown(table, note, pairs).encode())
     plot(table, out / "ablation.png")
     return table

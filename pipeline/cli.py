@@ -13,7 +13,6 @@ import click
 
 from pipeline.config import TEACHERS, EvalConfig, TeachersConfig
 
-DISTILL_STEPS = 600
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -297,7 +296,14 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--kd-temperature", type=float)
 @click.option("--kd-kind", type=click.Choice(["full", "negatives"]),
               help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
-@click.option("--image-model", help="timm image tower of the student (default mobilevitv2_050).")
+@click.option("--student", "student_preset", type=click.Choice(["vit", "mobilevit"]),
+              help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "
+                   "1.0M parameters, trains from scratch) or mobilevit (MobileViTv2-050 + TinyBERT-size text, "
+                   "5.9M, for runs from pretrained weights; train it with --image-lr-scale 5).")
+@click.option("--batching", type=click.Choice(["neighbor", "random"]),
+              help="neighbor: each anchor with its cached candidates (hard negatives, the fused targets in-batch); "
+                   "random: plain shuffles within a block.")
+@click.option("--image-model", help="Image tower of the student: 'vit' (open_clip's ViT) or a timm model name.")
 @click.option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
 @click.option("--shards", help="Directory that now holds the store's source shards, if they moved since `mcad cache` "
                                "(default: the paths the store records, absolute or relative to the store). Found by "
@@ -325,6 +331,7 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
     from mcad_cache.sources import TokenizerMismatchError
     from mcad_cache.store import CacheMismatchError
     from mcad_student.data import CacheJoinError
+    from mcad_student.model import STUDENT_PRESETS
     from mcad_student.train import DistillConfig, NonFiniteLossError, ResumeMismatchError, distill as run_distill
     from pipeline.config import load_config_file
 
@@ -333,8 +340,10 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
         loss_keys = {"alpha", "beta", "gamma", "kd_temperature", "kd_kind"}
         loss = {k: v for k, v in options.items() if k in loss_keys and v is not None}
         student = {"image_model": options["image_model"]} if options.get("image_model") else {}
-        top = {k: v for k, v in options.items() if k not in loss_keys | {"image_model"} and v is not None}
-        cfg = replace(cfg, **top, loss=replace(cfg.loss, **loss), student=replace(cfg.student, **student))
+        top = {k: v for k, v in options.items()
+               if k not in loss_keys | {"image_model", "student_preset"} and v is not None}
+        base = STUDENT_PRESETS[options["student_preset"]] if options.get("student_preset") else cfg.student
+        cfg = replace(cfg, **top, loss=replace(cfg.loss, **loss), student=replace(base, **student))
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     try:
@@ -383,8 +392,9 @@ def _teacher_rows(path: Path, eval_shards: str) -> dict:
 @click.option("--store", type=click.Path(path_type=Path), default=Path("artifacts/cache/default.zarr"),
               show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/ablation"), show_default=True)
-@click.option("--steps", type=int, default=DISTILL_STEPS, show_default=True, help="Steps of every row (equal steps).")
-@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; each row runs once per seed.")
+@click.option("--steps", type=int, default=None,
+              help="Steps of every row (equal steps) [default: `mcad distill`'s].")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; each row runs once per seed.")
 @click.option("--rows", default="a,b,c,d,e,f", show_default=True, help="Which rows: a..f (see the README).")
 @click.option("--online-seeds", default="0", show_default=True,
               help="Seeds of the online row (f), which runs the teachers every step and is much slower.")
@@ -401,14 +411,14 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
     from pipeline.ablation import run_ablation, write_report
 
     try:
-        base = DistillConfig(store=store, steps=steps, eval_shards=eval_shards)
+        base = DistillConfig(store=store, eval_shards=eval_shards, **({"steps": steps} if steps is not None else {}))
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     online_list = tuple(int(x) for x in online_seeds.split(",") if x.strip())
     results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
                            online_seeds=online_list)
-    note = (f"{steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)} (online row: "
+    note = (f"{base.steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)} (online row: "
             f"{list(online_list)}), recalls on {eval_shards} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())

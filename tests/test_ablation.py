@@ -1,0 +1,35 @@
+"""The ablation report: per-row mean ± sd and the per-seed paired comparisons the README's goals name."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.ablation import aggregate, markdown, paired
+
+
+def _row(mode: str, by_seed: dict[int, float]) -> dict:
+    runs = [{"seed": seed, "recalls": {m: value for m in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
+                                                             "t2i_R@10", "mean_recall")},
+             "seconds": 10.0, "steps_per_second": 2.0, "parameters": 1000} for seed, value in by_seed.items()]
+    return {"mode": mode, "online": False, "runs": runs}
+
+
+def test_paired_differences_by_seed_against_hand_computed_values():
+    results = {"a": _row("contrastive", {0: 50.0, 1: 52.0, 2: 48.0}),
+               "b": _row("dual_kd", {0: 51.0, 1: 55.0, 2: 48.5}),
+               "d": _row("mcad", {0: 56.0, 1: 57.0, 2: 55.0})}
+    pairs = {(p["row"], p["against"]): p for p in paired(results)}
+    assert set(pairs) == {("b", "a"), ("d", "a"), ("d", "b")}
+    d_a = pairs[("d", "a")]
+    assert d_a["diffs"] == [6.0, 5.0, 7.0] and d_a["mean"] == pytest.approx(6.0) and d_a["sd"] == pytest.approx(1.0)
+    assert pairs[("b", "a")]["wins"] == 3 and pairs[("d", "b")]["diffs"] == [5.0, 2.0, 6.5]
+    table = aggregate(results)
+    assert table[0]["mean_recall"] == pytest.approx(50.0) and table[0]["mean_recall_sd"] == pytest.approx(2.0)
+    text = markdown(table, "note", paired(results))
+    assert "| (d) | (a) | +6.0, +5.0, +7.0 | +6.0 ± 1.0 | 3/3 |" in text
+
+
+def test_only_seeds_both_rows_ran_are_paired():
+    results = {"a": _row("contrastive", {0: 50.0, 1: 52.0}), "c": _row("fused_kd", {1: 53.0, 2: 60.0})}
+    (pair,) = paired(results)
+    assert pair["seeds"] == [1] and pair["diffs"] == [1.0] and pair["sd"] == 0.0
