@@ -82,9 +82,9 @@ def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, 
     np.testing.assert_allclose(block["i2t/dual"][...], -np.sort(-logits, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.take_along_axis(logits, block["i2t/ids"][...].astype(int), 1),
                                block["i2t/dual"][...], rtol=1e-4, atol=1e-4)
-    # Fusion is the reconstruction rule on the stored logits.
-    a = manifest["fusion"]["a"]
-    np.testing.assert_allclose(block["t2i/fused"][...], a * block["t2i/dual"][...] + (1 - a) * block["t2i/itm"][...],
+    # Fusion is the default itm_topk rule on the stored logits: the dual logit plus a times the ITM logit.
+    assert manifest["fusion"] == {"rule": "itm_topk", "a": 1.0}
+    np.testing.assert_allclose(block["t2i/fused"][...], block["t2i/dual"][...] + block["t2i/itm"][...],
                                rtol=1e-5, atol=1e-5)
     for pass_name, specs in BLOCK_PASSES.items():
         assert store.pass_done("b00000", pass_name)
