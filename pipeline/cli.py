@@ -283,7 +283,8 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Run directory: checkpoint.pt, metrics.csv, tb/, student/, summary.json. Re-running resumes.")
 @click.option("--mode", type=click.Choice(["contrastive", "dual_kd", "fused_kd", "mcad", "ammkd"]),
-              help="Targets and loss terms (see the README's ablation table).")
+              help="Targets and loss terms [default: fused_kd, itc + kd to the fused top-k targets; mcad adds "
+                   "fd + ia] (see the README's stage-2 table).")
 @click.option("--steps", type=int, help="Optimizer steps in total, at least 1 (a resumed run continues to this count).")
 @click.option("--batch-size", type=int, help="Images per step, at least 2 (the other images are the negatives).")
 @click.option("--lr", type=float, help="Peak learning rate (warmup, then cosine decay to 0).")

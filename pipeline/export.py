@@ -20,6 +20,7 @@ positions equal to ``pad_id``, exactly as open_clip's HF text tower does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -251,6 +252,18 @@ def _manifest(student, hf_tok, student_dir: Path) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    """nn.MultiheadAttention's inference fast path (``aten::_native_multi_head_attention``, taken in eval mode
+    without grad) has no ONNX export; open_clip's ViT uses that module, so the export traces the plain path."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def _write_encoders(student, hf_tok, out: Path) -> None:
     """Trace and export both towers. The trace batch has a padded and a full-length caption, so
     the traced graph keeps the attention mask (a batch without padding may let it be dropped)."""
@@ -262,7 +275,7 @@ def _write_encoders(student, hf_tok, out: Path) -> None:
         raise ExportError(f"context_length {length} leaves no padding in the trace batch")
     encoders = {"image": (ImageEncoder(student.clip).eval(), pixels, "pixels", IMAGE_TS, IMAGE_ONNX),
                 "text": (TextEncoder(student.clip).eval(), ids, "input_ids", TEXT_TS, TEXT_ONNX)}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
         warnings.simplefilter("ignore")  # tracer/exporter deprecation chatter; check_export judges the result
         for module, example, name, ts_file, onnx_file in encoders.values():
             buffer = io.BytesIO()
