@@ -20,8 +20,9 @@ TINY_STUDENT = StudentConfig(image_model="mobilevitv2_050", image_size=32, text_
 
 
 def _cfg(tiny_cache, tiny_world, tmp_path, **kw) -> DistillConfig:
+    # mode mcad: every loss term (itc, kd, fd, ia) is logged, so the crash tests compare every column
     base = DistillConfig(store=tiny_cache, out_dir=tmp_path / "run", student=TINY_STUDENT, steps=6, batch_size=16,
-                         warmup=2, checkpoint_every=3, eval_shards=str(tiny_world / "val"), threads=1)
+                         warmup=2, checkpoint_every=3, eval_shards=str(tiny_world / "val"), threads=1, mode="mcad")
     return replace(base, **kw)
 
 
@@ -283,9 +284,15 @@ def test_distill_cli_end_to_end(tiny_cache, tiny_world, tmp_path):
     table.write_text(json.dumps({"shards": list_shards(tiny_world / "val"), "results": {"clip_x": metrics}}))
     result = CliRunner().invoke(main, ["distill", "--config", str(config), "--store", str(tiny_cache), "--out",
                                        str(tmp_path / "cli"), "--steps", "2", "--eval-shards",
-                                       str(tiny_world / "val"), "--teacher-table", str(table)])
+                                       str(tiny_world / "val"), "--teacher-table", str(table),
+                                       "--results-json", str(tmp_path / "distill_results.json")])
     assert result.exit_code == 0, result.output
-    assert "| student (mcad) |" in result.output
+    assert "| student (fused_kd) |" in result.output  # the default mode
+    written = json.loads((tmp_path / "distill_results.json").read_text())
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert written["student"]["steps"] == 2 and written["student"]["params"] == summary["parameters"] > 0
+    assert written["teachers"] == {"clip_x": {"mean_recall": 50.0, "params": None}}
+    assert written["of_best_teacher"] == round(summary["recalls"]["mean_recall"] / 50.0, 4)
     assert "| clip_x | 50.0 |" in result.output  # the teachers' rows on the same shards, beside the student
     assert (tmp_path / "cli" / "student" / "open_clip_config.json").exists()
 
