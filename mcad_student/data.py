@@ -213,7 +213,8 @@ class CacheBatches:
 
     def __init__(self, store_path: str | Path, batch_size: int, image_size: int, seed: int, fused: bool,
                  policy: str = "warn", expected_manifest: dict | None = None, batching: str = "neighbor",
-                 shards_dir: str | Path | None = None, fusion: tuple[str, float] | None = None) -> None:
+                 shards_dir: str | Path | None = None, fusion: tuple[str, float] | None = None,
+                 paths: dict[str, str] | None = None) -> None:
         if batching not in ("neighbor", "random"):
             raise ValueError(f"batching must be 'neighbor' or 'random', got {batching!r}")
         self.batching = batching
@@ -222,8 +223,9 @@ class CacheBatches:
         self.fusion = fusion
         self.store = CacheStore.open(store_path, expected=expected_manifest)
         self.manifest = self.store.manifest
-        # Every source shard found and checked against its fingerprint now, before the first step.
-        self.paths = locate_shards(self.manifest, self.store.path, shards_dir)
+        # Every source shard found and checked against its fingerprint now, before the first step
+        # (``paths``: a caller that already did so, e.g. ``train.check_inputs``).
+        self.paths = paths if paths is not None else locate_shards(self.manifest, self.store.path, shards_dir)
         incomplete = [block_name(i) for i in range(len(self.manifest["search"]["blocks"]))
                       if not all(self.store.pass_done(block_name(i), p) for p in BLOCK_PASSES)]
         if incomplete:

@@ -1,6 +1,6 @@
 """Stage-2 losses of the teacher-free student: pure functions that return dicts of named scalar terms.
 
-The total objective is MCAD's ``L = itc + alpha * kd + beta * fd + gamma * ia`` (DESIGN.md, "Stage 2"):
+The total objective is MCAD's ``L = itc + alpha * kd + beta * fd + gamma * ia`` (ARCHITECTURE.md, "Stage 2"):
 
 * ``itc``: the student's own symmetric contrastive loss on the ground-truth pairs;
 * ``kd``: distribution distillation, KL(target || student) over the in-batch i2t and t2i distributions;

@@ -140,7 +140,7 @@ def _require(condition: bool, message: str) -> None:
         raise DistillConfigError(message)
 
 
-def check_inputs(cfg: DistillConfig) -> None:
+def check_inputs(cfg: DistillConfig) -> tuple[dict[str, str], str]:
     """Fail in seconds, and before the run directory exists, when an input the run needs is missing.
 
     Without this a missing --eval-shards surfaced only after training, at the final evaluation. Every
@@ -148,15 +148,17 @@ def check_inputs(cfg: DistillConfig) -> None:
     found and checked against their fingerprints, and its tokenizer against its hash, so data changed or
     moved since `mcad cache` is named here, not part-way through training. Raises FileNotFoundError (a
     ``NoShardsError`` or ``SourceShardsError``) or ``TokenizerMismatchError``; creates nothing.
+    Returns what it found, (source shard paths by name, tokenizer directory), so nothing is looked up twice.
     """
     from mcad_cache.sources import locate_shards
     from mcad_cache.store import CacheStore
     from pipeline.shards import list_shards
 
     store = CacheStore.open(cfg.store)  # "no cache store at ... (run `mcad cache` first)" when absent
-    locate_shards(store.manifest, store.path, cfg.shards)  # missing or changed source shards: SourceShardsError
-    locate_tokenizer(store.manifest, store.path, cfg.tokenizer)
+    paths = locate_shards(store.manifest, store.path, cfg.shards)  # missing or changed shards: SourceShardsError
+    tokenizer_dir = locate_tokenizer(store.manifest, store.path, cfg.tokenizer)
     list_shards(cfg.eval_shards)
+    return paths, tokenizer_dir
 
 
 @dataclass
@@ -309,7 +311,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     ``stop_after`` ends the process-local loop early after that many steps (for tests of resume); steps
     after the last checkpoint are then not kept, as after a kill.
     """
-    check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
+    paths, tokenizer_dir = check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     par = Parallel.from_env()
@@ -321,13 +323,12 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
     torch.manual_seed(cfg.seed)
     stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
                           fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching,
-                          shards_dir=cfg.shards,
+                          paths=paths,
                           fusion=(cfg.fusion_rule, cfg.fusion_a) if cfg.fusion_rule is not None else None)
     manifest = stream.manifest
     integration_dim = int(manifest["integration"]["dim"])
     student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),
                           context_length=int(manifest["tokenizer"]["context_length"]))
-    tokenizer_dir = locate_tokenizer(manifest, stream.store.path, cfg.tokenizer)
     student = build_student(student_cfg, tokenizer_dir, out / "student_build" / f"rank{par.rank}")
     par.broadcast_parameters(student)
     optimizer, scheduler = _optimizer(student, cfg)
