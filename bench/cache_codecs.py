@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 CODECS = {
     "none": lambda: None,

@@ -228,10 +228,10 @@ def compare_inputs(spec: str, shards: list[str], wds_dir: Path, split: str, batc
     from clip_benchmark.models import load_clip
 
     from mcad_cache.teachers.dual import DualStreamTeacher
-    from pipeline.config import EvalConfig
-    from pipeline.evaluation import embed_split, flat_captions
-    from pipeline.jobs import parse_dual
-    from pipeline.shards import load_split
+    from mcad_core.config import EvalConfig
+    from mcad_core.evaluation import embed_split, flat_captions
+    from mcad_cache.teachers.specs import parse_dual
+    from mcad_core.shards import load_split
 
     teacher = DualStreamTeacher.load(parse_dual(spec))
     split_data = load_split(shards, image_size=teacher.image_size)
@@ -379,8 +379,8 @@ def _versions() -> dict:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.atomic import atomic_write_bytes, atomic_write_json
-    from pipeline.shards import NoShardsError, list_shards
+    from mcad_core.atomic import atomic_write_bytes, atomic_write_json
+    from mcad_core.shards import NoShardsError, list_shards
     from pipeline.wds_retrieval import write_retrieval_layout
 
     if args.threads:

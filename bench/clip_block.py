@@ -42,10 +42,10 @@ SHAPES = ("clip_a", "clip_b")
 def measure(rounds: int, batch_size: int, image_size: int = 64) -> dict:
     from open_clip.loss import ClipLoss
 
-    from mcad_cache.teachers.configs import build_clip, clip_model_cfg, with_block_type
-    from mcad_cache.teachers.parallel import SplitBatch
-    from mcad_cache.teachers.train import clip_loss
-    from pipeline.config import TeachersConfig
+    from mcad_world.configs import build_clip, clip_model_cfg, with_block_type
+    from mcad_world.parallel import SplitBatch
+    from mcad_world.train import clip_loss
+    from mcad_world.config import TeachersConfig
 
     cfg = TeachersConfig()
     generator = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 DEFAULT_STORE = Path("artifacts/cache/default.zarr")
 DEFAULT_SHARDS = Path("data/default/train")
@@ -35,7 +35,7 @@ def caption_meaning(scene: dict, with_size: bool) -> tuple:
 
     Captions name both objects' colour and shape (and their sizes when ``with_size``) and their relation.
     """
-    from pipeline.synth import INVERSE
+    from mcad_world.synth import INVERSE
 
     a, b = scene["objects"]
 

@@ -16,8 +16,8 @@ teacher's training step and ITM re-ranking both run it on hundreds of pairs. Way
 
 Jobs, on the default world's shapes:
 
-- ``train_step``: one BLIP training step as `mcad teachers` runs it (``blip_losses`` with the
-  ``TeachersConfig`` defaults: ITC, one mined negative per side, one caption edit per image,
+- ``train_step``: one BLIP training step as `mcad teachers` runs it (``recipe_losses`` with the
+  default ``BlipRecipe``: ITC, one mined negative per side, one caption edit per image,
   listwise ITM, MLM; the locked image tower's tokens read from a table), backward and AdamW step;
 - ``rescore``: ITM of every image with 16 captions (what ``mcad eval`` and the cache's rescore
   pass do), in pair batches of 512, captions padded to the context length as the teacher tokenizes.
@@ -85,27 +85,26 @@ def _ways(single) -> dict:
 def measure(blip_dir: Path, shards: Path, rounds: int, batch_size: int, images: int, k: int = 16,
             edits: bool = True) -> dict:
     """Time the three ways, interleaved; first check they agree (ITM logits and every training loss term)."""
-    from mcad_cache.teachers import single
-    from mcad_cache.teachers.negatives import CaptionEdits
-    from mcad_cache.teachers.train import (blip_losses, image_tokens, masked_words_for, normalize_pixels,
-                                           tokenize_captions)
-    from pipeline.config import TeachersConfig
-    from pipeline.shards import list_shards, load_split
-    from pipeline.synth import CAPTION_WORDS, RELATION_FLIPS
+    from mcad_cache.teachers import blip as single
+    from mcad_world.negatives import CaptionEdits
+    from mcad_world.train import image_tokens, masked_words_for, normalize_pixels, recipe_losses, tokenize_captions
+    from mcad_world.config import TeachersConfig
+    from mcad_core.shards import list_shards, load_split
+    from mcad_world.synth import CAPTION_WORDS, RELATION_FLIPS
 
     if not (blip_dir / "config.json").exists():
         raise MissingInputError(f"bench: no BLIP teacher at {blip_dir}: run `make data teachers` first")
     if not any(shards.glob("*.tar")):
         raise MissingInputError(f"bench: no shards in {shards}: run `make data` first")
     cfg = TeachersConfig()
-    teacher = single.SingleStreamTeacher.load(single.SingleTeacherSpec(str(blip_dir)))
+    teacher = single.BlipItmTeacher.load(single.SingleTeacherSpec(str(blip_dir)))
     model, tokenizer = teacher.model, teacher.processor.tokenizer
     data = load_split(list_shards(shards)[:2])
     n = min(len(data), max(batch_size, images, k))
     batch_size, images = min(batch_size, n), min(images, n)
     table = tokenize_captions(tokenizer, data.captions[:n], teacher.context_length)
     tokens = image_tokens(model, normalize_pixels(data.images[:n]))
-    mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob)
+    mlm = masked_words_for(model, tokenizer, cfg.blip.mask_prob)
     edit_rule = CaptionEdits.from_words(tokenizer, CAPTION_WORDS, RELATION_FLIPS) if edits else None
     model.vision_model.requires_grad_(False)
     trained = torch.nn.ModuleDict({"blip": model, "mlm": mlm})
@@ -117,9 +116,8 @@ def measure(blip_dir: Path, shards: Path, rounds: int, batch_size: int, images: 
     same = batch[:, None] == batch[None, :]
 
     def losses() -> dict[str, torch.Tensor]:
-        return blip_losses(model, tokens[batch], table.input_ids[rows, :length], mask[:, :length], same,
-                           torch.Generator().manual_seed(1), cfg.blip_mined_negatives, cfg.blip_listwise, mlm,
-                           cfg.blip_random_negatives, edit_rule, cfg.blip_uniform_share)
+        return recipe_losses(model, tokens[batch], table.input_ids[rows, :length], mask[:, :length], same,
+                             torch.Generator().manual_seed(1), cfg.blip, mlm, edit_rule)
 
     def train_step() -> None:
         trained.train()

@@ -77,8 +77,8 @@ def worker(spec: dict) -> None:
 
 
 def run(args) -> None:
-    from pipeline.atomic import atomic_write_bytes, atomic_write_json
-    from pipeline.shards import iter_samples, list_shards
+    from mcad_core.atomic import atomic_write_bytes, atomic_write_json
+    from mcad_core.shards import iter_samples, list_shards
 
     work = (ROOT / args.work).resolve()
     export_dir = _ensure_export(ROOT / args.student, work / "export")
@@ -149,7 +149,7 @@ def _ensure_export(student: Path, export_dir: Path) -> Path:
 
 def _ensure_real_index(export_dir: Path, shards: str, out: Path) -> Path:
     from pipeline.search import build_index
-    from pipeline.shards import list_shards
+    from mcad_core.shards import list_shards
 
     export_id = json.loads((export_dir / "export.json").read_text())["export_id"]
     manifest = out / "index.json"

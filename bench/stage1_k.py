@@ -1,6 +1,6 @@
 """Stage-1 cost as k grows: overhead ratio and ITM pairs scored per sample, from real `mcad cache` runs.
 
-For each k the real stage 1 (``pipeline.cache_job.run_cache``, every pass: embed, search, rescore, fuse,
+For each k the real stage 1 (``mcad_cache.job.run_cache``, every pass: embed, search, rescore, fuse,
 integrate) runs on the first few training shards of the store (one block) into a fresh temporary store, with
 the store's own teachers, tokenizer, views and fusion rule (read from its manifest). Reported per k, as
 `make cache` reports them (``CacheSummary``):
@@ -41,7 +41,7 @@ def subset_dir(manifest: dict, n_shards: int, where: Path) -> Path:
 def cache_config(manifest: dict, shards: Path, store: Path, k: int, n_shards: int, threads: int):
     """The store's stage-1 config (teachers, tokenizer, views, weights, fusion, integration) with another k,
     shards and store, every shard in one block."""
-    from pipeline.config import CacheConfig
+    from mcad_cache.config import CacheConfig
 
     single = manifest["single_teacher"]
     duals = tuple(manifest["teachers"][name]["name"] + (f":{manifest['teachers'][name]['pretrained']}"
@@ -60,8 +60,8 @@ def cache_config(manifest: dict, shards: Path, store: Path, k: int, n_shards: in
 
 def one_run(manifest: dict, shards: Path, store: Path, k: int, n_shards: int, threads: int) -> dict:
     from mcad_cache.store import CacheStore
-    from pipeline.cache_job import PASSES, run_cache
-    from pipeline.dist import explicit_place
+    from mcad_cache.job import PASSES, run_cache
+    from mcad_core.dist import explicit_place
 
     cfg = cache_config(manifest, shards, store, k, n_shards, threads)
     summary = run_cache(cfg, PASSES, explicit_place(0, 1), progress=False)
@@ -85,7 +85,7 @@ def one_run(manifest: dict, shards: Path, store: Path, k: int, n_shards: int, th
 
 
 def figures(results: dict) -> list[Figure]:
-    """Reported without targets: the brief sets none for stage 1 (README: 1.08 and 36.8 pairs at k=11)."""
+    """Reported without targets: the brief sets none for stage 1 (docs/results.md: 1.08 and 36.8 pairs at k=11)."""
     out = [Figure(NAME, f"stage-1 overhead ratio (k={r['k']}, {r['samples']} samples)", r["overhead_ratio"], "x", "",
                   None) for r in results["runs"]]
     out += [Figure(NAME, f"stage-1 overhead ratio without integrate (k={r['k']})",

@@ -13,7 +13,6 @@ steps goes beside the JSON. Writes ``bench/results/stage2_profile.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import STUDENT_PRESETS, build_student
 from mcad_student.train import DistillConfig, _optimizer
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 RESULTS = Path("bench/results")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -69,20 +68,14 @@ def settings(quick: bool) -> list[Setting]:
 
 
 def train_step(student, optimizer, scheduler, batch: dict, cfg, teachers: tuple[str, ...]) -> None:
-    """The body of `mcad distill`'s loop (mcad_student/train.py) for one in-memory batch, one process."""
-    from mcad_student.train import batch_terms
+    """`mcad distill`'s own step (``batch_terms`` + ``optimizer_step``) for one in-memory batch, one process."""
+    from mcad_student.train import batch_terms, optimizer_step
 
     terms = batch_terms(student, batch, cfg, teachers)
     loss = terms["loss"]
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step ({cfg.mode})")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-    optimizer.step()
-    scheduler.step()
-    with torch.no_grad():
-        student.clip.logit_scale.clamp_(0, math.log(100))
+    optimizer_step(student, optimizer, scheduler, loss)
 
 
 def sub_batch(batch: dict, rows: int) -> dict:
@@ -162,10 +155,11 @@ def realistic_teachers(manifest: dict, quick: bool):
     import open_clip
     from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
-    from mcad_cache.teachers.configs import blip_config, clip_model_cfg, clip_preprocess_cfg
+    from mcad_world.configs import blip_config, clip_model_cfg, clip_preprocess_cfg
     from mcad_cache.teachers.dual import DualStreamTeacher, DualTeacherSpec
-    from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
-    from pipeline.config import TowerShape
+    from mcad_cache.teachers.blip import BlipItmTeacher
+    from mcad_cache.teachers.single import SingleTeacherSpec
+    from mcad_world.config import TowerShape
 
     tokenizer_path = manifest["tokenizer"]["path"]
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -194,7 +188,7 @@ def realistic_teachers(manifest: dict, quick: bool):
     model = BlipForImageTextRetrieval(config).eval()
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
                               tokenizer=tok)
-    single = SingleStreamTeacher(model, processor, SingleTeacherSpec("random-init BLIP"))
+    single = BlipItmTeacher(model, processor, SingleTeacherSpec("random-init BLIP"))
     single.context_length = caption_tokens
     return duals, single
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 1 on one machine with several GPUs, no scheduler: torchrun starts NPROC embed workers (each reads
-# RANK/WORLD_SIZE through pipeline.dist.task_place and embeds its strided share of the shards), then the block
+# RANK/WORLD_SIZE through mcad_core.dist.task_place and embeds its strided share of the shards), then the block
 # passes run once, in a single process, after every worker has exited successfully.
 #   CONFIG=configs/cache.json NPROC=4 jobs/torchrun_cache.sh
 set -euo pipefail

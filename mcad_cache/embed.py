@@ -22,10 +22,10 @@ from mcad_cache.schema import SCHEMA_VERSION, VIEW_PARAMS
 from mcad_cache.sources import path_hints
 from mcad_cache.store import file_sha256, plan_blocks, source_list
 from mcad_cache.teachers.dual import DualStreamTeacher
-from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
-from pipeline.config import CacheConfig
-from pipeline.shards import DuplicateKeyError, ReadStats, SplitData, load_split
-from pipeline.views import render_views, view_boxes
+from mcad_cache.teachers.single import SingleStreamTeacher, load_single, parse_single
+from mcad_cache.config import CacheConfig
+from mcad_core.shards import DuplicateKeyError, ReadStats, SplitData, load_split
+from mcad_core.views import render_views, view_boxes
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +67,28 @@ def teacher_name(spec: str) -> str:
 def load_teacher_set(cfg: CacheConfig, device: str = "cpu") -> TeacherSet:
     from transformers import AutoTokenizer
 
-    from pipeline.jobs import parse_dual, teacher_specs
+    from mcad_cache.teachers.specs import parse_dual, teacher_specs
 
     if cfg.dual or cfg.single:
         if not (cfg.dual and cfg.single and cfg.tokenizer):
             raise ValueError("explicit teachers need all of dual (one or more), single and tokenizer")
         names = [teacher_name(text) for text in cfg.dual]
         dual_specs = dict(zip(names, [parse_dual(text) for text in cfg.dual], strict=True))
-        single_name, single_spec = teacher_name(cfg.single), SingleTeacherSpec(cfg.single)
+        single_name, single_spec = teacher_name(cfg.single), parse_single(cfg.single)
         tokenizer_path = cfg.tokenizer
     elif cfg.teachers_dir is not None:
-        duals, singles = teacher_specs(cfg.teachers_dir)
-        dual_specs = dict(zip(("clip_a", "clip_b"), duals, strict=True))
-        single_name, single_spec = "blip", singles[0]
+        dual_specs, singles = teacher_specs(cfg.teachers_dir)
+        if not dual_specs or len(singles) != 1:
+            raise ValueError(f"{cfg.teachers_dir}/teachers.json lists {len(dual_specs)} dual-stream and "
+                             f"{len(singles)} single-stream teachers; a cache needs one or more and exactly one")
+        (single_name, single_spec), = singles.items()
         tokenizer_path = cfg.tokenizer or str(Path(cfg.teachers_dir) / "tokenizer")
     else:
         raise ValueError("no teachers: set teachers_dir, or dual + single + tokenizer")
     if len(set(dual_specs) | {single_name}) != len(dual_specs) + 1:
         raise ValueError(f"teacher names collide: {list(dual_specs)} + {single_name!r}; give distinct specs")
     duals = {name: DualStreamTeacher.load(spec, device) for name, spec in dual_specs.items()}
-    single = SingleStreamTeacher.load(single_spec, device)
+    single = load_single(single_spec, device)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return TeacherSet(duals, single_name, single, tokenizer, str(tokenizer_path), cfg.context_length)
 
@@ -98,7 +100,8 @@ def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]
         described[name] = {**teacher.identity().to_dict(), "embed_dim": teacher.embed_dim,
                            "logit_scale": round(teacher.logit_scale, 6), "image_size": teacher.image_size}
     single = teachers.single
-    described[teachers.single_name] = {**single.identity().to_dict(), "embed_dim": single.embed_dim,
+    described[teachers.single_name] = {**single.identity().to_dict(), "spec": str(single.spec),
+                                       "embed_dim": single.embed_dim,
                                        "fused_dim": single.fused_dim, "image_size": single.image_size}
     sources = [{**source, **path_hints(source["path"], cfg.store)} for source in source_list(shards)]
     tokenizer_file = Path(teachers.tokenizer_path) / "tokenizer.json"

@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from mcad_cache.teachers.single import SingleStreamTeacher
-from pipeline.evaluation import flat_captions
-from pipeline.retrieval import i2t_ranks, place_fine, recall_table, t2i_ranks
-from pipeline.shards import SplitData
+from mcad_core.evaluation import flat_captions
+from mcad_core.retrieval import i2t_ranks, place_fine, recall_table, t2i_ranks
+from mcad_core.shards import SplitData
 
 
 @torch.no_grad()

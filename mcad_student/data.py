@@ -27,8 +27,8 @@ from mcad_cache.schema import BLOCK_PASSES, read_block_rows
 from mcad_cache.sources import locate_shards
 from mcad_cache.store import CacheStore, block_name
 from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits
-from pipeline.shards import ReadStats, load_split
-from pipeline.views import render_views
+from mcad_core.shards import ReadStats, load_split
+from mcad_core.views import render_views
 
 
 class CacheJoinError(RuntimeError):

@@ -47,7 +47,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.atomic import atomic_dir, atomic_write_json
+from mcad_core.atomic import atomic_dir, atomic_write_json
+from mcad_core.views import normalize_uint8, square_size
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -149,7 +150,7 @@ class Student(nn.Module):
         self.preprocess_cfg = json.loads(json.dumps(preprocess_cfg))
         self.preprocess = preprocess  # open_clip's eval transform for PIL images
         self.heads = nn.ModuleList(nn.Linear(config.embed_dim, d) for d in config.feature_dims)
-        self.image_size = _as_int_size(preprocess_cfg["size"])
+        self.image_size = square_size(preprocess_cfg["size"])
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -164,11 +165,7 @@ class Student(nn.Module):
 
     def pixels_from_uint8(self, images: Tensor) -> Tensor:
         """uint8 (B, 3, H, W) at the model's input size -> normalized float pixels, on the model's device."""
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {tuple(images.shape[-2:])}, this student expects {self.image_size}x{self.image_size}"
-            )
-        return (images.to(self.mean.device, torch.float32) / 255.0 - self.mean) / self.std
+        return normalize_uint8(images, self.mean, self.std, self.image_size)
 
     def encode_image_raw(self, pixels: Tensor) -> Tensor:
         return self.clip.encode_image(pixels, normalize=False)
@@ -394,12 +391,3 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj))
-
-
-def _as_int_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    height, width = size
-    if height != width:
-        raise ValueError(f"non-square student input {size} is not supported")
-    return int(height)

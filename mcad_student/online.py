@@ -18,9 +18,9 @@ from mcad_cache.fusion import fuse
 from mcad_cache.integrate import IntegrationModule
 from mcad_cache.store import CacheMismatchError, CacheStore
 from mcad_cache.teachers.dual import DualStreamTeacher, DualTeacherSpec
-from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec, TextBatch
+from mcad_cache.teachers.single import SingleStreamTeacher, load_single, parse_single
 from mcad_cache.topk import fuse_embeddings
-from pipeline.views import render_views
+from mcad_core.views import render_views
 
 
 class OnlineTeachers:
@@ -54,7 +54,7 @@ class OnlineTeachers:
             for name in manifest["dual_teachers"]
         }
         single_name = manifest["single_teacher"]
-        single = SingleStreamTeacher.load(SingleTeacherSpec(described[single_name]["name"]), device)
+        single = load_single(parse_single(described[single_name].get("spec", described[single_name]["name"])), device)
         loaded = {**{n: t.identity() for n, t in duals.items()}, single_name: single.identity()}
         differences = [n for n, identity in loaded.items() if identity.weights_sha256 != described[n]["weights_sha256"]]
         if differences:
@@ -89,7 +89,7 @@ class OnlineTeachers:
         single = self.single
         tokens = single.vision_tokens(single.pixels_from_uint8(render_views(source_images, boxes, single.image_size)))
         text = single.tokenize(captions)
-        out = single.itm(tokens[rows], TextBatch(text.input_ids[cols], text.attention_mask[cols]))
+        out = single.itm(tokens[rows], text.select(cols))
         itm = torch.full_like(dual, float("nan"))
         itm[rows, cols] = out.logits.float()
         i2t = dual.clone()

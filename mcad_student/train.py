@@ -17,11 +17,13 @@ stopped and metrics.csv is rebuilt from the checkpoint (see ``MetricsLog``).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,12 +36,15 @@ from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import STUDENT_PRESETS, Student, StudentConfig, build_student, save_student
 from mcad_student.parallel import Parallel
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
-from pipeline.optim import adamw_warmup_cosine
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from mcad_core.optim import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
 
-MODES = ("contrastive", "dual_kd", "fused_kd", "mcad", "ammkd")
+# The weighted loss terms each mode adds to itc; None: every registered term whose weight is non-zero.
+MODE_TERMS: dict[str, tuple[str, ...] | None] = {
+    "contrastive": (), "dual_kd": ("kd",), "fused_kd": ("kd",), "mcad": None, "ammkd": ("kd",)}
+MODES = tuple(MODE_TERMS)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,18 +63,19 @@ class DistillConfigError(ValueError):
 class DistillConfig:
     store: Path = Path("artifacts/cache/default.zarr")
     out_dir: Path = Path("runs/default")
-    # itc + kd to the fused top-k targets. Full "mcad" adds fd + ia (weights 1), which cost 5.7 test mean
-    # recall on the default world at 1000 steps (54.0 against 59.7, seed 0; README, stage 2).
+    # itc + kd to the fused top-k targets. Full "mcad" adds fd + ia, which at weights 1 cost 5.7 test mean
+    # recall on the default world at 1000 steps (54.0 against 59.7, seed 0) and at 0.1 (their default) add
+    # +0.3 (docs/experiments.md, stage 2); the 3-seed ablation decides between the two (docs/results.md).
     mode: str = "fused_kd"
     # The ViT preset: 1.01M parameters, no larger than the default world's CLIP teachers, and it trains from
-    # scratch (MobileViTv2-050 from scratch reached 3.2 mean recall where this tower reached 21.5; README).
+    # scratch (MobileViTv2-050 from scratch reached 3.2 mean recall where this tower reached 21.5; docs/experiments.md).
     student: StudentConfig = STUDENT_PRESETS["vit"]
     loss: LossWeights = LossWeights()
     steps: int = 1500
     batch_size: int = 128
     lr: float = 5e-4
     # LR multiplier of the image tower: 1 for the ViT preset. From scratch, the mobilevit preset's narrow
-    # depthwise backbone barely moves at the text tower's LR and wants 5 (README, "Why the image tower gets
+    # depthwise backbone barely moves at the text tower's LR and wants 5 (docs/experiments.md, "Why the image tower gets
     # a higher LR").
     image_lr_scale: float = 1.0
     warmup: int = 100
@@ -93,7 +99,7 @@ class DistillConfig:
     fusion_a: float = 1.0
     # "random": plain shuffles within a block. "neighbor": anchors with their cached candidates, whose in-batch
     # targets pick the true pair only ~22 % of the time (contrast twins the CLIPs cannot tell apart). With
-    # neighbour batches the ViT student reached 37.6 test mean recall; with random ones 54.0 (README, stage 2).
+    # neighbour batches the ViT student reached 37.6 test mean recall; with random ones 54.0 (docs/results.md, stage 2).
     batching: str = "random"
     online: bool = False  # the baseline: the cache's teachers run in the loop instead of reading its targets
 
@@ -128,11 +134,11 @@ class DistillConfig:
 
     def effective_loss(self) -> LossWeights:
         """The loss weights this mode actually uses (terms a mode does not have are zeroed)."""
-        if self.mode == "contrastive":
-            return replace(self.loss, alpha=0.0, beta=0.0, gamma=0.0)
-        if self.mode in ("dual_kd", "fused_kd", "ammkd"):
-            return replace(self.loss, beta=0.0, gamma=0.0)
-        return self.loss
+        keep = MODE_TERMS[self.mode]
+        if keep is None:
+            return self.loss
+        return replace(self.loss, **{name: 0.0 for term, name in LossWeights.weight_fields().items()
+                                     if term not in keep})
 
 
 def _require(condition: bool, message: str) -> None:
@@ -152,7 +158,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[dict[str, str], str]:
     """
     from mcad_cache.sources import locate_shards
     from mcad_cache.store import CacheStore
-    from pipeline.shards import list_shards
+    from mcad_core.shards import list_shards
 
     store = CacheStore.open(cfg.store)  # "no cache store at ... (run `mcad cache` first)" when absent
     paths = locate_shards(store.manifest, store.path, cfg.shards)  # missing or changed shards: SourceShardsError
@@ -174,6 +180,67 @@ class RunState:
 # ---------------------------------------------------------------------- loss of one batch
 
 
+@dataclass
+class StepView:
+    """What a loss term reads for one global batch: the batch, the student's outputs and the weights."""
+
+    student: Student
+    batch: dict
+    out: dict  # the student's forward: image, text (normalized), *_raw, logit_scale
+    logits: torch.Tensor  # (B, B) the student's i2t logits
+    weights: LossWeights
+    teachers: tuple[str, ...]
+    mode: str
+
+    @property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (i2t, t2i) target logits of the mode's teacher ensemble."""
+        return self.batch["targets"]["ensemble"]
+
+    @property
+    def teacher_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch["integrated_image"], self.batch["integrated_text"]
+
+    @functools.cached_property
+    def student_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's features projected to the integrated features' width (computed once per step)."""
+        return self.student.project(self.out["image_raw"], 0), self.student.project(self.out["text_raw"], 1)
+
+
+LossTerm = Callable[[StepView], dict]
+# name -> function of a weighted loss term; its weight is the LossWeights field whose metadata names it.
+LOSS_TERMS: dict[str, LossTerm] = {}
+
+
+def loss_term(name: str) -> Callable[[LossTerm], LossTerm]:
+    """Register a loss term; with a ``LossWeights`` field weighing it, that is all a new term needs."""
+
+    def add(term: LossTerm) -> LossTerm:
+        LOSS_TERMS[name] = term
+        return term
+
+    return add
+
+
+@loss_term("kd")
+def _kd_term(v: StepView) -> dict:
+    if v.mode == "ammkd":
+        return ammkd_kd_loss(v.logits, [v.batch["targets"][t] for t in v.teachers], v.weights.kd_temperature, None)
+    i2t, t2i = v.targets
+    return kd_loss(v.logits, i2t, t2i, v.weights.kd_temperature, v.weights.kd_kind)
+
+
+@loss_term("fd")
+def _fd_term(v: StepView) -> dict:
+    return fd_loss(*v.student_features, *v.teacher_features, v.weights.fd_kind)
+
+
+@loss_term("ia")
+def _ia_term(v: StepView) -> dict:
+    return ia_loss(*v.student_features, *v.teacher_features, *v.targets, v.weights.ia_temperature,
+                   v.weights.kd_temperature)
+
+
 def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tuple[str, ...],
                 par: Parallel = Parallel()) -> dict:
     """Every loss term of one global batch; under torchrun this rank encodes only its rows (see parallel.py)."""
@@ -184,24 +251,25 @@ def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tup
     out = {k: v if k == "logit_scale" else par.gather(v, n) for k, v in local.items()}
     logits = out["logit_scale"] * out["image"] @ out["text"].t()
     terms = dict(itc_loss(out["image"], out["text"], out["logit_scale"]))
-    if cfg.mode == "ammkd":
-        per_teacher = [batch["targets"][t] for t in teachers]
-        terms.update(ammkd_kd_loss(logits, per_teacher, weights.kd_temperature, None))
-    elif cfg.mode != "contrastive":
-        i2t, t2i = batch["targets"]["ensemble"]
-        terms.update(kd_loss(logits, i2t, t2i, weights.kd_temperature, weights.kd_kind))
-    if weights.beta or weights.gamma:
-        s_image = student.project(out["image_raw"], 0)
-        s_text = student.project(out["text_raw"], 1)
-        t_image, t_text = batch["integrated_image"], batch["integrated_text"]
-        if weights.beta:
-            terms.update(fd_loss(s_image, s_text, t_image, t_text, weights.fd_kind))
-        if weights.gamma:
-            i2t, t2i = batch["targets"]["ensemble"]
-            terms.update(ia_loss(s_image, s_text, t_image, t_text, i2t, t2i, weights.ia_temperature,
-                                 weights.kd_temperature))
+    view = StepView(student, batch, out, logits, weights, teachers, cfg.mode)
+    term_weights = weights.term_weights()
+    for name, term in LOSS_TERMS.items():
+        if term_weights.get(name):
+            terms.update(term(view))
     terms["loss"] = total_loss({k: v for k, v in terms.items() if "/" not in k}, weights)
     return terms
+
+
+def optimizer_step(student: Student, optimizer, scheduler, loss: torch.Tensor, par: Parallel = Parallel()) -> None:
+    """Backward, gradient all-reduce (torchrun), clipping at norm 1, AdamW and LR steps, logit-scale clamp."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    par.average_gradients(student)
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        student.clip.logit_scale.clamp_(0, math.log(100))
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -372,14 +440,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
                                          f"by step {state.step}; lower the learning rate or check the cache")
             optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        par.average_gradients(student)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            student.clip.logit_scale.clamp_(0, math.log(100))
+        optimizer_step(student, optimizer, scheduler, loss, par)
         state.step += 1
         steps_here += 1
         row = {"step": state.step, "lr": scheduler.get_last_lr()[0],
@@ -446,7 +507,7 @@ def _tensorboard(path: Path):
 
 
 class StudentEncoder:
-    """The student as the DualStreamEncoder that `pipeline.evaluation` scores."""
+    """The student as the DualStreamEncoder that `mcad_core.evaluation` scores."""
 
     def __init__(self, student: Student, tokenizer_dir: str, context_length: int) -> None:
         from transformers import AutoTokenizer
@@ -471,8 +532,8 @@ class StudentEncoder:
 
 
 def evaluate_student(student: Student, tokenizer_dir: str, cfg: DistillConfig) -> dict[str, float]:
-    from pipeline.evaluation import evaluate_dual_stream
-    from pipeline.shards import list_shards, load_split
+    from mcad_core.evaluation import evaluate_dual_stream
+    from mcad_core.shards import list_shards, load_split
 
     student.eval()
     split = load_split(list_shards(cfg.eval_shards), image_size=student.image_size, policy=cfg.on_error)

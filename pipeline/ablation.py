@@ -15,7 +15,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 ROWS = (
     ("a", "contrastive", False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -11,8 +12,37 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import TEACHERS, EvalConfig, TeachersConfig
+from mcad_world.config import BLIP_VISION_INITS, TEACHERS, TeachersConfig
+from mcad_core.config import EvalConfig
 
+
+
+class Registered(click.ParamType):
+    """A name from one of the library's registries (fusion rules, modes, presets), refused at parse time.
+
+    The registry is imported when the option is parsed, not when the CLI loads, so `mcad --help` and
+    `mcad search` import no torch.
+    """
+
+    name = "name"
+
+    def __init__(self, registry: str, what: str):
+        self.registry, self.what = registry, what
+
+    def known(self) -> list[str]:
+        import importlib
+
+        module, _, attribute = self.registry.partition(":")
+        return sorted(getattr(importlib.import_module(module), attribute))
+
+    def convert(self, value, param, ctx):
+        known = self.known()
+        if value in known:
+            return value
+        self.fail(f"unknown {self.what} {value!r}; known: {', '.join(known)}", param, ctx)
+
+
+FUSION = Registered("mcad_cache.fusion:FUSION_RULES", "fusion rule")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +75,7 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
     Deterministic from --seed. Captions need attribute binding: every scene may
     have a twin with swapped colours or shapes and the same bag of words.
     """
-    from pipeline.synth import WorldConfig, generate
+    from mcad_world.synth import WorldConfig, generate
 
     try:
         cfg = WorldConfig(seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, n_test=n_test,
@@ -58,101 +88,104 @@ def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_
     click.echo(f"wrote {out_dir} in {time.perf_counter() - start:.1f}s: {json.dumps(counts)} samples")
 
 
+def _default(value) -> str:
+    """The ``[default: ...]`` note for an option that is None unless given, so that a --config file can set it."""
+    return f"[default: {value}]"
+
+
+def _flag_default(name: str, value: bool) -> str:
+    return _default(name if value else f"no-{name}")
+
+
 @main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A JSON or TOML file of TeachersConfig fields (tables for clip_a, clip_b, clip_schedule and blip, "
+                   "the BLIP recipe, with blip.shape and blip.schedule); options given on the command line "
+                   "override it.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              default=Path("data/default"), show_default=True, help="World made by `mcad data` (reads train/).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("artifacts/teachers"),
-              show_default=True, help="Receives tokenizer/, clip_a/, clip_b/, blip/ and teachers.json.")
-@click.option("--clip-steps", type=int, default=TeachersConfig.clip_schedule.steps, show_default=True)
-@click.option("--blip-steps", type=int, default=TeachersConfig.blip_schedule.steps, show_default=True)
-@click.option("--blip-batch-size", type=int, default=TeachersConfig.blip_schedule.batch_size, show_default=True,
+              help=f"World made by `mcad data` (reads train/).  {_default(TeachersConfig.data_dir)}")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help=f"Receives tokenizer/, clip_a/, clip_b/, blip/ and teachers.json.  "
+                   f"{_default(TeachersConfig.out_dir)}")
+@click.option("--clip-steps", type=int, help=_default(TeachersConfig.clip_schedule.steps))
+@click.option("--blip-steps", type=int, help=_default(TeachersConfig.blip.schedule.steps))
+@click.option("--blip-batch-size", type=int,
               help="Images per BLIP step; each brings its positive pair, its mined and edited negatives and "
-                   "(with --blip-mask-prob) a masked caption to the fused pass.")
-@click.option("--clip-b-width", type=int, default=TeachersConfig.clip_b.width, show_default=True,
+                   "(with --blip-mask-prob) a masked caption to the fused pass.  "
+                   f"{_default(TeachersConfig.blip.schedule.batch_size)}")
+@click.option("--clip-b-width", type=int,
               help="Width (and embedding size) of the second CLIP, the one AMMKD adds; a multiple of its "
-                   f"{TeachersConfig.clip_b.heads} heads.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--image-size", type=int, default=None,
+                   f"{TeachersConfig.clip_b.heads} heads.  {_default(TeachersConfig.clip_b.width)}")
+@click.option("--seed", type=int, help=_default(TeachersConfig.seed))
+@click.option("--image-size", type=int,
               help="Train the teachers at this square image size [default: the most common size in the data].")
-@click.option("--blip-mask-prob", type=float, default=TeachersConfig.blip_mask_prob, show_default=True,
-              help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).")
-@click.option("--blip-mined-negatives", type=int, default=TeachersConfig.blip_mined_negatives, show_default=True,
-              help="ITM negatives per image and per text sampled from the ITC similarities (ALBEF's hard negatives).")
-@click.option("--blip-uniform-share", type=float, default=TeachersConfig.blip_uniform_share, show_default=True,
-              help="Share of a uniform draw mixed into the mined negatives' distribution (0: ALBEF's, all mined).")
-@click.option("--blip-random-negatives", type=int, default=TeachersConfig.blip_random_negatives, show_default=True,
-              help="Uniform ITM negatives per image and per text, besides the one mined from ITC.")
-@click.option("--blip-edit-negatives/--no-blip-edit-negatives", default=TeachersConfig.blip_edit_negatives,
-              show_default=True,
+@click.option("--blip-mask-prob", type=float,
+              help="Share of caption words BLIP's image-conditioned MLM term masks (0: no MLM term).  "
+                   f"{_default(TeachersConfig.blip.mask_prob)}")
+@click.option("--blip-mined-negatives", type=int,
+              help="ITM negatives per image and per text sampled from the ITC similarities (ALBEF's hard "
+                   f"negatives).  {_default(TeachersConfig.blip.mined_negatives)}")
+@click.option("--blip-uniform-share", type=float,
+              help="Share of a uniform draw mixed into the mined negatives' distribution (0: ALBEF's, all "
+                   f"mined).  {_default(TeachersConfig.blip.uniform_share)}")
+@click.option("--blip-random-negatives", type=int,
+              help="Uniform ITM negatives per image and per text, besides the one mined from ITC.  "
+                   f"{_default(TeachersConfig.blip.random_negatives)}")
+@click.option("--blip-edit-negatives/--no-blip-edit-negatives", default=None,
               help="One rule-made ITM negative caption per image: a word replaced or swapped, or the relation "
                    "flipped, from the word groups the data's world.json names (caption_edits, written by `mcad "
                    "data`). Data that names none trains without them; the reason is logged and kept in "
-                   "teachers.json.")
-@click.option("--blip-listwise/--no-blip-listwise", default=TeachersConfig.blip_listwise, show_default=True,
-              help="Add a listwise ITM term: softmax over each query's true pair and its negatives.")
-@click.option("--blip-vision-init", type=click.Choice(["", "clip_a", "clip_b"]),
-              default=TeachersConfig.blip_vision_init, show_default=True,
-              help="Start BLIP's image tower from this trained CLIP's ('': from scratch).")
-@click.option("--blip-freeze-vision/--no-blip-freeze-vision", default=TeachersConfig.blip_freeze_vision,
-              show_default=True,
+                   "teachers.json.  "
+                   f"{_flag_default('blip-edit-negatives', TeachersConfig.blip.edit_negatives)}")
+@click.option("--blip-listwise/--no-blip-listwise", default=None,
+              help="Add a listwise ITM term: softmax over each query's true pair and its negatives.  "
+                   f"{_flag_default('blip-listwise', TeachersConfig.blip.listwise)}")
+@click.option("--blip-vision-init", type=click.Choice(BLIP_VISION_INITS),
+              help="Start BLIP's image tower from this trained CLIP's ('': from scratch).  "
+                   f"{_default(TeachersConfig.blip.vision_init)}")
+@click.option("--blip-freeze-vision/--no-blip-freeze-vision", default=None,
               help="Lock the image tower taken from --blip-vision-init (LiT): its tokens are computed once, "
-                   "and only the text and cross-attention side trains.")
-@click.option("--clip-ln-pre/--no-clip-ln-pre", default=TeachersConfig.clip_ln_pre, show_default=True,
+                   "and only the text and cross-attention side trains.  "
+                   f"{_flag_default('blip-freeze-vision', TeachersConfig.blip.freeze_vision)}")
+@click.option("--clip-ln-pre/--no-clip-ln-pre", default=None,
               help="Give the CLIPs open_clip's pre-block LayerNorm. BLIP's ViT has none, so with it "
-                   "--blip-freeze-vision cannot lock an exact copy of a CLIP tower.")
-@click.option("--clip-workers", type=int, default=TeachersConfig.clip_workers, show_default=True,
+                   "--blip-freeze-vision cannot lock an exact copy of a CLIP tower.  "
+                   f"{_flag_default('clip-ln-pre', TeachersConfig.clip_ln_pre)}")
+@click.option("--clip-workers", type=int,
               help="Threads that each encode a slice of every CLIP training batch with one intra-op thread; 1: one "
                    "graph per step on all threads. On a 2-core CPU two workers train the CLIPs faster, since one "
-                   "operator of these small models splits badly over threads.")
-@click.option("--blip-split-negatives", type=int, default=TeachersConfig.blip_split_negatives, show_default=True,
+                   "operator of these small models splits badly over threads.  "
+                   f"{_default(TeachersConfig.clip_workers)}")
+@click.option("--blip-split-negatives", type=int,
               help="Text-to-image ITM negatives per text drawn from its ITC top 16 over the whole training split, "
-                   "the candidates re-ranking meets (needs --blip-freeze-vision).")
-@click.option("--blip-lr", type=float, default=TeachersConfig.blip_schedule.lr, show_default=True,
-              help="BLIP's peak learning rate (AdamW, warmup then cosine).")
+                   "the candidates re-ranking meets (needs --blip-freeze-vision).  "
+                   f"{_default(TeachersConfig.blip.split_negatives)}")
+@click.option("--blip-lr", type=float,
+              help="BLIP's peak learning rate (AdamW, warmup then cosine).  "
+                   f"{_default(TeachersConfig.blip.schedule.lr)}")
 @click.option("--only", type=click.Choice(TEACHERS), multiple=True,
               help="Retrain only this teacher (repeatable); the others and the tokenizer in --out are kept.")
-@click.option("--on-error", type=click.Choice(["raise", "warn"]), default="raise", show_default=True,
-              help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
-def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, blip_batch_size: int,
-             clip_b_width: int, seed: int, image_size: int | None, blip_mask_prob: float,
-             blip_mined_negatives: int, blip_uniform_share: float, blip_random_negatives: int,
-             blip_edit_negatives: bool, blip_listwise: bool, blip_vision_init: str, blip_freeze_vision: bool,
-             clip_ln_pre: bool, clip_workers: int, blip_split_negatives: int, blip_lr: float, only: tuple[str, ...],
-             on_error: str) -> None:
+@click.option("--on-error", type=click.Choice(["raise", "warn"]),
+              help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).  "
+                   f"{_default(TeachersConfig.on_error)}")
+def teachers(config_file: Path | None, **options) -> None:
     """Train the default world's teachers on CPU: two CLIPs (open_clip) and a BLIP ITM (transformers).
 
     Each is saved in its hub layout (open_clip local-dir, Hugging Face
     save_pretrained) and is loaded back by exactly the code that loads hub
     teachers. Real runs skip this and name hub teachers instead.
     """
-    from mcad_cache.teachers.train import train_teachers
+    from mcad_world import train as teacher_train
 
-    defaults = TeachersConfig()
-    cfg = replace(
-        defaults,
-        data_dir=data_dir,
-        out_dir=out_dir,
-        seed=seed,
-        image_size=image_size,
-        on_error=on_error,
-        only=only,
-        blip_mask_prob=blip_mask_prob,
-        blip_mined_negatives=blip_mined_negatives,
-        blip_random_negatives=blip_random_negatives,
-        blip_uniform_share=blip_uniform_share,
-        blip_edit_negatives=blip_edit_negatives,
-        blip_vision_init=blip_vision_init,
-        blip_listwise=blip_listwise,
-        blip_freeze_vision=blip_freeze_vision,
-        blip_split_negatives=blip_split_negatives,
-        clip_ln_pre=clip_ln_pre,
-        clip_workers=clip_workers,
-        clip_b=replace(defaults.clip_b, width=clip_b_width, embed_dim=clip_b_width),
-        clip_schedule=replace(defaults.clip_schedule, steps=clip_steps),
-        blip_schedule=replace(defaults.blip_schedule, steps=blip_steps, lr=blip_lr, batch_size=blip_batch_size),
-    )
     try:
-        report = train_teachers(cfg)
+        cfg = teachers_config(config_file, options)
+    except (ValueError, TypeError) as err:  # TypeError: a config table that lacks a required field
+        raise click.UsageError(str(err)) from err
+    if not Path(cfg.data_dir).is_dir():
+        raise click.UsageError(f"no data directory {cfg.data_dir} (--data, or data_dir in --config): "
+                               "run `mcad data` first")
+    try:
+        report = teacher_train.train_teachers(cfg)
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from err
     if report["skipped"]:
@@ -161,6 +194,31 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, bl
         entry = report[name]
         click.echo(f"{name}: {entry['steps']} steps, loss {entry['first_loss']:.3f} -> {entry['last_loss']:.3f}, "
                    f"{entry['seconds']:.0f}s -> {entry['spec']}")
+
+
+def teachers_config(config_file: Path | None, options: dict) -> TeachersConfig:
+    """`mcad teachers`' config: ``config_file`` (or the defaults) with the options given on the command line.
+
+    ``options`` are the command's, None (or () for --only) where not given. ``--blip-X``
+    sets ``blip.X`` (``--blip-steps``, ``--blip-batch-size`` and ``--blip-lr`` set
+    ``blip.schedule``), all in one step, so the recipe is checked as a whole.
+    """
+    from mcad_core.config import load_config_file
+
+    cfg = load_config_file(config_file, TeachersConfig) if config_file else TeachersConfig()
+    given = {k: v for k, v in options.items() if v is not None and v != ()}
+    schedule = {k: given.pop(f"blip_{k}") for k in ("steps", "batch_size", "lr") if f"blip_{k}" in given}
+    recipe = {k.removeprefix("blip_"): given.pop(k) for k in list(given) if k.startswith("blip_")}
+    if schedule:
+        recipe["schedule"] = replace(cfg.blip.schedule, **schedule)
+    if recipe:
+        given["blip"] = replace(cfg.blip, **recipe)
+    if "clip_steps" in given:
+        given["clip_schedule"] = replace(cfg.clip_schedule, steps=given.pop("clip_steps"))
+    if "clip_b_width" in given:
+        width = given.pop("clip_b_width")
+        given["clip_b"] = replace(cfg.clip_b, width=width, embed_dim=width)
+    return replace(cfg, **given)
 
 
 @main.command("eval")
@@ -172,7 +230,8 @@ def teachers(data_dir: Path, out_dir: Path, clip_steps: int, blip_steps: int, bl
               help="A dual-stream model as open_clip names it: 'ViT-B-16:openai', 'hf-hub:org/repo' or "
                    "'local-dir:PATH'. Repeatable.")
 @click.option("--single", "singles", multiple=True,
-              help="A BLIP ITM model: hub id or local directory. Repeatable.")
+              help="A single-stream model: a BLIP ITM hub id or local directory, or KIND:NAME of a registered "
+                   "kind (mcad_cache/teachers/single.py). Repeatable.")
 @click.option("--rerank-k", type=int, default=EvalConfig.rerank_k, show_default=True,
               help="ITC candidates per query that the single-stream ITM head re-ranks.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), default=None,
@@ -190,7 +249,7 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
     image query is a hit if any of its captions is in the top k.
     """
     from pipeline.jobs import evaluate_models, format_table
-    from pipeline.shards import ShardReadError
+    from mcad_core.shards import ShardReadError
 
     cfg = EvalConfig(shards=shards, rerank_k=rerank_k, out_json=out_json, on_error=on_error)
     try:
@@ -212,12 +271,14 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
 @click.option("--dual", "duals", multiple=True,
               help="Explicit dual-stream teacher: 'ViT-B-16:openai', 'local-dir:PATH' or 'hf-hub:ORG/REPO'. "
                    "Repeatable.")
-@click.option("--single", help="Explicit single-stream teacher: a BLIP ITM hub id or directory.")
+@click.option("--single", help="Explicit single-stream teacher: a BLIP ITM hub id or directory, or KIND:NAME "
+                                "of a registered kind (mcad_cache/teachers/single.py).")
 @click.option("--tokenizer", help="The student's tokenizer (hub id or directory) for the stored caption tokens.")
 @click.option("--views", type=int, help="Augmented views per image (view 0 is the whole image).")
 @click.option("-k", "--k", "k", type=int, help="Candidates per anchor in the fused top-k lists.")
 @click.option("--block-shards", type=int, help="Shards per candidate-search block.")
-@click.option("--fusion", "fusion_rule", help="Fusion rule: dual_only, itm_topk or reconstruction.")
+@click.option("--fusion", "fusion_rule", type=FUSION, metavar="RULE",
+              help="Fusion rule (mcad_cache/fusion.py): dual_only, itm_topk or reconstruction.")
 @click.option("--fusion-a", type=float, help="The fusion rule's weight a.")
 @click.option("--passes", default=",".join(("embed", "search", "rescore", "fuse", "integrate")), show_default=True,
               help="Comma-separated passes to run; done work is skipped.")
@@ -236,9 +297,10 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
     A store made with other teachers, shards, k or schema is refused with the differences.
     """
     from mcad_cache.store import CacheIncompleteError, CacheMismatchError
-    from pipeline.cache_job import run_cache
-    from pipeline.config import CacheConfig, load_config_file
-    from pipeline.dist import PlacementError, explicit_place, task_place
+    from mcad_cache.job import run_cache
+    from mcad_cache.config import CacheConfig
+    from mcad_core.config import load_config_file
+    from mcad_core.dist import PlacementError, explicit_place, task_place
 
     try:
         cfg = load_config_file(config_file, CacheConfig) if config_file else CacheConfig()
@@ -282,8 +344,8 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--store", type=click.Path(path_type=Path), help="The cache store written by `mcad cache`.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Run directory: checkpoint.pt, metrics.csv, tb/, student/, summary.json. Re-running resumes.")
-@click.option("--mode", type=click.Choice(["contrastive", "dual_kd", "fused_kd", "mcad", "ammkd"]),
-              help="Targets and loss terms [default: fused_kd, itc + kd to the fused top-k targets; mcad adds "
+@click.option("--mode", type=Registered("mcad_student.train:MODES", "mode"), metavar="MODE",
+              help="Targets and loss terms: contrastive, dual_kd, fused_kd, mcad or ammkd [default: fused_kd, itc + kd to the fused top-k targets; mcad adds "
                    "fd + ia] (see the README's stage-2 table).")
 @click.option("--steps", type=int, help="Optimizer steps in total, at least 1 (a resumed run continues to this count).")
 @click.option("--batch-size", type=int, help="Images per step, at least 2 (the other images are the negatives).")
@@ -297,7 +359,8 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--kd-temperature", type=float)
 @click.option("--kd-kind", type=click.Choice(["full", "negatives"]),
               help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
-@click.option("--student", "student_preset", type=click.Choice(["vit", "mobilevit"]),
+@click.option("--student", "student_preset", type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"),
+              metavar="PRESET",
               help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "
                    "1.0M parameters, trains from scratch) or mobilevit (MobileViTv2-050 + TinyBERT-size text, "
                    "5.9M, for runs from pretrained weights; train it with --image-lr-scale 5).")
@@ -310,7 +373,7 @@ def cache_info(store: Path, as_json: bool) -> None:
                                "(default: the paths the store records, absolute or relative to the store). Found by "
                                "file name and checked against the store's fingerprints before the first step.")
 @click.option("--tokenizer", help="Directory that now holds the store's tokenizer, if it moved (checked by hash).")
-@click.option("--fusion", "fusion_rule", help="Re-derive the fused targets with this rule (dual_only, itm_topk, "
+@click.option("--fusion", "fusion_rule", type=FUSION, metavar="RULE", help="Re-derive the fused targets with this rule (dual_only, itm_topk, "
                                               "reconstruction) from the cached dual and ITM logits [default: the "
                                               "cache's rule].")
 @click.option("--fusion-a", type=float, help="The --fusion rule's weight a.")
@@ -332,13 +395,14 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
     from mcad_cache.sources import TokenizerMismatchError
     from mcad_cache.store import CacheMismatchError
     from mcad_student.data import CacheJoinError
+    from mcad_student.losses import LossWeights
     from mcad_student.model import STUDENT_PRESETS
     from mcad_student.train import DistillConfig, NonFiniteLossError, ResumeMismatchError, distill as run_distill
-    from pipeline.config import load_config_file
+    from mcad_core.config import load_config_file
 
     try:
         cfg = load_config_file(config_file, DistillConfig) if config_file else DistillConfig()
-        loss_keys = {"alpha", "beta", "gamma", "kd_temperature", "kd_kind"}
+        loss_keys = {f.name for f in dataclasses.fields(LossWeights)}
         loss = {k: v for k, v in options.items() if k in loss_keys and v is not None}
         student = {"image_model": options["image_model"]} if options.get("image_model") else {}
         top = {k: v for k, v in options.items()
@@ -364,7 +428,7 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
     rows = {f"student ({cfg.mode})": {**summary["recalls"], "parameters": summary["parameters"]}, **teacher_rows}
     click.echo(format_table(rows))
     if results_json is not None:
-        from pipeline.atomic import atomic_write_json
+        from mcad_core.atomic import atomic_write_json
 
         student = {"mean_recall": summary["recalls"]["mean_recall"], "params": summary["parameters"],
                    "steps": summary["steps"], "seconds": summary["seconds"], "mode": cfg.mode,
@@ -379,7 +443,7 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
 
 def _teacher_rows(path: Path, eval_shards: str) -> dict:
     """Rows of a saved `mcad eval` table measured on the same shards as the student (else none)."""
-    from pipeline.shards import list_shards
+    from mcad_core.shards import list_shards
 
     if not path.exists():
         return {}
@@ -442,7 +506,7 @@ def export_cmd(student_dir: Path, out_dir: Path, batch: int, atol: float) -> Non
     a difference above --atol fails (exit 3) and leaves OUT as it was. So does an
     OUT that is not an earlier export (or empty), or that overlaps the student.
     """
-    from pipeline.atomic import OutputDirError
+    from mcad_core.atomic import OutputDirError
     from pipeline.export import ExportError, export_student
 
     try:
@@ -469,9 +533,9 @@ def export_cmd(student_dir: Path, out_dir: Path, batch: int, atol: float) -> Non
               help="Bad samples or shards: stop naming shard and key (raise), or skip and count them (warn).")
 def index_cmd(export_dir: Path, shards: str, out_dir: Path, batch: int, threads: int, on_error: str) -> None:
     """Embed every image of a shard set with the exported ONNX image encoder (float16 index)."""
-    from pipeline.atomic import OutputDirError
+    from mcad_core.atomic import OutputDirError
     from pipeline.search import SearchIndexError, build_index
-    from pipeline.shards import ShardReadError
+    from mcad_core.shards import ShardReadError
 
     try:
         index = build_index(export_dir, shards, out_dir, batch=batch, threads=threads, policy=on_error)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.atomic import check_output_dir, replace_output_dir
+from mcad_core.atomic import check_output_dir, replace_output_dir
 from pipeline.search import resolve_inside
 
 EXPORT_JSON = "export.json"

@@ -5,33 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_json
-from pipeline.config import EvalConfig
-from pipeline.evaluation import evaluate_dual_stream
-from pipeline.shards import ReadStats, SplitData, list_shards, load_split
+from mcad_core.atomic import atomic_write_json
+from mcad_core.config import EvalConfig
+from mcad_core.evaluation import evaluate_dual_stream
+from mcad_core.shards import ReadStats, SplitData, list_shards, load_split
+from mcad_cache.teachers.specs import parse_dual, teacher_specs
 
 METRIC_COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
-
-
-def parse_dual(text: str):
-    """'ViT-B-16:openai' -> (name, tag); 'local-dir:/p' and 'hf-hub:org/repo' keep their schema."""
-    from mcad_cache.teachers.dual import DualTeacherSpec
-
-    if text.startswith(("local-dir:", "hf-hub:")):
-        return DualTeacherSpec(text)
-    name, _, tag = text.partition(":")
-    return DualTeacherSpec(name, tag or None)
-
-
-def teacher_specs(teachers_dir: Path) -> tuple[list, list]:
-    """The dual- and single-stream specs that `mcad teachers` wrote under ``teachers_dir``."""
-    from mcad_cache.teachers.dual import DualTeacherSpec
-    from mcad_cache.teachers.single import SingleTeacherSpec
-    from mcad_cache.teachers.train import load_report
-
-    report = load_report(teachers_dir)
-    duals = [DualTeacherSpec(report[name]["spec"]) for name in ("clip_a", "clip_b")]
-    return duals, [SingleTeacherSpec(report["blip"]["spec"])]
 
 
 def evaluate_models(
@@ -43,14 +23,14 @@ def evaluate_models(
     """
     from mcad_cache.evaluate import evaluate_single_stream
     from mcad_cache.teachers.dual import DualStreamTeacher
-    from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
+    from mcad_cache.teachers.single import load_single, parse_single
 
     dual_specs = [parse_dual(text) for text in duals]
-    single_specs = [SingleTeacherSpec(text) for text in singles]
+    single_specs = [parse_single(text) for text in singles]
     if teachers_dir is not None:
         trained_duals, trained_singles = teacher_specs(teachers_dir)
-        dual_specs += trained_duals
-        single_specs += trained_singles
+        dual_specs += list(trained_duals.values())
+        single_specs += list(trained_singles.values())
     if not dual_specs and not single_specs:
         raise ValueError("nothing to evaluate: give --teachers DIR, --dual SPEC or --single SPEC")
 
@@ -73,14 +53,14 @@ def evaluate_models(
                                          "parameters": _parameters(teacher.model)}
     for spec in single_specs:
         start = time.perf_counter()
-        teacher = SingleStreamTeacher.load(spec)
+        teacher = load_single(spec)
         both = evaluate_single_stream(teacher, split_at(teacher.image_size), cfg.ks, cfg.rerank_k, cfg.batch_size)
         seconds = time.perf_counter() - start
         rows = {"itc": "itc", "itm_rerank": f"itm rerank top-{cfg.rerank_k}",
                 "itm_itc_rerank": f"itm+itc rerank top-{cfg.rerank_k}"}
         for key, label in rows.items():
             results[f"{_row_name(spec.name)} ({label})"] = {**both[key], "seconds": seconds,
-                                                             "parameters": _parameters(teacher.model)}
+                                                             "parameters": _parameters(teacher)}
 
     if cfg.out_json is not None:
         split = next(iter(splits.values()))

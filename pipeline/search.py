@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import check_output_dir, replace_output_dir
+from mcad_core.atomic import check_output_dir, replace_output_dir
 
 INDEX_JSON, EMBEDDINGS, KEYS, SCORE_ONNX = "index.json", "embeddings.npy", "keys.npy", "score.onnx"
 INDEX_FORMAT = 1
@@ -151,7 +151,7 @@ def build_index(export_dir: str | Path, shards: str | Path, out_dir: str | Path,
     from PIL import Image
     from tqdm import tqdm
 
-    from pipeline.shards import ReadStats, iter_samples, list_shards
+    from mcad_core.shards import ReadStats, iter_samples, list_shards
 
     export_dir = Path(export_dir).resolve()
     manifest = read_export_manifest(export_dir)

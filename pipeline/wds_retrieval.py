@@ -12,8 +12,8 @@ plus, ignored by clip_benchmark, ``KEY.json`` in each sample (the source shard a
 are needed for retrieval.
 
 Images are the decoded RGB pixels written as lossless PNG, so clip_benchmark decodes exactly
-the pixels that ``pipeline.shards`` (and so ``mcad eval``) sees. Captions are the ones
-``pipeline.shards`` reads (``json["captions"]``, else ``txt``), stripped; clip_benchmark splits
+the pixels that ``mcad_core.shards`` (and so ``mcad eval``) sees. Captions are the ones
+``mcad_core.shards`` reads (``json["captions"]``, else ``txt``), stripped; clip_benchmark splits
 the ``.txt`` with ``str.splitlines``, so a caption holding a line boundary (``\\n``, ``\\r``,
 ``\\x0b``, ``\\x85``, ``\\u2028``, ...) would become several captions: it is refused, not escaped.
 Sample keys are ``s%07d`` by position (clip_benchmark's own convention), which keeps
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from pipeline.atomic import atomic_dir
-from pipeline.shards import ErrorPolicy, ReadStats, iter_samples
+from mcad_core.atomic import atomic_dir
+from mcad_core.shards import ErrorPolicy, ReadStats, iter_samples
 
 DATASET_TYPE = "dataset_type.txt"
 NSHARDS = "nshards.txt"
@@ -58,7 +58,7 @@ def png_bytes(image) -> bytes:
 
 def write_retrieval_layout(shards: Sequence[str], out_dir: str | Path, split: str = "test",
                            max_count: int = 10_000, policy: ErrorPolicy = "raise") -> dict:
-    """Write ``shards`` (read with ``pipeline.shards``) to ``out_dir`` in the layout above; return its summary.
+    """Write ``shards`` (read with ``mcad_core.shards``) to ``out_dir`` in the layout above; return its summary.
 
     ``out_dir`` is replaced as a whole, atomically: readers see the old layout or the new one.
     """

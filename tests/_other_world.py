@@ -1,4 +1,4 @@
-"""A small image-text world that ``pipeline/synth.py`` did not make: the project's "foreign data" check.
+"""A small image-text world that ``mcad_world/synth.py`` did not make: the project's "foreign data" check.
 
 It is deliberately different from the embedded default world in every way a
 reader could silently depend on, and imports nothing from ``pipeline``:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import BlipForImageTextRetrieval
 
-from mcad_cache.teachers import dual, single
-from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
-from pipeline.config import TowerShape
-from pipeline.synth import WorldConfig, generate
-from pipeline.tokenizer import train_wordpiece
+from mcad_cache.teachers import blip, dual
+from mcad_world.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
+from mcad_world.config import TowerShape
+from mcad_world.synth import WorldConfig, generate
+from mcad_world.tokenizer import train_wordpiece
 
 TINY = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)
 IMAGE_SIZE = 32
@@ -30,7 +30,7 @@ def tiny_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, tiny_world) -> Path:
-    from pipeline.shards import iter_samples, list_shards
+    from mcad_core.shards import iter_samples, list_shards
 
     captions = [c for s in iter_samples(list_shards(tiny_world / "train")) for c in s.captions]
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
@@ -67,9 +67,9 @@ def tiny_clip_b(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_world, tokenizer_dir, tiny_clip, tiny_clip_b, tiny_blip) -> Path:
     """A complete stage-1 store over the tiny world's train split: two CLIPs, 2 views, k=5, blocks of 2 shards."""
-    from pipeline.cache_job import PASSES, run_cache
-    from pipeline.config import CacheConfig
-    from pipeline.dist import explicit_place
+    from mcad_cache.job import PASSES, run_cache
+    from mcad_cache.config import CacheConfig
+    from mcad_core.dist import explicit_place
 
     store = tmp_path_factory.mktemp("cache") / "tiny.zarr"
     cfg = CacheConfig(shards=str(tiny_world / "train"), store=store, teachers_dir=None,
@@ -89,6 +89,6 @@ def tiny_blip(tmp_path_factory, tokenizer_dir):
     torch.manual_seed(0)
     tokens = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
     model = BlipForImageTextRetrieval(blip_config(TINY, IMAGE_SIZE, len(tok), CONTEXT, tokens)).eval()
-    spec = single.save_local(model, tokenizer_dir, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD,
+    spec = blip.save_local(model, tokenizer_dir, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD,
                              tmp_path_factory.mktemp("blip") / "blip")
     return model, spec

@@ -19,10 +19,10 @@ import zarr
 
 from mcad_cache.schema import BLOCK_PASSES, SHARD_ARRAYS
 from mcad_cache.store import CacheIncompleteError, CacheMismatchError, CacheStore
-from pipeline.cache_job import PASSES, run_cache
-from pipeline.config import CacheConfig
-from pipeline.dist import explicit_place
-from pipeline.shards import ShardReadError
+from mcad_cache.job import PASSES, run_cache
+from mcad_cache.config import CacheConfig
+from mcad_core.dist import explicit_place
+from mcad_core.shards import ShardReadError
 
 SINGLE = explicit_place(0, 1)
 
@@ -65,7 +65,7 @@ def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, 
 
     # The stored view-0 embedding is the teacher's own embedding of the original image.
     from mcad_cache.teachers.dual import DualStreamTeacher
-    from pipeline.shards import list_shards, load_split
+    from mcad_core.shards import list_shards, load_split
 
     teacher = DualStreamTeacher.load(tiny_clip[1])
     data = load_split(list_shards(cache_cfg.shards)[:1])
@@ -92,9 +92,9 @@ def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, 
             assert spec.path in block
 
     # ITM logits in the lists are the single-stream teacher's own scores of those pairs.
-    from mcad_cache.teachers.single import SingleStreamTeacher
+    from mcad_cache.teachers.single import load_single
 
-    single = SingleStreamTeacher.load(tiny_blip[1])
+    single = load_single(tiny_blip[1])
     data = load_split(list_shards(cache_cfg.shards)[:2])
     captions = [c for cs in data.captions for c in cs]
     rows = torch.tensor([0, 5, 17])

@@ -7,10 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cache_job
-from pipeline.cache_job import check_k_fits_blocks
+from mcad_cache import job as cache_job
+from mcad_cache.job import check_k_fits_blocks
 from pipeline.cli import main
-from pipeline.shards import list_shards
+from mcad_core.shards import list_shards
 
 
 def _never_load(*args, **kwargs):
@@ -54,9 +54,9 @@ def test_k_is_counted_from_tar_headers_per_block(tiny_world):
 
 def test_source_size_defaults_to_the_largest_teacher_input(tmp_path, tiny_world, tokenizer_dir, tiny_clip, tiny_blip):
     """Images are kept at the teachers' own input size unless the config says otherwise."""
-    from pipeline.cache_job import run_cache
-    from pipeline.config import CacheConfig
-    from pipeline.dist import explicit_place
+    from mcad_cache.job import run_cache
+    from mcad_cache.config import CacheConfig
+    from mcad_core.dist import explicit_place
 
     from mcad_cache.store import CacheStore
 

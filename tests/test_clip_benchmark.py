@@ -12,9 +12,9 @@ import webdataset as wds
 
 from bench.clip_benchmark_check import clip_benchmark_recalls, hit_bounds, main
 from mcad_student.model import StudentConfig, build_student, save_student
-from pipeline.evaluation import flat_captions
-from pipeline.retrieval import dual_stream_ranks, recall_table
-from pipeline.shards import SplitData, iter_samples, list_shards
+from mcad_core.evaluation import flat_captions
+from mcad_core.retrieval import dual_stream_ranks, recall_table
+from mcad_core.shards import SplitData, iter_samples, list_shards
 from pipeline.wds_retrieval import DATASET_TYPE, NSHARDS, SOURCE_JSON, caption_text, write_retrieval_layout
 
 build_wds_dataset = pytest.importorskip("clip_benchmark.datasets.builder").build_wds_dataset

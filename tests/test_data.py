@@ -1,4 +1,4 @@
-"""The synthetic world (pipeline.synth) and the shard readers (pipeline.shards)."""
+"""The synthetic world (mcad_world.synth) and the shard readers (mcad_core.shards)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import (
+from mcad_core.shards import (
     NoShardsError,
     ReadStats,
     ShardReadError,
@@ -24,7 +24,7 @@ from pipeline.shards import (
     list_shards,
     load_split,
 )
-from pipeline.synth import (
+from mcad_world.synth import (
     INVERSE,
     PALETTE,
     SHAPES,
@@ -269,7 +269,7 @@ def bad_shards(tmp_path: Path, world: Path) -> dict[str, Path]:
 def test_warn_skips_and_counts_bad_input(bad_shards: dict[str, Path], world: Path, caplog) -> None:
     shards = [str(bad_shards["bad"]), str(bad_shards["truncated"]), str(world / "train" / "00002.tar")]
     stats = ReadStats()
-    with caplog.at_level(logging.WARNING, logger="pipeline.shards"):
+    with caplog.at_level(logging.WARNING, logger="mcad_core.shards"):
         keys = [s.key for s in iter_samples(shards, policy="warn", stats=stats)]
     # Everything readable comes through, including the samples before the cut and the shard after it.
     assert keys == ["good0", "good4"] + [f"{i:09d}" for i in range(5)] + [f"{i:09d}" for i in range(20, 30)]

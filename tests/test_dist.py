@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.dist import PlacementError, TaskPlace, explicit_place, partition, task_place
+from mcad_core.dist import PlacementError, TaskPlace, explicit_place, partition, task_place
 
 
 def test_empty_env_is_single() -> None:

@@ -28,7 +28,7 @@ def _cfg(tiny_cache, tiny_world, tmp_path, **kw) -> DistillConfig:
 
 def test_cached_targets_equal_the_teachers_own_logits(tiny_cache, tiny_clip, tiny_clip_b):
     from mcad_cache.teachers.dual import DualStreamTeacher
-    from pipeline.views import render_views
+    from mcad_core.views import render_views
 
     stream = CacheBatches(tiny_cache, batch_size=8, image_size=32, seed=0, fused=False)
     _, batch = next(stream.iter_from(Position()))
@@ -243,7 +243,7 @@ def test_a_start_removes_only_scratch_files_of_dead_writers(tiny_cache, tiny_wor
 
 def test_a_checkpoint_without_rows_resumes_from_metrics_csv(tiny_cache, tiny_world, tmp_path, uninterrupted):
     """Checkpoints written before they carried their metrics rows resume with the csv's rows up to their step."""
-    from pipeline.atomic import atomic_write_bytes
+    from mcad_core.atomic import atomic_write_bytes
 
     cfg = _cfg(tiny_cache, tiny_world, tmp_path, checkpoint_every=2)
     distill(cfg, progress=False, stop_after=4)
@@ -277,7 +277,7 @@ def test_distill_cli_end_to_end(tiny_cache, tiny_world, tmp_path):
     config.write_text(json.dumps({"student": {"image_size": 32, "text_layers": 1, "text_width": 32, "text_heads": 2,
                                               "text_intermediate": 64, "embed_dim": 16},
                                   "batch_size": 16, "warmup": 1, "threads": 1}))
-    from pipeline.shards import list_shards
+    from mcad_core.shards import list_shards
 
     metrics = {m: 50.0 for m in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")}
     table = tmp_path / "teachers.json"

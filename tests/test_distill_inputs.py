@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from mcad_student.model import StudentConfig
 from mcad_student.train import DistillConfig, DistillConfigError, distill
 from pipeline.cli import main
-from pipeline.shards import NoShardsError
+from mcad_core.shards import NoShardsError
 
 TINY_STUDENT = StudentConfig(image_model="mobilevitv2_050", image_size=32, text_layers=1, text_width=32,
                              text_heads=2, text_intermediate=64, embed_dim=16)

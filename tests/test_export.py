@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from transformers import AutoTokenizer
 
 from mcad_student.model import StudentConfig, build_student, load_student, save_student
-from pipeline.atomic import OUTPUT_MARKER
+from mcad_core.atomic import OUTPUT_MARKER
 from pipeline.cli import main
 from pipeline.export import (
     EXPORT_JSON,
@@ -42,7 +42,7 @@ from pipeline.search import (
     ort_session,
     write_index,
 )
-from pipeline.shards import list_shards, load_split
+from mcad_core.shards import list_shards, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mcad_cache.teachers.negatives import CaptionEdits, UnknownWordError
-from pipeline.synth import CAPTION_WORDS, RELATION_FLIPS
-from pipeline.tokenizer import train_wordpiece
+from mcad_world.negatives import CaptionEdits, UnknownWordError
+from mcad_world.synth import CAPTION_WORDS, RELATION_FLIPS
+from mcad_world.tokenizer import train_wordpiece
 
 CAPTIONS = [
     "a red circle left of a blue square",
@@ -94,7 +94,7 @@ def test_trained_tokenizer_files_repeat_across_processes(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from pipeline.tokenizer import train_wordpiece; "
+    script = ("import sys; from mcad_world.tokenizer import train_wordpiece; "
               f"train_wordpiece({CAPTIONS!r} * 2, sys.argv[1], vocab_size=128)")
     outs = []
     for seed in ("1", "2"):
@@ -106,7 +106,7 @@ def test_trained_tokenizer_files_repeat_across_processes(tmp_path):
 
 
 def test_tokenizer_vocabulary_words_by_count_after_every_character():
-    from pipeline.tokenizer import SPECIAL_TOKENS, wordpiece_vocab
+    from mcad_world.tokenizer import SPECIAL_TOKENS, wordpiece_vocab
 
     vocab = wordpiece_vocab(["b a b", "cc b a", "A dd"], vocab_size=16)
     assert vocab[:5] == SPECIAL_TOKENS

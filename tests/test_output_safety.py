@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.atomic import OUTPUT_MARKER, OutputDirError, check_output_dir, replace_output_dir
+from mcad_core.atomic import OUTPUT_MARKER, OutputDirError, check_output_dir, replace_output_dir
 from pipeline.cli import main
 from pipeline.search import (
     IndexNotFoundError,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.retrieval import (
+from mcad_core.retrieval import (
     dual_stream_ranks,
     i2t_ranks,
     place_fine,

@@ -24,11 +24,11 @@ import webdataset as wds
 from PIL import Image
 
 from mcad_cache.store import CacheStore
-from pipeline import cache_job
-from pipeline.cache_job import PASSES, run_cache
-from pipeline.config import CacheConfig
-from pipeline.dist import explicit_place
-from pipeline.shards import DuplicateKeyError, ReadStats, ShardReadError, iter_samples, list_shards, load_split
+from mcad_cache import job as cache_job
+from mcad_cache.job import PASSES, run_cache
+from mcad_cache.config import CacheConfig
+from mcad_core.dist import explicit_place
+from mcad_core.shards import DuplicateKeyError, ReadStats, ShardReadError, iter_samples, list_shards, load_split
 
 SINGLE = explicit_place(0, 1)
 

@@ -21,7 +21,7 @@ from mcad_student.model import (
     relocate_student,
     save_student,
 )
-from pipeline.tokenizer import train_wordpiece
+from mcad_world.tokenizer import train_wordpiece
 
 CAPTIONS = [
     "a red circle left of a blue square",

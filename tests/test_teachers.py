@@ -8,10 +8,10 @@ from PIL import Image
 
 from mcad_cache.teachers.dual import OPEN_CLIP_CONFIG, DualStreamTeacher, DualTeacherSpec
 from mcad_cache.teachers.identity import state_dict_sha256
-from mcad_cache.teachers.single import SingleStreamTeacher
-from mcad_cache.teachers.train import CaptionTable, MaskedWords, blip_losses, masked_words_for, tokenize_captions
-from pipeline.config import Schedule, TowerShape
-from pipeline.optim import adamw_warmup_cosine, warmup_cosine
+from mcad_cache.teachers.single import load_single
+from mcad_world.train import CaptionTable, MaskedWords, blip_losses, masked_words_for, tokenize_captions
+from mcad_world.config import BlipRecipe, Schedule, TowerShape
+from mcad_core.optim import adamw_warmup_cosine, warmup_cosine
 
 _TINY_SHAPE = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8)  # conftest's TINY (not importable)
 
@@ -68,7 +68,7 @@ def test_weight_hash_changes_with_weights(tiny_clip):
 
 def test_single_teacher_matches_the_model_forward(tiny_blip):
     model, spec = tiny_blip
-    teacher = SingleStreamTeacher.load(spec)
+    teacher = load_single(spec)
     assert teacher.identity().weights_sha256 == state_dict_sha256(model)
     texts = ["a red circle left of a blue square", "a green cross above a yellow triangle", "a red square"]
     pixels = teacher.pixels_from_uint8(_images())
@@ -87,7 +87,7 @@ def test_single_teacher_matches_the_model_forward(tiny_blip):
 
 
 def test_itm_refuses_misaligned_pairs(tiny_blip):
-    teacher = SingleStreamTeacher.load(tiny_blip[1])
+    teacher = load_single(tiny_blip[1])
     vision = teacher.vision_tokens(teacher.pixels_from_uint8(_images(2)))
     with pytest.raises(ValueError, match="aligned pairs"):
         teacher.itm(vision, teacher.tokenize(["one text"]))
@@ -214,7 +214,7 @@ def test_dual_spec_local_is_absolute(tmp_path):
 
 def _terms_with_edits(tiny_blip, tokenizer_dir) -> dict[str, dict]:
     """BLIP's terms (listwise on) without edits, with edits of words no caption has, and with colour edits."""
-    from mcad_cache.teachers.negatives import CaptionEdits
+    from mcad_world.negatives import CaptionEdits
 
     model, _ = tiny_blip
     tok, ids, mask, same = _blip_batch(tokenizer_dir)
@@ -245,8 +245,8 @@ def test_blip_image_tower_starts_from_a_clip_of_the_same_shape(tokenizer_dir):
     import open_clip
     from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
-    from mcad_cache.teachers.configs import blip_config, clip_model_cfg
-    from mcad_cache.teachers.train import init_vision_from_clip
+    from mcad_world.configs import blip_config, clip_model_cfg
+    from mcad_world.train import init_vision_from_clip
     TINY, IMAGE_SIZE, CONTEXT = _TINY_SHAPE, 32, 24
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
@@ -279,7 +279,7 @@ def test_listwise_itm_puts_the_edited_caption_in_its_image_group(tiny_blip, toke
 
 
 def test_mixing_uniform_negatives_into_the_mined_distribution():
-    from mcad_cache.teachers.train import _mix_uniform
+    from mcad_world.train import _mix_uniform
 
     weights = torch.tensor([[0.0, 0.9, 0.1, 0.0], [0.5, 0.0, 0.0, 0.5]])
     allowed = torch.tensor([[False, True, True, True], [True, False, True, True]])
@@ -294,9 +294,9 @@ def test_frozen_image_tower_trains_only_the_text_side(tokenizer_dir):
     """LiT mode: the image tower's weights and tokens stay as they were; text, cross-attention and heads train."""
     from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
-    from mcad_cache.teachers.configs import blip_config
-    from mcad_cache.teachers.train import image_tokens, train_blip
-    from pipeline.config import Schedule
+    from mcad_world.configs import blip_config
+    from mcad_world.train import image_tokens, train_blip
+    from mcad_world.config import BlipRecipe, Schedule
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
@@ -306,8 +306,9 @@ def test_frozen_image_tower_trains_only_the_text_side(tokenizer_dir):
     pixels = torch.randn(4, 3, 32, 32)
     before = {name: param.detach().clone() for name, param in blip.named_parameters()}
     expected = image_tokens(blip, pixels)
-    train_blip(blip, pixels, table, Schedule(steps=2, batch_size=4, warmup=1), seed=0, listwise=True,
-               freeze_vision=True)
+    recipe = BlipRecipe(schedule=Schedule(steps=2, batch_size=4, warmup=1), listwise=True, uniform_share=0.0,
+                        freeze_vision=True)
+    train_blip(blip, pixels, table, recipe, seed=0)
     changed = {name for name, param in blip.named_parameters() if not torch.equal(param, before[name])}
     assert not {name for name in changed if name.startswith("vision_model.")}
     assert {"vision_proj.weight", "itm_head.weight"} <= changed
@@ -316,20 +317,20 @@ def test_frozen_image_tower_trains_only_the_text_side(tokenizer_dir):
 
 
 def test_locked_tower_options_are_checked_before_any_training(tmp_path):
-    from mcad_cache.teachers.train import train_teachers
-    from pipeline.config import TeachersConfig
+    from mcad_world.train import train_teachers
+    from mcad_world.config import BlipRecipe, TeachersConfig
 
     with pytest.raises(ValueError, match="blip_vision_init"):
-        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_vision_init=""))
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip=BlipRecipe(vision_init="")))
     with pytest.raises(ValueError, match="blip_freeze_vision"):
-        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", blip_freeze_vision=False,
-                                      blip_split_negatives=2))
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out",
+                                      blip=BlipRecipe(freeze_vision=False, split_negatives=2)))
     with pytest.raises(ValueError, match="clip_ln_pre"):
         train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", clip_ln_pre=True))
 
 
 def test_split_negatives_come_from_each_texts_itc_top_and_never_its_own_image(tiny_blip):
-    from mcad_cache.teachers.train import SplitNegatives
+    from mcad_world.train import SplitNegatives
 
     model, _ = tiny_blip
     generator = torch.Generator().manual_seed(0)
@@ -365,7 +366,7 @@ def test_split_negatives_join_each_texts_listwise_group(tiny_blip, tokenizer_dir
 
 def test_fused_states_with_image_rows_equal_the_per_pair_pass(tiny_blip, tokenizer_dir):
     """Keys and values once per image, gathered per pair: same states and same gradients as one image copy a pair."""
-    from mcad_cache.teachers.single import fused_states
+    from mcad_cache.teachers.blip import fused_states
 
     model, _ = tiny_blip
     _, ids, mask, _ = _blip_batch(tokenizer_dir)
@@ -394,7 +395,7 @@ def test_fused_states_with_image_rows_equal_the_per_pair_pass(tiny_blip, tokeniz
 
 
 def test_fused_states_by_length_match_one_padded_pass_on_every_real_token(tiny_blip, tokenizer_dir):
-    from mcad_cache.teachers.single import fused_states, fused_states_by_length
+    from mcad_cache.teachers.blip import fused_states, fused_states_by_length
 
     model, _ = tiny_blip
     _, ids, mask, _ = _blip_batch(tokenizer_dir)
@@ -417,7 +418,7 @@ def test_build_clip_gives_the_custom_block_the_default_blocks_initialization(tok
     import open_clip
     from transformers import AutoTokenizer
 
-    from mcad_cache.teachers.configs import build_clip, clip_model_cfg, with_block_type
+    from mcad_world.configs import build_clip, clip_model_cfg, with_block_type
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     cfg = clip_model_cfg(_TINY_SHAPE, 32, len(tok), 24, tok.sep_token_id, no_ln_pre=True)
@@ -442,9 +443,9 @@ def _tiny_clip_training(tokenizer_dir, workers: int, steps: int = 3):
     """A tiny CLIP after ``steps`` of train_clip on 16 random images with two captions each."""
     from transformers import AutoTokenizer
 
-    from mcad_cache.teachers.configs import build_clip, clip_model_cfg
-    from mcad_cache.teachers.train import train_clip
-    from pipeline.config import Schedule
+    from mcad_world.configs import build_clip, clip_model_cfg
+    from mcad_world.train import train_clip
+    from mcad_world.config import Schedule
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     captions = [[f"a red circle left of a blue square {i}", f"a blue square {i}"] for i in range(16)]
@@ -461,8 +462,8 @@ def _tiny_clip_training(tokenizer_dir, workers: int, steps: int = 3):
 def test_clip_batch_split_over_worker_threads_gives_the_one_graph_gradients(tiny_clip):
     from open_clip.loss import ClipLoss
 
-    from mcad_cache.teachers.parallel import SplitBatch
-    from mcad_cache.teachers.train import clip_loss
+    from mcad_world.parallel import SplitBatch
+    from mcad_world.train import clip_loss
 
     model = tiny_clip[0]
     pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -501,9 +502,9 @@ def test_train_clip_with_worker_threads_is_repeatable_and_restores_threads(token
 
 
 def test_split_batch_refuses_misuse_and_bad_worker_counts(tmp_path):
-    from mcad_cache.teachers.parallel import SplitBatch
-    from mcad_cache.teachers.train import train_teachers
-    from pipeline.config import TeachersConfig
+    from mcad_world.parallel import SplitBatch
+    from mcad_world.train import train_teachers
+    from mcad_world.config import TeachersConfig
 
     with pytest.raises(ValueError, match="at least 2 workers"):
         SplitBatch(1, [])
@@ -520,24 +521,26 @@ def test_split_batch_refuses_misuse_and_bad_worker_counts(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"clip_b": TowerShape(width=66, heads=4)}, "clip_b's width must be a positive multiple of its 4 heads"),
-        ({"blip_schedule": Schedule(steps=10, batch_size=1)}, "blip schedule needs steps >= 1 and batch_size >= 2"),
-        ({"clip_schedule": Schedule(steps=0)}, "clip schedule needs steps >= 1"),
+        (lambda: {"clip_b": TowerShape(width=66, heads=4)},
+         "clip_b's width must be a positive multiple of its 4 heads"),
+        (lambda: {"blip": BlipRecipe(schedule=Schedule(steps=10, batch_size=1))},
+         "blip schedule needs steps >= 1 and batch_size >= 2"),
+        (lambda: {"clip_schedule": Schedule(steps=0)}, "clip schedule needs steps >= 1"),
     ],
 )
 def test_bad_teacher_shapes_and_schedules_are_refused_before_any_work(tmp_path, change, message):
-    from mcad_cache.teachers.train import train_teachers
-    from pipeline.config import TeachersConfig
+    from mcad_world.train import train_teachers
+    from mcad_world.config import TeachersConfig
 
     with pytest.raises(ValueError, match=message):  # the data directory is empty: no shard is read first
-        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", **change))
+        train_teachers(TeachersConfig(data_dir=tmp_path, out_dir=tmp_path / "out", **change()))
 
 
 def test_text_cut_to_the_longest_caption_gives_open_clips_features_and_gradients(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from mcad_cache.teachers.configs import build_clip, clip_model_cfg
-    from mcad_cache.teachers.train import encode_text_cut
+    from mcad_world.configs import build_clip, clip_model_cfg
+    from mcad_world.train import encode_text_cut
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
@@ -559,3 +562,113 @@ def test_text_cut_to_the_longest_caption_gives_open_clips_features_and_gradients
             torch.testing.assert_close(cut_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
     # the positional embeddings past the longest caption get no gradient from the cut pass
     assert cut_grads["positional_embedding"][longest:].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mask_prob": 1.0}, "blip_mask_prob must be in"),
+        ({"mined_negatives": -1}, "blip_mined_negatives must be >= 0"),
+        ({"uniform_share": 1.5}, "blip_uniform_share must be in"),
+        ({"random_negatives": -1}, "blip_random_negatives must be >= 0"),
+        ({"vision_init": "clip_c"}, "blip_vision_init must be one of"),
+        ({"vision_init": ""}, "blip_freeze_vision locks a trained image tower"),
+        ({"split_negatives": -1}, "blip_split_negatives must be >= 0"),
+        ({"freeze_vision": False, "split_negatives": 2}, "needs the locked image tower"),
+        ({"shape": TowerShape(width=66, heads=4)}, "blip's width must be a positive multiple of its 4 heads"),
+        ({"schedule": Schedule(steps=0)}, "blip schedule needs steps >= 1"),
+    ],
+)
+def test_blip_recipe_refuses_a_bad_setting_when_made(change, message):
+    with pytest.raises(ValueError, match=message):
+        BlipRecipe(**change)
+
+
+def _captured_teachers_config(monkeypatch, args: list[str]):
+    """(result, config): `mcad teachers ARGS` with train_teachers replaced by one that keeps its config."""
+    from click.testing import CliRunner
+
+    from mcad_world import train as teacher_train
+    from mcad_world.config import TEACHERS
+    from pipeline.cli import main
+
+    seen = []
+
+    def keep(cfg):
+        seen.append(cfg)
+        entry = {"steps": 0, "first_loss": 0.0, "last_loss": 0.0, "seconds": 0.0, "spec": "none"}
+        return {"skipped": {}, **{name: entry for name in TEACHERS}}
+
+    monkeypatch.setattr(teacher_train, "train_teachers", keep)
+    result = CliRunner().invoke(main, ["teachers", *args])
+    return result, (seen[0] if seen else None)
+
+
+def test_teachers_config_file_with_nested_blip_tables_and_command_line_overrides(tmp_path, monkeypatch):
+    from mcad_world.config import TeachersConfig
+
+    result, cfg = _captured_teachers_config(monkeypatch, ["--data", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert cfg == TeachersConfig(data_dir=tmp_path)  # no option given: the dataclasses' defaults
+
+    config = tmp_path / "teachers.toml"
+    config.write_text(f"""
+data_dir = "{tmp_path.as_posix()}"
+seed = 7
+
+[clip_b]
+width = 96
+heads = 4
+embed_dim = 96
+
+[blip]
+mined_negatives = 2
+uniform_share = 0.25
+vision_init = "clip_b"
+
+[blip.schedule]
+steps = 50
+batch_size = 32
+lr = 1e-3
+""")
+    result, cfg = _captured_teachers_config(monkeypatch, [
+        "--config", str(config), "--blip-lr", "2e-3", "--no-blip-listwise", "--blip-split-negatives", "1",
+        "--clip-steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert cfg == TeachersConfig(
+        data_dir=tmp_path,
+        seed=7,
+        clip_b=TowerShape(width=96, heads=4, embed_dim=96),
+        clip_schedule=Schedule(steps=5),
+        blip=BlipRecipe(mined_negatives=2, uniform_share=0.25, vision_init="clip_b", listwise=False,
+                        split_negatives=1, schedule=Schedule(steps=50, batch_size=32, lr=2e-3)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("blip_table", "message"),
+    [
+        ('vision_init = ""', "blip_vision_init"),  # the recipe checks itself as the file is read
+        ("mined_negative = 2", "unknown BlipRecipe keys ['mined_negative']"),
+    ],
+)
+def test_teachers_config_file_with_a_bad_blip_recipe_is_a_usage_error(tmp_path, monkeypatch, blip_table, message):
+    config = tmp_path / "teachers.toml"
+    config.write_text(f"[blip]\n{blip_table}\n")
+    result, cfg = _captured_teachers_config(monkeypatch, ["--config", str(config), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and cfg is None
+    assert message in result.output
+
+
+def test_command_line_recipe_options_are_checked_together(tmp_path, monkeypatch):
+    """Options that are only sound together (unlocking the tower, dropping split negatives) apply in one step."""
+    config = tmp_path / "teachers.toml"
+    config.write_text("[blip]\nsplit_negatives = 2\n")
+    result, cfg = _captured_teachers_config(monkeypatch, [
+        "--config", str(config), "--data", str(tmp_path), "--no-blip-freeze-vision", "--blip-split-negatives", "0"])
+    assert result.exit_code == 0, result.output
+    assert not cfg.blip.freeze_vision and cfg.blip.split_negatives == 0
+    result, cfg = _captured_teachers_config(monkeypatch, [
+        "--config", str(config), "--data", str(tmp_path), "--no-blip-freeze-vision"])
+    assert result.exit_code == 2 and cfg is None
+    assert "needs the locked image tower" in result.output

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from mcad_cache.teachers import train as teacher_train
-from mcad_cache.teachers.negatives import CaptionEdits, edits_from_world
+from mcad_world import train as teacher_train
+from mcad_world.negatives import CaptionEdits, edits_from_world
 from pipeline.cli import main
 
 FAST = ["--clip-steps", "2", "--blip-steps", "2"]

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.atomic import atomic_dir
+from mcad_core.atomic import atomic_dir
+from mcad_core.views import normalize_uint8, square_size
 from mcad_cache.teachers.identity import TeacherIdentity, state_dict_sha256
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -54,7 +55,7 @@ class DualStreamTeacher(torch.nn.Module):
         self.tokenizer = tokenizer
         self.spec = spec
         cfg = model.visual.preprocess_cfg
-        self.image_size = _as_int_size(cfg["size"])
+        self.image_size = square_size(cfg["size"])
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -85,11 +86,7 @@ class DualStreamTeacher(torch.nn.Module):
 
     def pixels_from_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """Fast path for uint8 N x 3 x H x W batches already at the model's input size."""
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {tuple(images.shape[-2:])}, this teacher expects {self.image_size}x{self.image_size}"
-            )
-        return (images.to(self.mean.device, torch.float32) / 255.0 - self.mean) / self.std
+        return normalize_uint8(images, self.mean, self.std, self.image_size)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -107,15 +104,6 @@ class DualStreamTeacher(torch.nn.Module):
 def _has_text_projection(model: torch.nn.Module) -> bool:
     projection = getattr(model, "text_projection", None)
     return isinstance(projection, torch.Tensor | torch.nn.Parameter)
-
-
-def _as_int_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    height, width = size
-    if height != width:
-        raise ValueError(f"non-square teacher input {size} is not supported")
-    return int(height)
 
 
 def save_local(

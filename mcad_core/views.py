@@ -78,3 +78,24 @@ def render_views(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
     grid = F.affine_grid(theta, [len(boxes), 3, size, size], align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def square_size(size) -> int:
+    """A model's input side from a preprocessing config: ``224`` or ``(224, 224)``; non-square is refused."""
+    if isinstance(size, int):
+        return size
+    height, width = size
+    if height != width:
+        raise ValueError(f"non-square model input {tuple(size)} is not supported")
+    return int(height)
+
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(B, 3, size, size)`` -> float pixels ``(x / 255 - mean) / std`` on ``mean``'s device.
+
+    The fast path every tower shares (teachers and students): images already rendered at the
+    model's input size, so a wrong size is an error rather than a silent resize.
+    """
+    if tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(f"images are {tuple(images.shape[-2:])}, this model expects {size}x{size}")
+    return (images.to(mean.device, torch.float32) / 255.0 - mean) / std

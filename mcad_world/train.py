@@ -15,7 +15,6 @@ of uint8 pixels) so the steps are not bound by JPEG decoding.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
@@ -32,9 +31,9 @@ from open_clip.transformer import text_global_pool
 from tqdm import tqdm
 from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
-from mcad_cache.teachers import dual, single
-from mcad_cache.teachers.negatives import CaptionEdits, edits_from_world
-from mcad_cache.teachers.configs import (
+from mcad_cache.teachers import blip, dual
+from mcad_world.negatives import CaptionEdits, edits_from_world
+from mcad_world.configs import (
     IMAGE_MEAN,
     IMAGE_STD,
     blip_config,
@@ -42,12 +41,14 @@ from mcad_cache.teachers.configs import (
     clip_model_cfg,
     clip_preprocess_cfg,
 )
-from mcad_cache.teachers.parallel import SplitBatch
-from pipeline.atomic import atomic_write_json
-from pipeline.config import TEACHERS, EvalConfig, Schedule, TeachersConfig
-from pipeline.optim import adamw_warmup_cosine
-from pipeline.shards import ReadStats, iter_samples, list_shards, load_split
-from pipeline.tokenizer import train_wordpiece
+from mcad_world.parallel import SplitBatch
+from mcad_cache.teachers.specs import load_report
+from mcad_core.atomic import atomic_write_json
+from mcad_world.config import TEACHERS, BlipRecipe, Schedule, TeachersConfig, check_schedule, check_shape
+from mcad_core.config import EvalConfig
+from mcad_core.optim import adamw_warmup_cosine
+from mcad_core.shards import ReadStats, iter_samples, list_shards, load_split
+from mcad_world.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,11 @@ def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def _optimizer(model: torch.nn.Module, schedule: Schedule):
+def schedule_optimizer(model: torch.nn.Module, schedule: Schedule):
     return adamw_warmup_cosine(model, schedule.lr, schedule.weight_decay, schedule.steps, schedule.warmup)
 
 
-def _batches(n: int, schedule: Schedule, generator: torch.Generator):
+def schedule_batches(n: int, schedule: Schedule, generator: torch.Generator):
     """Indices for ``schedule.steps`` batches: epochs of random permutations, no partial batches."""
     order = torch.empty(0, dtype=torch.long)
     for _ in range(schedule.steps):
@@ -115,10 +116,10 @@ def _fit(
     its mean over the last tenth of the steps. ``backward(loss)`` fills the gradients.
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer, scheduler = _optimizer(model, schedule)
+    optimizer, scheduler = schedule_optimizer(model, schedule)
     model.train()
     history: dict[str, list[float]] = {}
-    progress = tqdm(_batches(n_images, schedule, generator), total=schedule.steps, desc=desc, mininterval=5.0)
+    progress = tqdm(schedule_batches(n_images, schedule, generator), total=schedule.steps, desc=desc, mininterval=5.0)
     for images in progress:
         terms = batch_loss(images, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -352,7 +353,7 @@ def blip_losses(
         masked_ids, masked = mlm.inputs(input_ids, attention_mask, generator)
         pair_ids, pair_mask = torch.cat([pair_ids, masked_ids]), torch.cat([pair_mask, attention_mask])
         image_rows = torch.cat([image_rows, rows])
-    states = single.fused_states_by_length(model, pair_ids, pair_mask, images, image_rows)
+    states = blip.fused_states_by_length(model, pair_ids, pair_mask, images, image_rows)
     fused = states[:pairs, 0]
     two_way = model.itm_head(fused)
     labels = torch.zeros(len(fused), dtype=torch.long)
@@ -418,40 +419,68 @@ def _mix_uniform(weights: torch.Tensor, allowed: torch.Tensor, share: float) -> 
     return (1 - share) * weights / weights.sum(1, keepdim=True) + share * uniform + 1e-8
 
 
+def recipe_losses(
+    model: BlipForImageTextRetrieval,
+    vision: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    same_image: torch.Tensor,
+    generator: torch.Generator,
+    recipe: BlipRecipe,
+    mlm: MaskedWords | None = None,
+    edits: CaptionEdits | None = None,
+    split_negatives: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``blip_losses`` with ``recipe``'s loss settings: the one place the recipe meets its keyword arguments.
+
+    ``mlm`` (made from ``recipe.mask_prob``), ``edits`` (on with ``recipe.edit_negatives``
+    where the data names edit words) and the split-wide miner are built by the caller.
+    """
+    return blip_losses(
+        model,
+        vision,
+        input_ids,
+        attention_mask,
+        same_image,
+        generator,
+        negatives=recipe.mined_negatives,
+        listwise=recipe.listwise,
+        mlm=mlm,
+        random_negatives=recipe.random_negatives,
+        edits=edits,
+        uniform_share=recipe.uniform_share,
+        split_negatives=split_negatives,
+    )
+
+
 def train_blip(
     model: BlipForImageTextRetrieval,
     pixels: torch.Tensor,
     table: CaptionTable,
-    schedule: Schedule,
+    recipe: BlipRecipe,
     seed: int,
-    negatives: int = 1,
-    listwise: bool = False,
-    mlm: MaskedWords | None = None,
-    random_negatives: int = 0,
     edits: CaptionEdits | None = None,
-    uniform_share: float = 0.0,
-    freeze_vision: bool = False,
-    split_negatives: int = 0,
+    mlm: MaskedWords | None = None,
 ) -> dict:
-    """BLIP's losses (see ``blip_losses``); ``mlm``'s head trains alongside and is dropped afterwards.
+    """BLIP's losses (see ``blip_losses``) on ``recipe.schedule``; ``mlm``'s head trains alongside and is dropped.
 
-    With ``freeze_vision`` the image tower does not train (LiT, Zhai et al. 2022:
-    a locked, already trained image tower): its tokens are computed once for the
-    whole split and every step reads them from that table, so a step costs only
+    With ``recipe.freeze_vision`` the image tower does not train (LiT, Zhai et al.
+    2022: a locked, already trained image tower): its tokens are computed once for
+    the whole split and every step reads them from that table, so a step costs only
     the text and cross-attention passes. Each batch's captions are cut to their
     longest real length (padding is masked, so no output changes).
 
-    ``split_negatives`` (needs ``freeze_vision``) adds that many text-to-image
-    negatives per text from the text's ITC top-k over the whole split
-    (``SplitNegatives``).
+    ``recipe.split_negatives`` (needs ``freeze_vision``, which ``BlipRecipe`` checks)
+    adds that many text-to-image negatives per text from the text's ITC top-k over
+    the whole split (``SplitNegatives``). ``recipe.shape``, ``vision_init``,
+    ``mask_prob`` and ``edit_negatives`` are the caller's: they shape ``model``,
+    ``mlm`` and ``edits``.
     """
-    if split_negatives and not freeze_vision:
-        raise ValueError("split-wide ITM negatives need the locked image tower (freeze_vision)")
     miner = None
-    if freeze_vision:
+    if recipe.freeze_vision:
         model.vision_model.requires_grad_(False)
         tokens = image_tokens(model, pixels)
-        miner = SplitNegatives(model, tokens, split_negatives) if split_negatives else None
+        miner = SplitNegatives(model, tokens, recipe.split_negatives) if recipe.split_negatives else None
 
         def vision_of(images: torch.Tensor) -> torch.Tensor:
             return tokens[images]
@@ -465,24 +494,21 @@ def train_blip(
         mask = table.attention_mask[rows]
         length = int(mask.sum(1).max())
         same_image = images[:, None] == images[None, :]
-        return blip_losses(
+        return recipe_losses(
             model,
             vision_of(images),
             table.input_ids[rows, :length],
             mask[:, :length],
             same_image,
             generator,
-            negatives,
-            listwise,
+            recipe,
             mlm,
-            random_negatives,
             edits,
-            uniform_share,
             miner.for_batch(images) if miner is not None else None,
         )
 
     trained = torch.nn.ModuleDict({"blip": model, **({"mlm": mlm} if mlm is not None else {})})
-    return _fit(trained, len(pixels), schedule, seed, "blip", batch_loss)
+    return _fit(trained, len(pixels), recipe.schedule, seed, "blip", batch_loss)
 
 
 @torch.no_grad()
@@ -556,9 +582,10 @@ def init_vision_from_clip(model: BlipForImageTextRetrieval, visual: torch.nn.Mod
 
 
 def build_blip(cfg: TeachersConfig, tokenizer, image_size: int) -> BlipForImageTextRetrieval:
-    """A fresh BLIP ITM model for ``tokenizer``'s vocabulary, text tower at open_clip's init scale."""
+    """A fresh BLIP ITM model of ``cfg.blip.shape`` for ``tokenizer``'s vocabulary, text tower at open_clip's scale."""
     tokens = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
-    model = BlipForImageTextRetrieval(blip_config(cfg.blip, image_size, len(tokenizer), cfg.context_length, tokens))
+    shape = cfg.blip.shape
+    model = BlipForImageTextRetrieval(blip_config(shape, image_size, len(tokenizer), cfg.context_length, tokens))
     init_text_tower(model)
     return model
 
@@ -582,36 +609,20 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     ``cfg.only`` names a subset to retrain; the others, the tokenizer and their
     entries in ``teachers.json`` are kept as they are (the tokenizer must exist).
     Returns (and writes to ``teachers.json``) where each teacher lives and how long it took.
+    The BLIP recipe checked itself when it was made (``BlipRecipe``); the CLIPs' settings
+    and those that join the two are checked here, before any data is read.
     """
-    if not 0.0 <= cfg.blip_mask_prob < 1.0:
-        raise ValueError(f"blip_mask_prob must be in [0, 1), got {cfg.blip_mask_prob}")
-    if cfg.blip_mined_negatives < 0:
-        raise ValueError(f"blip_mined_negatives must be >= 0, got {cfg.blip_mined_negatives}")
-    if not 0.0 <= cfg.blip_uniform_share <= 1.0:
-        raise ValueError(f"blip_uniform_share must be in [0, 1], got {cfg.blip_uniform_share}")
-    if cfg.blip_random_negatives < 0:
-        raise ValueError(f"blip_random_negatives must be >= 0, got {cfg.blip_random_negatives}")
-    if cfg.blip_freeze_vision and not cfg.blip_vision_init:
-        raise ValueError("blip_freeze_vision locks a trained image tower: set blip_vision_init (clip_a or clip_b)")
+    recipe = cfg.blip
     if not 1 <= cfg.clip_workers <= cfg.clip_schedule.batch_size:
         raise ValueError(f"clip_workers must be in [1, {cfg.clip_schedule.batch_size}], got {cfg.clip_workers}")
-    for name, shape in (("clip_a", cfg.clip_a), ("clip_b", cfg.clip_b), ("blip", cfg.blip)):
-        if shape.width <= 0 or shape.width % shape.heads:
-            raise ValueError(f"{name}'s width must be a positive multiple of its {shape.heads} heads, "
-                             f"got {shape.width}")
-    for name, schedule in (("clip", cfg.clip_schedule), ("blip", cfg.blip_schedule)):
-        if schedule.batch_size < 2 or schedule.steps < 1:
-            raise ValueError(f"the {name} schedule needs steps >= 1 and batch_size >= 2 (contrastive), got "
-                             f"{schedule.steps} steps of {schedule.batch_size}")
-    if cfg.blip_split_negatives < 0:
-        raise ValueError(f"blip_split_negatives must be >= 0, got {cfg.blip_split_negatives}")
-    if cfg.blip_split_negatives and not cfg.blip_freeze_vision:  # train_blip refuses it too; fail before the CLIPs
-        raise ValueError("blip_split_negatives needs the locked image tower (blip_freeze_vision)")
+    check_shape("clip_a", cfg.clip_a)
+    check_shape("clip_b", cfg.clip_b)
+    check_schedule("clip", cfg.clip_schedule)
     unknown = set(cfg.only) - set(TEACHERS)
     if unknown:
         raise ValueError(f"unknown teachers {sorted(unknown)}; known: {list(TEACHERS)}")
     todo = [name for name in TEACHERS if not cfg.only or name in cfg.only]
-    if cfg.blip_freeze_vision and cfg.clip_ln_pre and "blip" in todo and cfg.blip_vision_init in todo:
+    if recipe.freeze_vision and cfg.clip_ln_pre and "blip" in todo and recipe.vision_init in todo:
         raise ValueError("clip_ln_pre gives the CLIPs a LayerNorm BLIP's ViT lacks, so blip_freeze_vision "
                          "could not lock an exact copy: drop one of them")
     out = Path(cfg.out_dir)
@@ -636,9 +647,9 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     _write_report(out, report)
     edits = None
     if "blip" in todo:  # resolved before the CLIPs train, so a world without edit words costs no wasted run
-        edits, report["blip_edit_negatives"] = (edits_from_world(cfg.data_dir, tokenizer) if cfg.blip_edit_negatives
+        edits, report["blip_edit_negatives"] = (edits_from_world(cfg.data_dir, tokenizer) if recipe.edit_negatives
                                                 else (None, "off: --no-blip-edit-negatives"))
-        (log.info if edits is not None or not cfg.blip_edit_negatives else log.warning)(
+        (log.info if edits is not None or not recipe.edit_negatives else log.warning)(
             "BLIP edited negatives %s", report["blip_edit_negatives"])
     table = tokenize_captions(tokenizer, train.captions, cfg.context_length)
     pixels = normalize_pixels(train.images)
@@ -654,7 +665,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name,
                              workers=cfg.clip_workers)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
-        report[name] = {"spec": spec.name, **summary, "seconds": _since(start)}
+        report[name] = {"spec": spec.name, "stream": "dual", **summary, "seconds": _since(start)}
         _write_report(out, report)  # each teacher is kept as it finishes: a later failure loses only the rest
         log.info("%s: %s", name, report[name])
 
@@ -662,21 +673,17 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         start = time.perf_counter()
         torch.manual_seed(cfg.seed + 2)
         model = build_blip(cfg, tokenizer, image_size)
-        if cfg.blip_vision_init:
-            source = dual.DualStreamTeacher.load(dual.DualTeacherSpec.local(out / cfg.blip_vision_init))
-            if cfg.blip_freeze_vision and not isinstance(source.model.visual.ln_pre, torch.nn.Identity):
-                raise ValueError(f"{cfg.blip_vision_init} has an ln_pre that BLIP's ViT lacks, so a locked copy "
+        if recipe.vision_init:
+            source = dual.DualStreamTeacher.load(dual.DualTeacherSpec.local(out / recipe.vision_init))
+            if recipe.freeze_vision and not isinstance(source.model.visual.ln_pre, torch.nn.Identity):
+                raise ValueError(f"{recipe.vision_init} has an ln_pre that BLIP's ViT lacks, so a locked copy "
                                  "would not be the trained tower: train the CLIPs without clip_ln_pre")
             init_vision_from_clip(model, source.model.visual)
-        mlm = masked_words_for(model, tokenizer, cfg.blip_mask_prob) if cfg.blip_mask_prob > 0 else None
-        summary = train_blip(model, pixels, table, cfg.blip_schedule, cfg.seed + 2, cfg.blip_mined_negatives,
-                             listwise=cfg.blip_listwise, mlm=mlm,
-                             random_negatives=cfg.blip_random_negatives, edits=edits,
-                             uniform_share=cfg.blip_uniform_share, freeze_vision=cfg.blip_freeze_vision,
-                             split_negatives=cfg.blip_split_negatives)
-        spec = single.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip",
+        mlm = masked_words_for(model, tokenizer, recipe.mask_prob) if recipe.mask_prob > 0 else None
+        summary = train_blip(model, pixels, table, recipe, cfg.seed + 2, edits=edits, mlm=mlm)
+        spec = blip.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip",
                                  itc_temperature=BLIP_TEMPERATURE)
-        report["blip"] = {"spec": spec.name, **summary, "seconds": _since(start)}
+        report["blip"] = {"spec": spec.name, "stream": "single", "kind": spec.kind, **summary, "seconds": _since(start)}
         _write_report(out, report)
     return report
 
@@ -697,7 +704,7 @@ def _check_kept_teachers(report: dict, out: Path, todo: Sequence[str], cfg: Teac
     """With ``--only``, the teachers that are not retrained must exist, checked before any training."""
     if not cfg.only:
         return
-    needed = [name for name in TEACHERS if name not in todo]  # blip_vision_init is one of them or retrained
+    needed = [name for name in TEACHERS if name not in todo]  # blip.vision_init is one of them or retrained
     if "tokenizer" not in report or not (out / "tokenizer").is_dir():
         raise FileNotFoundError(f"{out} has no tokenizer: run `mcad teachers` without --only first")
     missing = [name for name in needed if name not in report or not (out / name).is_dir()]
@@ -709,12 +716,3 @@ def _check_kept_teachers(report: dict, out: Path, todo: Sequence[str], cfg: Teac
 
 def _since(start: float) -> float:
     return round(time.perf_counter() - start, 1)
-
-
-def load_report(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / "teachers.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no trained teachers at {out_dir} (missing {path.name}); run `mcad teachers` first")
-    return json.loads(path.read_text())
-
-

@@ -1,6 +1,6 @@
 """Does a BLIP teacher's ITM prefer a caption's own image? No training.
 
-    .venv/bin/python bench/diag_itm_pairs.py [BLIP_DIR]
+    .venv/bin/python experiments/itm_pairs.py [BLIP_DIR]
 
 For the first caption of each of 512 validation images: the share whose ITM score with its own image beats
 the score with a random image, and with the image ITC ranks highest after its own (a near twin). Prints one line.
@@ -9,11 +9,11 @@ import sys
 
 import torch
 
-from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
-from pipeline.shards import list_shards, load_split
+from mcad_cache.teachers.single import SingleTeacherSpec, load_single
+from mcad_core.shards import list_shards, load_split
 
 torch.manual_seed(0)
-t = SingleStreamTeacher.load(SingleTeacherSpec(sys.argv[1] if len(sys.argv) > 1 else "artifacts/teachers/blip"))
+t = load_single(SingleTeacherSpec(sys.argv[1] if len(sys.argv) > 1 else "artifacts/teachers/blip"))
 s = load_split(list_shards("data/default/val"))
 n = 512
 with torch.no_grad():

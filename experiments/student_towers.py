@@ -1,12 +1,12 @@
 """Which student tower stalls? Plain contrastive training (the teachers' loop) with one tower swapped.
 
-    .venv/bin/python bench/diag_student_towers.py {student|vit_bert|mvit_clip|timm:NAME} STEPS [LR]
+    .venv/bin/python experiments/student_towers.py {student|vit_bert|mvit_clip|timm:NAME} STEPS [LR]
 
 ``timm:NAME`` is the student with another timm image tower (e.g. timm:resnet18, timm:test_convnext).
 Environment: ``IMAGE_LR_SCALE=S`` trains the image tower at S x LR (``CONV_ONLY=1``: only its conv
 kernels); ``BN_BATCH_STATS=1`` also scores the image tower with BatchNorm on batch statistics.
 
-Needs `make data teachers`. Prints the loss ends and validation recalls (README, stage 2).
+Needs `make data teachers`. Prints the loss ends and validation recalls (docs/experiments.md, stage 2).
 """
 import os
 import sys
@@ -17,14 +17,14 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
-from mcad_cache.teachers import train as teacher_train
-from mcad_cache.teachers.train import tokenize_captions, normalize_pixels, train_clip
-from mcad_cache.teachers.configs import clip_model_cfg
+from mcad_world import train as teacher_train
+from mcad_world.train import tokenize_captions, normalize_pixels, train_clip
+from mcad_world.configs import clip_model_cfg
 from mcad_student.model import StudentConfig, build_student
-from pipeline.config import Schedule, TowerShape
-from pipeline.shards import load_split, list_shards
-from pipeline.evaluation import flat_captions
-from pipeline.retrieval import dual_stream_ranks, recall_table
+from mcad_world.config import Schedule, TowerShape
+from mcad_core.shards import load_split, list_shards
+from mcad_core.evaluation import flat_captions
+from mcad_core.retrieval import dual_stream_ranks, recall_table
 torch.set_num_threads(2)
 variant, steps = sys.argv[1], int(sys.argv[2])
 lr = float(sys.argv[3]) if len(sys.argv) > 3 else 5e-4
@@ -56,7 +56,7 @@ elif variant == "mvit_clip":   # student MobileViTv2 + teacher's pre-LN text tra
 model.output_dict = True
 image_scale = float(os.environ.get("IMAGE_LR_SCALE", "1"))
 if image_scale != 1:   # the image tower at a multiple of the LR
-    teacher_train._optimizer = lambda m, s: teacher_train.adamw_warmup_cosine(
+    teacher_train.schedule_optimizer = lambda m, s: teacher_train.adamw_warmup_cosine(
         m, s.lr, s.weight_decay, s.steps, s.warmup,
         (lambda n, p: image_scale if n.startswith("visual.") and p.ndim == 4 else 1.0)
         if os.environ.get("CONV_ONLY") else {"visual.": image_scale})

@@ -1,6 +1,6 @@
 """How good are the cached KD targets *in the batches the student sees*? No model is trained.
 
-    .venv/bin/python -m bench.diag_kd_targets [STORE] [BATCHES]
+    .venv/bin/python -m experiments.kd_targets [STORE] [BATCHES]
 
 Over the first BATCHES neighbour batches (every batch of that many is drawn from the first blocks
 the epoch visits), for each target: the fraction of rows whose target argmax is a true pair (top-1

@@ -10,7 +10,7 @@ import open_clip
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from transformers import BlipConfig
 
-from pipeline.config import TowerShape
+from mcad_world.config import TowerShape
 
 IMAGE_MEAN = tuple(OPENAI_DATASET_MEAN)
 IMAGE_STD = tuple(OPENAI_DATASET_STD)
@@ -23,7 +23,7 @@ def clip_model_cfg(
 
     ``no_ln_pre`` drops the LayerNorm before the first image block. BLIP's ViT has
     none, so only such a tower copies into BLIP's exactly (``init_vision_from_clip``)
-    and can be locked there (``TeachersConfig.blip_freeze_vision``).
+    and can be locked there (``BlipRecipe.freeze_vision``).
 
     ``pool_type="eos"`` with the causal mask pools the ``[SEP]`` token, which has
     seen the whole caption and none of the padding after it.

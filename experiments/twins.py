@@ -1,8 +1,8 @@
 """Can each teacher tell a caption's image from its contrast twin? No training.
 
-    .venv/bin/python -m bench.diag_twins [SHARD_DIR] [TEACHERS_DIR] [BLIP_DIR]
+    .venv/bin/python -m experiments.twins [SHARD_DIR] [TEACHERS_DIR] [BLIP_DIR]
 
-Twins share the bag of words of their captions (pipeline/synth.py), so this is a pure binding test; chance is 50 %.
+Twins share the bag of words of their captions (mcad_world/synth.py), so this is a pure binding test; chance is 50 %.
 For every twin pair (a, b) of the split and each caption c of a (and of b): does the model score (c, own image)
 above (c, twin image)? ("text -> image"). And does each image score its own caption above its twin's caption
 with the same phrasing? ("image -> text"). Prints one row per scorer: clip_a, clip_b, BLIP ITC, BLIP ITM.
@@ -14,8 +14,8 @@ import torch
 
 from bench.common import shard_metas
 from mcad_cache.teachers.dual import DualStreamTeacher, DualTeacherSpec
-from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
-from pipeline.shards import list_shards, load_split
+from mcad_cache.teachers.single import SingleTeacherSpec, load_single
+from mcad_core.shards import list_shards, load_split
 
 shards = Path(sys.argv[1] if len(sys.argv) > 1 else "data/default/test")
 teachers = Path(sys.argv[2] if len(sys.argv) > 2 else "artifacts/teachers")
@@ -46,7 +46,7 @@ with torch.no_grad():
         te, tt = t.encode_texts(texts), t.encode_texts(twin_texts)
         pos = (te * ie[own_rep]).sum(1)
         report(name, pos, (te * ie[twin_rep]).sum(1), (tt * ie[own_rep]).sum(1))
-    t = SingleStreamTeacher.load(SingleTeacherSpec(blip_dir))
+    t = load_single(SingleTeacherSpec(blip_dir))
     v = torch.cat([t.vision_tokens(t.pixels_from_uint8(chunk)) for chunk in split.images.split(256)])
     tb, tw = t.tokenize(texts), t.tokenize(twin_texts)
     ie, te, tt = t.itc_images(v), t.itc_texts(tb), t.itc_texts(tw)

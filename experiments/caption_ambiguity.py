@@ -1,6 +1,6 @@
 """How many images does each caption truly describe? Reads the scenes in the shards' json; no model.
 
-    .venv/bin/python -m bench.diag_caption_ambiguity [SHARD_DIR]
+    .venv/bin/python -m experiments.caption_ambiguity [SHARD_DIR]
 
 A caption names both objects' colour and shape (and their sizes if it says "small"/"large") and their
 relation; every image of the split whose scene has those, in either order, fits it. Prints the share of

@@ -1,6 +1,6 @@
 """Where does a BLIP teacher's ITM re-ranking lose to its own ITC? No training.
 
-    .venv/bin/python -m bench.diag_rerank BLIP_DIR [SHARD_DIR]
+    .venv/bin/python -m experiments.rerank BLIP_DIR [SHARD_DIR]
 
 On the split (default: test): R@1 of ITM over the ITC top-16, of BLIP's own mix (ITM logit + w x ITC cosine, as
 BLIP's retrieval evaluation adds them) for several w, and of ITC alone; the ITC R@16 that caps re-ranking; and,
@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from bench.common import caption_meaning, shard_metas
-from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec
-from pipeline.evaluation import flat_captions
-from pipeline.retrieval import i2t_ranks, recall_from_ranks, t2i_ranks
-from pipeline.shards import list_shards, load_split
+from mcad_cache.teachers.single import SingleTeacherSpec, load_single
+from mcad_core.evaluation import flat_captions
+from mcad_core.retrieval import i2t_ranks, recall_from_ranks, t2i_ranks
+from mcad_core.shards import list_shards, load_split
 
 K = 16
-teacher = SingleStreamTeacher.load(SingleTeacherSpec(sys.argv[1]))
+teacher = load_single(SingleTeacherSpec(sys.argv[1]))
 shards = Path(sys.argv[2] if len(sys.argv) > 2 else "data/default/test")
 split = load_split(list_shards(shards))
 texts, image_of = flat_captions(split)

@@ -1,6 +1,6 @@
 """Does the ITM head re-rank better with more negatives or a listwise loss? Trains one BLIP variant.
 
-    .venv/bin/python bench/diag_itm.py NAME STEPS NEGATIVES LISTWISE [INIT]
+    .venv/bin/python experiments/itm.py NAME STEPS NEGATIVES LISTWISE [INIT]
 
 Trains the default world's BLIP (image tower trainable, from scratch, or from the directory INIT) for STEPS steps with
 ``blip_losses(negatives=NEGATIVES, listwise=LISTWISE)``, logs the loss terms every 25 steps, then prints
@@ -15,11 +15,11 @@ import torch
 from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
 from mcad_cache.evaluate import evaluate_single_stream
-from mcad_cache.teachers import single
-from mcad_cache.teachers.configs import IMAGE_MEAN, IMAGE_STD
-from mcad_cache.teachers.train import _batches, _optimizer, blip_losses, build_blip, normalize_pixels, tokenize_captions
-from pipeline.config import Schedule, TeachersConfig
-from pipeline.shards import SplitData, list_shards, load_split
+from mcad_cache.teachers import blip as single
+from mcad_world.configs import IMAGE_MEAN, IMAGE_STD
+from mcad_world.train import schedule_batches, schedule_optimizer, blip_losses, build_blip, normalize_pixels, tokenize_captions
+from mcad_world.config import Schedule, TeachersConfig
+from mcad_core.shards import SplitData, list_shards, load_split
 
 name, steps, negatives, listwise = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 init = sys.argv[5] if len(sys.argv) > 5 else None
@@ -32,11 +32,11 @@ pixels = normalize_pixels(train.images)
 table = tokenize_captions(tokenizer, train.captions, cfg.context_length)
 model = BlipForImageTextRetrieval.from_pretrained(init) if init else build_blip(cfg, tokenizer, 64)
 schedule = Schedule(steps=steps, lr=float(os.environ.get("LR", "5e-4")), warmup=int(os.environ.get("WARMUP", "50")))
-optimizer, scheduler = _optimizer(model, schedule)
+optimizer, scheduler = schedule_optimizer(model, schedule)
 generator = torch.Generator().manual_seed(2)
 model.train()
 start, log = time.perf_counter(), []
-for step, images in enumerate(_batches(len(pixels), schedule, generator)):
+for step, images in enumerate(schedule_batches(len(pixels), schedule, generator)):
     rows = table.sample(images, generator)
     vision = model.vision_model(pixel_values=pixels[images]).last_hidden_state  # the tower trains here
     terms = blip_losses(model, vision, table.input_ids[rows], table.attention_mask[rows],
@@ -57,7 +57,7 @@ model.eval()
 val = load_split(list_shards("data/default/val"))
 val = SplitData(val.keys[:500], val.images[:500], val.captions[:500], val.shard_of[:500])
 processor = single.BlipProcessor.from_pretrained("artifacts/teachers/blip")
-teacher = single.SingleStreamTeacher(model, processor, single.SingleTeacherSpec(name))
+teacher = single.BlipItmTeacher(model, processor, single.SingleTeacherSpec(name))
 out = evaluate_single_stream(teacher, val)
 for kind, table_ in out.items():
     print(name, kind, {k: round(v, 1) for k, v in table_.items()}, flush=True)

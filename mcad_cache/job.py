@@ -32,10 +32,9 @@ from mcad_cache.embed import TeacherSet, build_manifest, embed_shard, load_teach
 from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_array, write_shard_group
 from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name
-from mcad_cache.teachers.single import TextBatch
-from pipeline.config import CacheConfig
-from pipeline.dist import TaskPlace, partition
-from pipeline.shards import (
+from mcad_cache.config import CacheConfig
+from mcad_core.dist import TaskPlace, partition
+from mcad_core.shards import (
     IMAGE_EXTENSIONS,
     DuplicateKeyError,
     NoShardsError,
@@ -330,7 +329,7 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
 def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
                           emb: block_ops.BlockEmbeddings):
     """Closures giving vision tokens of block image rows and ITM scores of (tokens, image rows, text rows)."""
-    from pipeline.views import FULL_VIEW, render_views
+    from mcad_core.views import FULL_VIEW, render_views
 
     paths = {shard_name(path): path for path in list_shards(cfg.shards)}  # this run's, checked against the store
     data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
@@ -352,7 +351,7 @@ def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: Teacher
 
     @torch.no_grad()
     def itm(tokens: torch.Tensor, image_rows: torch.Tensor, text_rows: torch.Tensor):
-        batch = TextBatch(texts.input_ids[text_rows], texts.attention_mask[text_rows])
+        batch = texts.select(text_rows)
         start = time.perf_counter()
         out = single.itm(tokens, batch, image_rows=image_rows)
         clock["seconds"] += time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Is ITM from scratch stuck on a plateau, and does image-conditioned MLM get it off? A 150-step probe.
 
-    .venv/bin/python bench/diag_itm_plateau.py plain|mlm [LR]
+    .venv/bin/python experiments/itm_plateau.py plain|mlm [LR]
 
 A fresh default-world BLIP trains *only* ITM on the validation images (batch 64, one random negative image per
 caption, so half the pairs match), plus with ``mlm`` the image-conditioned masked-word loss
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from mcad_cache.teachers.single import fused_states
-from mcad_cache.teachers.train import build_blip, masked_words_for, normalize_pixels, tokenize_captions
-from pipeline.config import TeachersConfig
-from pipeline.shards import list_shards, load_split
+from mcad_cache.teachers.blip import fused_states
+from mcad_world.train import build_blip, masked_words_for, normalize_pixels, tokenize_captions
+from mcad_world.config import TeachersConfig
+from mcad_core.shards import list_shards, load_split
 
 mode, lr = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 5e-4
 torch.manual_seed(0)

@@ -240,7 +240,7 @@ _RELATION_WORDS: dict[str, tuple[str, ...]] = {
 }
 _ITS = {"left of": "to its left", "right of": "to its right", "above": "above it", "below": "below it"}
 # The world's attribute words and relation-word inverses: what the BLIP teacher's
-# rule-made hard negatives edit (mcad_cache/teachers/negatives.py).
+# rule-made hard negatives edit (mcad_world/negatives.py).
 CAPTION_WORDS: dict[str, tuple[str, ...]] = {
     "colour": tuple(PALETTE),
     "shape": SHAPES,

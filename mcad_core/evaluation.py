@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from pipeline.retrieval import dual_stream_ranks, recall_table
-from pipeline.shards import SplitData
+from mcad_core.retrieval import dual_stream_ranks, recall_table
+from mcad_core.shards import SplitData
 
 
 class DualStreamEncoder(Protocol):
