@@ -30,6 +30,10 @@ class CacheConfig:
     # so no teacher sees an image shrunk below its own input and scaled back up).
     source_size: int | None = None
     views: int = 1
+    # Views of the single-stream teacher's ITC image embeddings to store: "first" (view 0; nothing downstream
+    # reads more, and at 30 views this saves 1/3 of a ViT-L x2 + BLIP-large store and the BLIP vision pass
+    # of 29 views) or "all".
+    single_itc_views: str = "first"
     view_scale: tuple[float, float] = (0.6, 1.0)
     seed: int = 0
     k: int = 11
@@ -66,6 +70,8 @@ class CacheConfig:
             bad.append(f"view_scale must satisfy 0 < low <= high <= 1, got {tuple(self.view_scale)}")
         if any(w < 0 for w in self.dual_weights) or (self.dual_weights and not sum(self.dual_weights) > 0):
             bad.append(f"dual_weights must be >= 0 with a positive sum, got {tuple(self.dual_weights)}")
+        if self.single_itc_views not in ("first", "all"):
+            bad.append(f"single_itc_views must be 'first' or 'all', got {self.single_itc_views!r}")
         if self.on_error not in ("warn", "raise"):
             bad.append(f"on_error must be 'warn' or 'raise', got {self.on_error!r}")
         if bad:

@@ -118,6 +118,7 @@ def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]
             "context_length": teachers.context_length,
         },
         "preprocessing": {"source_size": cfg.source_size, "views": cfg.views, "view_scale": list(cfg.view_scale),
+                          "single_itc_views": cfg.single_itc_views,
                           "view_params": list(VIEW_PARAMS), "seed": cfg.seed},
         "search": {"k": cfg.k, "block_shards": cfg.block_shards, "dual_weights": teachers.dual_weights(cfg),
                    "blocks": plan_blocks([s["name"] for s in sources], cfg.block_shards)},
@@ -160,8 +161,9 @@ def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
         arrays[f"emb/{name}/text"] = _text_embeddings(
             texts, cfg.batch_size, teacher.tokenize, teacher.encode_texts, teacher.embed_dim, clock)
     single = teachers.single
+    single_boxes = boxes if cfg.single_itc_views == "all" else boxes[:, :1]
     arrays[f"emb/{teachers.single_name}/image"] = _image_embeddings(
-        data.images, boxes, single.image_size, single.pixels_from_uint8,
+        data.images, single_boxes, single.image_size, single.pixels_from_uint8,
         lambda px: single.itc_images(single.vision_tokens(px)), cfg.batch_size, single.embed_dim, clock)
     arrays[f"emb/{teachers.single_name}/text"] = _text_embeddings(
         texts, cfg.batch_size, single.tokenize, single.itc_texts, single.embed_dim, clock)

@@ -212,7 +212,7 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
             summary.shards_failed.append(name)
         if status.get("failed") and name not in summary.shards_failed:
             summary.shards_failed.append(name)
-        write_shard_group(store.root, name, arrays, widths)
+        write_shard_group(store.root, name, arrays, widths, teachers.single_name, _single_views(cfg))
         if previous.get("failed") and (previous.get("samples") or status["samples"]):
             _forget_block_passes(store, name)
         store.mark_shard(name, status)
@@ -239,6 +239,10 @@ def _forget_block_passes(store: CacheStore, name: str) -> None:
             store.clear_passes(block_name(index), BLOCK_PASS_ORDER)
 
 
+def _single_views(cfg: CacheConfig) -> int:
+    return cfg.views if cfg.single_itc_views == "all" else 1
+
+
 def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int]) -> dict[str, np.ndarray]:
     arrays = {
         "keys": np.zeros(0, dtype=str),
@@ -247,7 +251,8 @@ def _empty_shard(cfg: CacheConfig, teachers: TeacherSet, widths: dict[str, int])
         "view_params": np.zeros((0, cfg.views, 4), dtype=np.float32),
     }
     for name, width in widths.items():
-        arrays[f"emb/{name}/image"] = np.zeros((0, cfg.views, width), dtype=np.float16)
+        views = _single_views(cfg) if name == teachers.single_name else cfg.views
+        arrays[f"emb/{name}/image"] = np.zeros((0, views, width), dtype=np.float16)
         arrays[f"emb/{name}/text"] = np.zeros((0, width), dtype=np.float16)
     return arrays
 

@@ -9,7 +9,9 @@ assumptions the writer did not make. Layout (schema version 1):
         text_image      (t,)           int32    local image row of every caption
         text_tokens     (t, L)         int32    captions tokenized with the store's tokenizer
         view_params     (n, V, P)      float32  augmentation parameters of every view
-        emb/<teacher>/image (n, V, D)  float16  normalized image embedding per view
+        emb/<teacher>/image (n, V, D)  float16  normalized image embedding per view (dual-stream teachers)
+        emb/<single>/image (n, S, D)   float16  the single-stream teacher's ITC image embedding: view 0 only
+                                                (S = 1) unless CacheConfig.single_itc_views = "all" (S = V)
         emb/<teacher>/text  (t, D)     float16  normalized text embedding
 
       blocks/<block>/                  one group per candidate-search block (rows = its shards' rows, in order)
@@ -66,11 +68,17 @@ SHARD_ARRAYS = (
 )
 
 
-def teacher_arrays(teacher: str) -> tuple[ArraySpec, ...]:
+def teacher_arrays(teacher: str, views: str = "V") -> tuple[ArraySpec, ...]:
+    """A teacher's embeddings; ``views`` is the symbol of its image views: "V" (every view) or "S"."""
     return (
-        ArraySpec(f"emb/{teacher}/image", "float16", ("n", "V", "D")),
+        ArraySpec(f"emb/{teacher}/image", "float16", ("n", views, "D")),
         ArraySpec(f"emb/{teacher}/text", "float16", ("t", "D")),
     )
+
+
+def shard_specs(teachers: dict[str, int], single: str | None = None) -> tuple[ArraySpec, ...]:
+    """Every array of a shard group; the ``single`` teacher's image embeddings have "S" views."""
+    return SHARD_ARRAYS + tuple(s for name in teachers for s in teacher_arrays(name, "S" if name == single else "V"))
 
 
 def _direction(prefix: str, rows: str, names: tuple[str, ...]) -> tuple[ArraySpec, ...]:
@@ -102,18 +110,20 @@ def compressors(spec: ArraySpec):
 
 
 def write_shard_group(
-    root: zarr.Group, shard: str, arrays: dict[str, np.ndarray], teachers: dict[str, int]
+    root: zarr.Group, shard: str, arrays: dict[str, np.ndarray], teachers: dict[str, int],
+    single: str | None = None, single_views: int = 1,
 ) -> zarr.Group:
     """Write one shard's arrays as one group, each array a single chunk, checked against the schema.
 
-    ``teachers`` maps teacher name to embedding width. Returns the group.
+    ``teachers`` maps teacher name to embedding width; ``single`` names the single-stream teacher, whose
+    image embeddings hold ``single_views`` views (1, or every view). Returns the group.
     """
-    specs = SHARD_ARRAYS + tuple(s for name in teachers for s in teacher_arrays(name))
+    specs = shard_specs(teachers, single)
     expected = {s.path for s in specs}
     if set(arrays) != expected:
         raise SchemaError(f"shard {shard}: missing {sorted(expected - set(arrays))}, "
                           f"unexpected {sorted(set(arrays) - expected)}")
-    sizes = _sizes(arrays)
+    sizes = {**_sizes(arrays), "S": single_views}
     group = root.require_group(f"shards/{shard}")
     for spec in specs:
         dims = dict(sizes, D=teachers[spec.path.split("/")[1]]) if spec.path.startswith("emb/") else sizes

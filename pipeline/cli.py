@@ -275,6 +275,9 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
                                 "of a registered kind (mcad_cache/teachers/single.py).")
 @click.option("--tokenizer", help="The student's tokenizer (hub id or directory) for the stored caption tokens.")
 @click.option("--views", type=int, help="Augmented views per image (view 0 is the whole image).")
+@click.option("--single-itc-views", type=click.Choice(["first", "all"]),
+              help="Views of the single-stream teacher's ITC image embeddings to store [default: first; nothing "
+                   "downstream reads more, and each extra view costs a vision pass of that teacher].")
 @click.option("-k", "--k", "k", type=int, help="Candidates per anchor in the fused top-k lists.")
 @click.option("--block-shards", type=int, help="Shards per candidate-search block.")
 @click.option("--fusion", "fusion_rule", type=FUSION, metavar="RULE",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import pytest
 
 from bench.cache_size import Widths, bytes_per_sample
@@ -26,10 +28,14 @@ def test_bytes_per_sample_follow_the_schema():
     # shards: keys 10 + text_image 4 + tokens 3*4 + view_params 2*4*4 + emb a (2*2*2 + 2*2) + emb s (2*1*2 + 1*2) = 76
     # blocks: search 4 arrays of 5 * 4 B = 80; rescore i2t/t2i itm 40 + pos/itm 4 + pos/feature 6*2 = 56;
     #         fuse 2 arrays of 5 * 4 = 40; integrate (7 + 7) * 2 = 28                                              = 204
-    w = Widths(duals={"a": 2}, single=("s", 1), captions=1, views=2, context=3, params=4, k=5, fused=6, integrated=7)
+    # The single teacher's ITC image embeddings at every view (single_itc_views "all"): emb s image 2*1*2.
+    w = Widths(duals={"a": 2}, single=("s", 1), captions=1, views=2, context=3, params=4, k=5, fused=6, integrated=7,
+               single_views=2)
     sizes = bytes_per_sample(w, str_bytes=10)
     assert sum(sizes.values()) == 280
     assert sizes["shards/emb/a/image"] == 8 and sizes["blocks/pos/feature"] == 12
+    # The default ("first"): view 0 only, 1*1*2 = 2 B instead of 4.
+    assert sum(bytes_per_sample(replace(w, single_views=1), str_bytes=10).values()) == 278
     # The default store's widths (two CLIPs 128/96, BLIP 128, 3 captions, k=11): 5,656 raw bytes, as cache-info says.
     toy = Widths(duals={"clip_a": 128, "clip_b": 96}, single=("blip", 128), captions=3, views=1, context=24, params=4,
                  k=11, fused=128, integrated=128)

@@ -61,6 +61,8 @@ def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, 
     for spec in SHARD_ARRAYS:
         assert spec.path in group
     assert group["emb/" + dual + "/image"].shape == (16, 2, 16)
+    single = manifest["single_teacher"]
+    assert group["emb/" + single + "/image"].shape[:2] == (16, 1)  # single_itc_views "first": view 0 only
     assert np.allclose(group["view_params"][:, 0], [0, 0, 1, 1])
 
     # The stored view-0 embedding is the teacher's own embedding of the original image.
@@ -213,3 +215,21 @@ def test_bad_samples_and_unreadable_shards_are_reported_not_dropped(cache_cfg, t
     assert "FAILED shards (recorded in the store): ['00003']" in "\n".join(summary.lines())
     with pytest.raises(ShardReadError, match="00002.tar"):
         run_cache(replace(cfg, store=tmp_path / "strict.zarr", on_error="raise"), ["embed"], SINGLE, progress=False)
+
+
+def test_single_itc_views_all_stores_every_view_and_view_0_is_the_same(cache_cfg, tmp_path):
+    first = replace(cache_cfg, store=tmp_path / "first.zarr")
+    every = replace(cache_cfg, store=tmp_path / "all.zarr", single_itc_views="all")
+    for cfg in (first, every):
+        run_cache(cfg, ["embed"], SINGLE, progress=False)
+    a, b = CacheStore.open(first.store), CacheStore.open(every.store)
+    single = a.manifest["single_teacher"]
+    assert a.manifest["preprocessing"]["single_itc_views"] == "first"
+    assert b.manifest["preprocessing"]["single_itc_views"] == "all"
+    one, both = a.shard_group("00000")[f"emb/{single}/image"][...], b.shard_group("00000")[f"emb/{single}/image"][...]
+    assert one.shape[1] == 1 and both.shape[1] == cache_cfg.views == 2
+    np.testing.assert_array_equal(one[:, 0], both[:, 0])
+    with pytest.raises(CacheMismatchError, match="preprocessing"):  # a store is completed only as it was begun
+        run_cache(replace(every, store=first.store), ["embed"], SINGLE, progress=False)
+    with pytest.raises(ValueError, match="single_itc_views"):
+        replace(cache_cfg, single_itc_views="some")
