@@ -38,10 +38,10 @@ ablation:  ## Rows (a)-(f) at make distill's steps, 3 seeds (online row 1 seed; 
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --seeds 0,1,2 --online-seeds 0
 
 bench:  ## Benchmarks (~11 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
-	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 	$(BIN)/python bench/search_latency.py --student runs/default/student
 	$(BIN)/python -m bench.fused_pass --blip $(TEACHERS)/blip --shards $(DATA)/train
 	$(BIN)/python -m bench.clip_block
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 export:  ## The default student as open_clip + TorchScript + ONNX (checked with onnxruntime) into exports/default
 	$(BIN)/mcad export --student runs/default/student --out exports/default

@@ -24,6 +24,9 @@ from bench.common import (Figure, Inputs, add_common_args, apply_threads, check_
 
 PARTS = ("cache_size", "step_time", "data_loading", "search_scaling", "stage1_k")
 BUDGET_S = 20 * 60  # `make bench` on 2 CPU cores
+# Scripts `make bench` runs in their own processes before this one (a fresh process measures search's RSS;
+# the others load teachers): their figures are read from their results and listed in the summary too.
+STANDALONE = ("search_latency", "fused_pass", "clip_block")
 
 
 def run_parts(inputs: Inputs, parts: list[str]) -> dict:
@@ -46,11 +49,25 @@ def run_parts(inputs: Inputs, parts: list[str]) -> dict:
         summary["figures"] += results.get("figures", [])
         print(f"== bench {name}: {time.perf_counter() - tick:.1f}s", flush=True)
     summary["seconds"] = rounded(time.perf_counter() - start)
+    summary["figures"] += standalone_figures(inputs.out)
     if not inputs.quick and list(parts) == list(PARTS):
         summary["figures"].append(Figure("run_all", "benchmark wall time, all parts", summary["seconds"], "s",
                                          f"<= {BUDGET_S}", summary["seconds"] <= BUDGET_S).to_dict())
     write_results(inputs.out, "summary", summary, summary_markdown(summary))
     return summary
+
+
+def standalone_figures(out) -> list[dict]:
+    """The figures of the ``STANDALONE`` scripts' results under ``out``, each marked with its file."""
+    import json
+    from pathlib import Path
+
+    figures = []
+    for name in STANDALONE:
+        path = Path(out) / f"{name}.json"
+        if path.exists():
+            figures += [{**figure, "from": path.name} for figure in json.loads(path.read_text()).get("figures", [])]
+    return figures
 
 
 def verdict(met: bool | None) -> str:

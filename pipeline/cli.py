@@ -557,10 +557,12 @@ def index_cmd(export_dir: Path, shards: str, out_dir: Path, batch: int, threads:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
               help="Export directory to use instead of the one recorded in the index.")
-@click.option("--scorer", type=click.Choice(["onnxruntime", "numpy"]), default="onnxruntime", show_default=True,
-              help="How the gallery is scored (both compute in float32 chunks).")
+@click.option("--scorer", type=click.Choice(["faiss", "onnxruntime", "numpy"]), default="faiss", show_default=True,
+              help="How the gallery is scored, all exactly (float32 dot products of the stored float16 rows): faiss "
+                   "holds the gallery in memory (fastest); onnxruntime and numpy scan it from disk in chunks "
+                   "(lower peak RSS).")
 def search_cmd(index_dir: Path, query: str, k: int, as_json: bool, export_dir: Path | None, scorer: str) -> None:
-    """Top-k images for a text query. Loads neither torch nor transformers (tokenizers + onnxruntime + numpy)."""
+    """Top-k images for a text query. Loads neither torch nor transformers (tokenizers, onnxruntime, faiss, numpy)."""
     from pipeline.search import Searcher, SearchIndexError
 
     if k < 1:

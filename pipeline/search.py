@@ -2,12 +2,14 @@
 
 ``build_index`` embeds every image of a shard set with the export's ONNX image encoder.
 ``Searcher`` answers text queries without torch or transformers: ``tokenizers`` for the ids,
-onnxruntime (one thread) for the text encoder, numpy for the scores. Index layout::
+onnxruntime (one thread) for the text encoder, faiss (or numpy / onnxruntime) for the scores.
+Index layout::
 
     index.json        count, embed_dim, the export it was built with (dir and export_id), shards
     embeddings.npy    float16 (N, embed_dim), L2-normalized rows
     keys.npy          the N sample keys in row order, UTF-8 bytes (fixed width; memory-mapped, not parsed)
-    score.onnx        Cast(float16 -> float32) + MatMul: the optional onnxruntime scorer
+    score.onnx        Cast(float16 -> float32) + MatMul: the optional onnxruntime scorer (any number of queries;
+                      older indexes' graphs take one query per run, which ``Searcher`` handles)
     .mcad-output.json marks the directory as written by ``mcad index``: only such a directory is replaced
 
 Files are read from inside the index and the export only: a path named in ``export.json`` that leads
@@ -33,7 +35,9 @@ from mcad_core.atomic import check_output_dir, replace_output_dir
 INDEX_JSON, EMBEDDINGS, KEYS, SCORE_ONNX = "index.json", "embeddings.npy", "keys.npy", "score.onnx"
 INDEX_FORMAT = 1
 CHUNK_ROWS = 2048  # gallery rows scored per step: bounds the float32 working set to CHUNK_ROWS x D x 4 bytes
-SCORERS = ("numpy", "onnxruntime")
+SCORERS = ("faiss", "onnxruntime", "numpy")
+DEFAULT_SCORER = "faiss"
+FAISS_READ_BYTES = 1 << 24  # embeddings.npy is read into the faiss index in pieces of this size
 _HALF_SCALE = np.float32(2.0**112)  # float16 exponent bias 15 -> float32 bias 127
 _HALF_MASK = np.array(0x8FFFFFFF, dtype=np.uint32).view(np.int32)  # sign, exponent low 5 bits, mantissa
 
@@ -224,7 +228,7 @@ def write_index(out_dir: str | Path, embeddings: np.ndarray, keys: list[str], ex
 
 
 def _score_graph(dim: int) -> bytes:
-    """ONNX: gallery float16 (N, dim), query float32 (dim, 1) -> scores float32 (N, 1)."""
+    """ONNX: gallery float16 (N, dim), queries float32 (dim, Q) -> scores float32 (N, Q)."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -232,8 +236,8 @@ def _score_graph(dim: int) -> bytes:
          helper.make_node("MatMul", ["gallery32", "query"], ["scores"])],
         "score",
         [helper.make_tensor_value_info("gallery", TensorProto.FLOAT16, ["rows", dim]),
-         helper.make_tensor_value_info("query", TensorProto.FLOAT, [dim, 1])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", 1])],
+         helper.make_tensor_value_info("query", TensorProto.FLOAT, [dim, "queries"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", "queries"])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
@@ -244,14 +248,30 @@ def _score_graph(dim: int) -> bytes:
 class Searcher:
     """Top-k text-to-image search over an index; build once, then call ``query`` repeatedly.
 
-    ``export_dir`` overrides the export named in ``index.json``. ``scorer``: ``"onnxruntime"`` (the
-    index's ``score.onnx``; the default, about 2x faster over 100k rows in ``bench/search_latency.py``)
-    or ``"numpy"`` (float32 chunks). ``release_pages`` drops each scored
-    chunk of the memory-mapped gallery from the resident set (the page cache keeps it), so peak
-    RSS does not grow with the gallery.
+    ``export_dir`` overrides the export named in ``index.json``. ``scorer``:
+
+    - ``"faiss"`` (the default): a ``faiss.IndexScalarQuantizer`` of type ``QT_fp16`` (inner product)
+      holding the gallery. A ``QT_fp16`` code is the row's components as IEEE halves, i.e. exactly the
+      bytes of ``embeddings.npy``, so the index is built at load by reading that file into the index's
+      code buffer (``_faiss_fp16_index``): no float32 copy, no training, and no second file for
+      ``mcad index`` to write and keep in step with the embeddings (a faiss index file would store the
+      gallery twice on disk, and tie the index format to faiss's serialization). Load costs about one
+      read of the file (``load_seconds``; a few tens of ms for 100k x 128). faiss scores each row as
+      the float32 dot product of its stored float16 values with the query, as the other scorers do, so
+      the top-k is the exact one (ties and float32 summation order aside). It is the fastest exact
+      scorer in ``bench/search_latency.py`` (several times fewer ms per query than onnxruntime over
+      100k x 128 rows, one thread), at a price in memory: the gallery is resident (N x D x 2 bytes,
+      25.6 MB for 100k x 128) and faiss's libraries add about 14 MB.
+    - ``"onnxruntime"``: the index's ``score.onnx`` (Cast + MatMul) over chunks of the memory-mapped
+      gallery (the default before faiss; a flat peak RSS).
+    - ``"numpy"``: the same in numpy (``half_to_float32`` + matmul).
+
+    For the two chunked scorers ``release_pages`` drops each scored chunk of the mapped gallery from
+    the resident set (the page cache keeps it), so their peak RSS does not grow with the gallery.
+    ``threads`` sets onnxruntime's intra-op threads and, for faiss, OpenMP's (process-wide).
     """
 
-    def __init__(self, index_dir: str | Path, export_dir: str | Path | None = None, scorer: str = "onnxruntime",
+    def __init__(self, index_dir: str | Path, export_dir: str | Path | None = None, scorer: str = DEFAULT_SCORER,
                  threads: int = 1, chunk_rows: int = CHUNK_ROWS, release_pages: bool = True) -> None:
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
@@ -283,8 +303,17 @@ class Searcher:
         self.text_input = text["input"]
         self.scorer = scorer
         self.score_session = None
+        self._ort_batched = False  # score.onnx takes several queries per run (older indexes': one)
+        self.faiss_index = None
+        self.load_seconds = 0.0  # building the scorer's own copy of the gallery (faiss) at load
         if scorer == "onnxruntime":
             self.score_session = ort_session(resolve_inside(index_dir, SCORE_ONNX, SCORE_ONNX), threads, arena=True)
+            shapes = {i.name: i.shape for i in self.score_session.get_inputs()}
+            self._ort_batched = shapes.get("query", [None, 1])[1] != 1
+        elif scorer == "faiss":
+            tick = time.perf_counter()
+            self.faiss_index = _faiss_fp16_index(self._file, self._offset, self.gallery.shape, threads)
+            self.load_seconds = time.perf_counter() - tick
         self.chunk_rows = max(1, int(chunk_rows))
         self.release_pages = release_pages and hasattr(mmap, "MADV_DONTNEED")
         self._work = np.empty((self.chunk_rows, self.dim), np.int32)
@@ -305,8 +334,17 @@ class Searcher:
         """float32 (D,) L2-normalized text embedding."""
         return self.text_session.run(None, {self.text_input: self.token_ids([text])})[0][0]
 
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 (len(texts), D) L2-normalized text embeddings, one encoder run."""
+        if not len(texts):
+            return np.zeros((0, self.dim), np.float32)
+        return self.text_session.run(None, {self.text_input: self.token_ids(list(texts))})[0]
+
     def scores(self, query: np.ndarray) -> np.ndarray:
-        """float32 (N,) cosine scores of every gallery row (a buffer reused by the next call)."""
+        """float32 (N,) cosine scores of every gallery row (a buffer reused by the next call).
+
+        Always a chunked scan of the mapped gallery (onnxruntime's if that is the scorer, else numpy's).
+        """
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim)
         out = self._scores
         self._released = 0
@@ -327,6 +365,8 @@ class Searcher:
         """The ``k`` best rows for an embedding, best first (ties: lower row first)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.faiss_index is not None:
+            return self._faiss_search(np.asarray(query, np.float32).reshape(1, self.dim), k)[0]
         scores = self.scores(query)
         k = min(k, len(scores))
         if k == 0:
@@ -335,13 +375,68 @@ class Searcher:
         top = top[np.lexsort((top, -scores[top]))]
         return [Hit(self.key(i), float(scores[i]), int(i)) for i in top]
 
+    def search_batch(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """The ``k`` best rows for each embedding of ``queries`` (B, D), all from one pass over the gallery."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if not len(queries):
+            return []
+        if self.faiss_index is not None:
+            return self._faiss_search(queries, k)
+        k = min(k, len(self.gallery))
+        if k == 0:
+            return [[] for _ in queries]
+        columns = np.ascontiguousarray(queries.T)
+        best_scores = np.empty((0, len(queries)), np.float32)
+        best_rows = np.empty((0, len(queries)), np.int64)
+        self._released = 0
+        for start in range(0, len(self.gallery), self.chunk_rows):
+            chunk = self.gallery[start:start + self.chunk_rows]
+            scores = np.concatenate([best_scores, self._chunk_scores(chunk, columns)])  # (rows, B)
+            rows = np.concatenate([best_rows, np.broadcast_to(
+                np.arange(start, start + len(chunk))[:, None], (len(chunk), len(queries)))])
+            if len(scores) > k:
+                keep = np.argpartition(-scores, k - 1, axis=0)[:k]
+                scores, rows = np.take_along_axis(scores, keep, 0), np.take_along_axis(rows, keep, 0)
+            best_scores, best_rows = scores, rows
+            if self.release_pages:
+                self._release(start + len(chunk))
+        return [self._hits(best_scores[:, q], best_rows[:, q]) for q in range(len(queries))]
+
     def query(self, text: str, k: int = 10) -> list[Hit]:
         """The ``k`` images that best match ``text``, best first."""
         return self.search(self.encode(text), k)
 
+    def query_batch(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """``query`` for several texts: one text-encoder run and one pass over the gallery."""
+        return self.search_batch(self.encode_batch(texts), k)
+
     def close(self) -> None:
-        """Close the gallery file (the mapping goes with the last reference to ``gallery``)."""
+        """Close the gallery file (the mapping goes with the last reference to ``gallery``) and drop faiss's copy."""
+        self.faiss_index = None
         self._file.close()
+
+    def _chunk_scores(self, chunk: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """float32 (rows, B) scores of a float16 gallery chunk against query columns (D, B)."""
+        if self.score_session is None:
+            return half_to_float32(chunk, self._work[:len(chunk)]) @ columns
+        if self._ort_batched:
+            return self.score_session.run(None, {"gallery": chunk, "query": columns})[0]
+        return np.concatenate([self.score_session.run(None, {"gallery": chunk, "query": columns[:, [q]]})[0]
+                               for q in range(columns.shape[1])], axis=1)
+
+    def _faiss_search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        k = min(k, int(self.faiss_index.ntotal))
+        if k == 0:
+            return [[] for _ in queries]
+        scores, rows = self.faiss_index.search(queries, k)
+        return [self._hits(s[r >= 0], r[r >= 0]) for s, r in zip(scores, rows)]
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        """Hits for candidate rows, best first (ties: lower row first)."""
+        order = np.lexsort((rows, -scores))
+        return [Hit(self.key(int(rows[i])), float(scores[i]), int(rows[i])) for i in order]
 
     def _release(self, rows_done: int) -> None:
         """Drop the mapped pages of gallery rows [0, rows_done) from the resident set."""
@@ -365,6 +460,43 @@ def _recorded_export(index_dir: Path, index: dict) -> Path:
         raise UnsafePathError(f"{index_dir / INDEX_JSON} names the export {recorded!r}, not an absolute "
                               "directory; pass --export, or rebuild the index with `mcad index`")
     return Path(recorded).resolve()
+
+
+def _faiss_fp16_index(handle, offset: int, shape: tuple[int, int], threads: int):
+    """A faiss ``QT_fp16`` inner-product index of the C-order float16 matrix at byte ``offset`` of ``handle``.
+
+    faiss's fp16 code of a row is its components as IEEE halves in order, little-endian: the bytes of
+    the ``.npy`` data. They are read straight into the index's code buffer (no float32 copy, and no
+    mapped pages left resident). faiss then encodes the first row itself and the result must equal
+    what was read, so a faiss whose code layout differed fails here instead of scoring garbage.
+    """
+    try:
+        import faiss
+    except ImportError as err:
+        raise SearchIndexError("the faiss scorer needs faiss-cpu (pip install faiss-cpu); or use the "
+                               "onnxruntime scorer") from err
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    rows, dim = shape
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    if rows == 0:
+        return index
+    nbytes = rows * dim * 2
+    index.codes.resize(nbytes)
+    codes = faiss.rev_swig_ptr(index.codes.data(), nbytes)
+    handle.seek(offset)
+    done = 0
+    while done < nbytes:
+        got = handle.readinto(codes[done:done + FAISS_READ_BYTES])
+        if not got:
+            raise IndexMismatchError(f"{handle.name} ends after {done} of its {nbytes} bytes of embeddings")
+        done += got
+    index.ntotal = rows
+    first = np.array(codes[:dim * 2])
+    if not np.array_equal(index.sa_encode(first.view(np.float16).astype(np.float32)[None]).ravel(), first):
+        raise SearchIndexError(f"faiss {faiss.__version__} does not store QT_fp16 codes as IEEE halves; "
+                               "use the onnxruntime scorer")
+    return index
 
 
 def half_to_float32(half: np.ndarray, work: np.ndarray) -> np.ndarray:

@@ -107,3 +107,13 @@ def test_clip_block_bench_checks_the_blocks_agree_then_times_each(tmp_path):
         name: {w: 2 for w in WAYS} for name in SHAPES}
     assert json.loads((tmp_path / "clip_block.json").read_text())["speedup"] == results["speedup"]
     assert set(results["text_cut_speedup"]) == set(SHAPES)
+
+
+def test_the_summary_lists_the_standalone_scripts_figures(tmp_path):
+    from bench.run_all import standalone_figures
+
+    figure = {"part": "search_latency", "name": "search median ms, 100k gallery", "value": 4.2, "unit": "ms",
+              "target": "<= 5", "met": True}
+    (tmp_path / "search_latency.json").write_text(json.dumps({"figures": [figure]}))
+    assert standalone_figures(tmp_path) == [{**figure, "from": "search_latency.json"}]
+    assert standalone_figures(tmp_path / "none") == []

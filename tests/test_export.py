@@ -232,14 +232,15 @@ def test_search_imports_neither_torch_nor_transformers(index_dir):
         "import sys\n"
         "from pipeline.search import Searcher\n"
         f"hits = Searcher({str(index_dir)!r}).query('a red circle', 3)\n"
+        f"hits += Searcher({str(index_dir)!r}, scorer='onnxruntime').query_batch(['a red circle'], 3)[0]\n"
         "from pipeline.cli import main\n"
         f"main(['search', '--index', {str(index_dir)!r}, '--query', 'a square', '--json'], standalone_mode=False)\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'timm', 'open_clip'})\n"
-        "print('HEAVY', heavy, len(hits))\n"
+        "print('HEAVY', heavy, len(hits), 'faiss' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "HEAVY [] 3" in out.stdout
+    assert "HEAVY [] 6 True" in out.stdout  # the default scorer is faiss's: it loads no torch either
     assert json.loads(out.stdout.splitlines()[0])["query"] == "a square"
 
 
