@@ -29,10 +29,13 @@ METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "
 
 
 def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] | None = None,
-                 progress: bool = True, online_seeds: tuple[int, ...] | None = None) -> dict:
+                 progress: bool = True, online_seeds: tuple[int, ...] | None = None,
+                 report_only: bool = False) -> dict:
     """Train every selected row for every seed; returns {row: {mode, online, runs: [summary...]}}.
 
-    ``online_seeds`` (default: ``seeds``) lets the slow online row (f) run fewer seeds.
+    ``online_seeds`` (default: ``seeds``) lets the slow online row (f) run fewer seeds. With
+    ``report_only`` nothing is trained: the finished runs are collected and the others left out (a
+    table of what is done while runs are still going, e.g. in other processes).
     """
     from mcad_student.train import distill
 
@@ -47,9 +50,12 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
             if summary_path.exists():
                 runs.append(json.loads(summary_path.read_text()))
                 continue
+            if report_only:
+                continue
             cfg = replace(base, mode=mode, seed=seed, out_dir=run_dir, online=online)
             runs.append(distill(cfg, progress=progress))
-        results[label] = {"mode": mode, "online": online, "runs": runs}
+        if runs:
+            results[label] = {"mode": mode, "online": online, "runs": runs}
     return results
 
 

@@ -467,8 +467,11 @@ def _teacher_rows(path: Path, eval_shards: str) -> dict:
 @click.option("--online-seeds", default="0", show_default=True,
               help="Seeds of the online row (f), which runs the teachers every step and is much slower.")
 @click.option("--eval-shards", default="data/default/val", show_default=True)
+@click.option("--report-only", is_flag=True,
+              help="Train nothing: the table of the runs already finished (others, e.g. still training in "
+                   "another process, are left out).")
 def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, online_seeds: str,
-             eval_shards: str) -> None:
+             eval_shards: str, report_only: bool) -> None:
     """Train every MCAD variant at equal steps from one cache; write a table and a plot.
 
     Rows: (a) contrastive only, (b) + CLIP KD, (c) + single-stream top-k fused targets,
@@ -485,7 +488,9 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     online_list = tuple(int(x) for x in online_seeds.split(",") if x.strip())
     results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
-                           online_seeds=online_list)
+                           online_seeds=online_list, report_only=report_only)
+    if not results:
+        raise click.ClickException(f"no finished ablation run under {out_dir}")
     note = (f"{base.steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)} (online row: "
             f"{list(online_list)}), recalls on {eval_shards} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)

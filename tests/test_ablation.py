@@ -33,3 +33,21 @@ def test_only_seeds_both_rows_ran_are_paired():
     results = {"a": _row("contrastive", {0: 50.0, 1: 52.0}), "c": _row("fused_kd", {1: 53.0, 2: 60.0})}
     (pair,) = paired(results)
     assert pair["seeds"] == [1] and pair["diffs"] == [1.0] and pair["sd"] == 0.0
+
+
+def test_report_only_collects_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    import json
+
+    import mcad_student.train as train
+    from pipeline.ablation import run_ablation
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("report_only must not train")
+
+    monkeypatch.setattr(train, "distill", no_training)
+    summary = {"seed": 0, "recalls": {"mean_recall": 50.0}}
+    (tmp_path / "a_contrastive_s0").mkdir()
+    (tmp_path / "a_contrastive_s0" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "b_dual_kd_s0").mkdir()  # started, not finished: left out
+    results = run_ablation(object(), tmp_path, (0, 1), ("a", "b"), report_only=True)
+    assert list(results) == ["a"] and results["a"]["runs"] == [summary]
