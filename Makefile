@@ -28,7 +28,7 @@ eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/ev
 	$(BIN)/mcad eval --teachers $(TEACHERS) --shards $(DATA)/test --out artifacts/eval/teachers.json
 
 cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE) (~3 min on the default world), then describe it
-	$(BIN)/mcad cache --teachers $(TEACHERS) --shards $(DATA)/train --store $(CACHE)
+	$(BIN)/mcad cache --teachers $(TEACHERS) --shards $(DATA)/train --store $(CACHE) --summary-json bench/results/cache_run.json
 	$(BIN)/mcad cache-info $(CACHE)
 
 distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split

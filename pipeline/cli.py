@@ -291,7 +291,12 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
               help="Bad samples: warn skips, counts and records them in the store; raise stops.")
 @click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
 @click.option("--device", help="Teacher device: auto (cuda:$LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
-def cache(config_file: Path | None, passes: str, rank: int | None, world_size: int | None, **options) -> None:
+@click.option("--summary-json", type=click.Path(path_type=Path), default=None,
+              help="Also write this run's summary here: seconds per pass, time inside teacher forwards, the "
+                   "overhead ratios, the config and which of its settings are not the defaults (what `make "
+                   "cache` keeps in bench/results/cache_run.json for `make bench`).")
+def cache(config_file: Path | None, passes: str, rank: int | None, world_size: int | None,
+          summary_json: Path | None, **options) -> None:
     """Stage 1: run the teachers once over the shards and write the Zarr cache store.
 
     Passes: embed (per shard; split over torchrun/Slurm tasks) -> search -> rescore
@@ -327,6 +332,16 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     click.echo("\n".join(summary.lines()))
+    if summary_json is not None:
+        from mcad_core.atomic import atomic_write_json
+
+        location = {"shards", "store", "teachers_dir", "threads", "device"}  # where, not what: no recipe
+        defaults = CacheConfig()
+        changed = sorted(f for f in cfg.to_dict() if f not in location
+                         and cfg.to_dict()[f] != defaults.to_dict()[f])
+        atomic_write_json(summary_json, {"summary": summary.to_dict(), "config": cfg.to_dict(),
+                                         "passes": [p.strip() for p in passes.split(",") if p.strip()],
+                                         "non_default_settings": changed})
 
 
 @main.command("cache-info")

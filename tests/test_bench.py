@@ -117,3 +117,18 @@ def test_the_summary_lists_the_standalone_scripts_figures(tmp_path):
     (tmp_path / "search_latency.json").write_text(json.dumps({"figures": [figure]}))
     assert standalone_figures(tmp_path) == [{**figure, "from": "search_latency.json"}]
     assert standalone_figures(tmp_path / "none") == []
+
+
+def test_the_stage_1_figure_is_named_only_for_a_full_default_run(tmp_path):
+    from bench.run_all import make_cache_figures
+
+    run = {"summary": {"overhead_ratio": 1.04}, "passes": ["embed", "search", "rescore", "fuse", "integrate"],
+           "non_default_settings": []}
+    (tmp_path / "cache_run.json").write_text(json.dumps(run))
+    (figure,) = make_cache_figures(tmp_path)
+    assert figure["name"] == "stage-1 overhead ratio, make cache defaults" and figure["met"] is True
+    (tmp_path / "cache_run.json").write_text(json.dumps({**run, "non_default_settings": ["k"],
+                                                         "summary": {"overhead_ratio": 1.2}}))
+    (figure,) = make_cache_figures(tmp_path)
+    assert figure["name"].startswith("stage-1 overhead ratio (passes") and "k" in figure["name"]
+    assert figure["met"] is None

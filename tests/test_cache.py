@@ -55,6 +55,9 @@ def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, 
     store = CacheStore.open(cache_cfg.store)
     manifest = store.manifest
     assert summary.samples == 64 and summary.shards_embedded == 4
+    recorded = summary.to_dict()  # what `mcad cache --summary-json` writes
+    assert recorded["overhead_ratio"] == pytest.approx(summary.wall_seconds / summary.teacher_seconds, rel=1e-3)
+    assert summary.wall_seconds >= sum(summary.seconds.values()) and recorded["place"]["world_size"] == 1
     assert manifest["search"]["blocks"] == [["00000", "00001"], ["00002", "00003"]]
     dual = manifest["dual_teachers"][0]
     group = store.shard_group("00000")

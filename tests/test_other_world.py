@@ -80,7 +80,9 @@ def test_whole_chain_on_a_world_the_project_did_not_generate(other_world, tmp_pa
 
     # 4 shards of 16: the default block of 4 shards and the default k=11 fit the tiny world
     _ok(runner.invoke(main, ["cache", "--teachers", str(teachers), "--shards", str(world / "train"),
-                             "--store", str(store)]), "cache")
+                             "--store", str(store), "--summary-json", str(tmp_path / "cache_run.json")]), "cache")
+    cache_run = json.loads((tmp_path / "cache_run.json").read_text())
+    assert cache_run["non_default_settings"] == [] and cache_run["summary"]["overhead_ratio"] > 1.0
     info = json.loads(_ok(runner.invoke(main, ["cache-info", str(store), "--json"]), "cache-info"))
     # cache skips bad samples by default (on_error=warn): every PNG and all 5 captions of each must be in
     assert (info["samples"], info["texts"], info["skipped_samples"]) == (64, 64 * CAPTIONS_PER_IMAGE, 0)
