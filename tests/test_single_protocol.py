@@ -93,8 +93,14 @@ def test_spec_parsing_picks_the_kind(toy_kind):
     assert isinstance(load_single(parse_single("toy:x")), SingleStreamTeacher)
 
 
+def _not_a_teacher(spec: SingleTeacherSpec, device="cpu") -> object:
+    return object()
+
+
 def test_a_loader_must_return_a_teacher():
-    register_single_kind("broken", lambda spec, device="cpu": object())
+    register_single_kind("broken", _not_a_teacher)  # the same loader again is fine; another one is refused
+    with pytest.raises(ValueError, match="already registered"):
+        register_single_kind("broken", lambda spec, device="cpu": object())
     with pytest.raises(TypeError, match="not a SingleStreamTeacher"):
         load_single(SingleTeacherSpec("x", "broken"))
 
