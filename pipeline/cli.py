@@ -506,7 +506,9 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
                            online_seeds=online_list, report_only=report_only)
     if not results:
         raise click.ClickException(f"no finished ablation run under {out_dir}")
-    note = (f"{base.steps} steps per row, batch {base.batch_size}, seeds {list(seed_list)} (online row: "
+    seeds_text = (f"the finished runs of seeds {list(seed_list)} (the seeds column counts them)" if report_only
+                  else f"seeds {list(seed_list)}")
+    note = (f"{base.steps} steps per row, batch {base.batch_size}, {seeds_text} (online row: "
             f"{list(online_list)}), recalls on {eval_shards} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())
