@@ -317,7 +317,6 @@ class Searcher:
         self.chunk_rows = max(1, int(chunk_rows))
         self.release_pages = release_pages and hasattr(mmap, "MADV_DONTNEED")
         self._work = np.empty((self.chunk_rows, self.dim), np.int32)
-        self._scores = np.empty(len(self.gallery), np.float32)
         self._released = 0  # bytes of the mapping already dropped during the current scan
 
     def __len__(self) -> int:
@@ -340,43 +339,17 @@ class Searcher:
             return np.zeros((0, self.dim), np.float32)
         return self.text_session.run(None, {self.text_input: self.token_ids(list(texts))})[0]
 
-    def scores(self, query: np.ndarray) -> np.ndarray:
-        """float32 (N,) cosine scores of every gallery row (a buffer reused by the next call).
-
-        Always a chunked scan of the mapped gallery (onnxruntime's if that is the scorer, else numpy's).
-        """
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim)
-        out = self._scores
-        self._released = 0
-        for start in range(0, len(self.gallery), self.chunk_rows):
-            chunk = self.gallery[start:start + self.chunk_rows]
-            rows = len(chunk)
-            if self.score_session is not None:
-                out[start:start + rows] = self.score_session.run(None, {"gallery": chunk,
-                                                                        "query": query[:, None]})[0][:, 0]
-            else:
-                np.matmul(half_to_float32(chunk, self._work[:rows]), query,
-                          out=out[start:start + rows])
-            if self.release_pages:
-                self._release(start + rows)
-        return out
-
     def search(self, query: np.ndarray, k: int = 10) -> list[Hit]:
-        """The ``k`` best rows for an embedding, best first (ties: lower row first)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if self.faiss_index is not None:
-            return self._faiss_search(np.asarray(query, np.float32).reshape(1, self.dim), k)[0]
-        scores = self.scores(query)
-        k = min(k, len(scores))
-        if k == 0:
-            return []
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((top, -scores[top]))]
-        return [Hit(self.key(i), float(scores[i]), int(i)) for i in top]
+        """The ``k`` best rows for an embedding, best first (``search_batch`` for one query)."""
+        return self.search_batch(np.asarray(query, np.float32).reshape(1, self.dim), k)[0]
 
     def search_batch(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """The ``k`` best rows for each embedding of ``queries`` (B, D), all from one pass over the gallery."""
+        """The ``k`` best rows for each embedding of ``queries`` (B, D), all from one pass over the gallery.
+
+        Best first, equal scores by row. Which of several rows tied at the k-th score make the cut is
+        the scorer's choice (a partition, or faiss's heap); a stable full sort per chunk to settle it
+        would cost about 3x the selection (0.07 against 0.02 ms per 2,048-row chunk).
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)

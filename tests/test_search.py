@@ -6,6 +6,7 @@ averages a random embedding table over the tokens; the gallery is random unit ro
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -112,6 +113,30 @@ def test_batches_equal_single_queries(index, scorer, chunk_rows):
         assert [[h.row for h in hits] for hits in searcher.query_batch(TEXTS, k)] == \
             [[h.row for h in searcher.query(t, k)] for t in TEXTS]
     assert searcher.search_batch(np.zeros((0, DIM), np.float32), 3) == []
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_ties_go_to_the_lower_row_across_chunks(export, tmp_path, scorer):
+    """A gallery of 6 distinct rows repeated 50 times: every top-k is a run of ties spread over chunks.
+
+    The rows are unit axes, so a score is one product and equal rows score bit-equal in any
+    summation order. Which tied rows make the k-th place is the scorer's choice, so the scores by
+    rank must be the exact scan's, and the hits of one score come in row order.
+    """
+    path = tmp_path / "ties"
+    write_index(path, np.tile(np.eye(6, DIM, dtype=np.float16), (50, 1)), [f"img{i:03d}" for i in range(ROWS)], export[0], export[1])
+    searcher = Searcher(path, scorer=scorer, chunk_rows=7)
+    queries = searcher.encode_batch(TEXTS[:3])
+    for k in (1, 5, 49, 120):
+        want = [_exact(path, q, k) for q in queries]
+        got = searcher.search_batch(queries, k)
+        gallery = np.load(path / EMBEDDINGS).astype(np.float32)
+        for hits, rows, query in zip(got, want, queries):
+            assert np.allclose([h.score for h in hits], gallery[rows] @ query, atol=1e-5), k
+            assert [gallery[h.row] @ query for h in hits] == pytest.approx([h.score for h in hits], abs=1e-5)
+            assert all((a.score, b.row) > (b.score, a.row) for a, b in itertools.pairwise(hits)), k
+        single = searcher.search(queries[0], k)
+        assert [(h.row, h.score) for h in single] == [(h.row, h.score) for h in got[0]], k
 
 
 def test_onnxruntime_scores_one_query_per_run_with_an_older_index(index, tmp_path):
