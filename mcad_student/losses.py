@@ -41,6 +41,7 @@ __all__ = [
 
 FD_KINDS = ("cosine", "mse")
 KD_KINDS = ("full", "negatives")
+KD_DIRECTIONS = ("both", "i2t", "t2i")
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,16 @@ class LossWeights:
     # removed from both distributions, as in decoupled KD's non-target term), so kd never argues with itc
     # about which pair is true; it only passes on how the teachers rank the negatives.
     kd_kind: str = "full"
+    # Which in-batch distributions kd matches: "both" (MCAD), or only image-to-text / text-to-image rows.
+    kd_direction: str = "both"
 
     def __post_init__(self) -> None:
         if self.fd_kind not in FD_KINDS:
             raise ValueError(f"fd_kind must be one of {FD_KINDS}, got {self.fd_kind!r}")
         if self.kd_kind not in KD_KINDS:
             raise ValueError(f"kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}")
+        if self.kd_direction not in KD_DIRECTIONS:
+            raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
         if self.kd_temperature <= 0 or self.ia_temperature <= 0:
             raise ValueError("temperatures must be positive")
 
@@ -131,7 +136,7 @@ def itc_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> dict[str, Tens
 
 
 def kd_loss(student_logits: Tensor, target_i2t: Tensor, target_t2i: Tensor, temperature: float,
-            kind: str = "full") -> dict[str, Tensor]:
+            kind: str = "full", direction: str = "both") -> dict[str, Tensor]:
     """Distribution distillation (MCAD's KD term): ``{"kd": ...}``.
 
     ``KL(softmax(target / T) || softmax(student / T))`` averaged over rows, for i2t (``student_logits`` against
@@ -141,10 +146,15 @@ def kd_loss(student_logits: Tensor, target_i2t: Tensor, target_t2i: Tensor, temp
 
     ``kind="negatives"``: the true pairs (the diagonal) are removed from target and student rows before the
     softmaxes, so the KL compares only how the negatives are ranked (decoupled KD's non-target term).
+
+    ``direction="i2t"`` or ``"t2i"``: that direction's KL alone (times ``T**2``), so at the same ``alpha`` it
+    pulls twice as hard as in ``"both"``; ``alpha / 2`` removes the other direction and changes nothing else.
     """
     _check_square(student_logits, target_i2t, target_t2i)
     if kind not in KD_KINDS:
         raise ValueError(f"unknown kd kind {kind!r}; expected one of {KD_KINDS}")
+    if direction not in KD_DIRECTIONS:
+        raise ValueError(f"unknown kd direction {direction!r}; expected one of {KD_DIRECTIONS}")
     if kind == "negatives":
         if student_logits.shape[0] < 2:
             raise ValueError("kd over negatives needs a batch of at least 2")
@@ -152,9 +162,12 @@ def kd_loss(student_logits: Tensor, target_i2t: Tensor, target_t2i: Tensor, temp
         student_logits = _float(student_logits).masked_fill(eye, float("-inf"))
         target_i2t = _float(target_i2t).masked_fill(eye, float("-inf"))
         target_t2i = _float(target_t2i).masked_fill(eye, float("-inf"))
-    i2t = _kl_rows(target_i2t, student_logits, temperature)
-    t2i = _kl_rows(target_t2i, student_logits.t(), temperature)
-    return {"kd": 0.5 * (i2t + t2i) * temperature**2}
+    kls = []
+    if direction in ("both", "i2t"):
+        kls.append(_kl_rows(target_i2t, student_logits, temperature))
+    if direction in ("both", "t2i"):
+        kls.append(_kl_rows(target_t2i, student_logits.t(), temperature))
+    return {"kd": sum(kls) / len(kls) * temperature**2}
 
 
 def fd_loss(

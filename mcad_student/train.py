@@ -109,6 +109,8 @@ class DistillConfig:
             raise DistillConfigError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
         if self.mode == "ammkd" and self.loss.kd_kind != "full":
             raise DistillConfigError("ammkd's adaptive weights are derived for kd_kind 'full' only")
+        if self.mode == "ammkd" and self.loss.kd_direction != "both":
+            raise DistillConfigError("ammkd's adaptive weights are derived for kd_direction 'both' only")
         _require(not self.online or self.mode == "mcad",
                  f"the online baseline runs mode 'mcad' only, got {self.mode!r}")
         _require(self.batching in ("neighbor", "random"),
@@ -227,7 +229,8 @@ def _kd_term(v: StepView) -> dict:
     if v.mode == "ammkd":
         return ammkd_kd_loss(v.logits, [v.batch["targets"][t] for t in v.teachers], v.weights.kd_temperature, None)
     i2t, t2i = v.targets
-    return kd_loss(v.logits, i2t, t2i, v.weights.kd_temperature, v.weights.kd_kind)
+    return kd_loss(v.logits, i2t, t2i, v.weights.kd_temperature, v.weights.kd_kind,
+                   v.weights.kd_direction)
 
 
 @loss_term("fd")

@@ -10,6 +10,7 @@ the table can be rebuilt without retraining.
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from dataclasses import replace
@@ -135,11 +136,10 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_ylabel("recall@1 (%)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()  # no fixed scratch name: two ablation workers sharing --out may plot at once
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_report(results: dict, out: Path, note: str) -> list[dict]:

@@ -377,6 +377,9 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--kd-temperature", type=float)
 @click.option("--kd-kind", type=click.Choice(["full", "negatives"]),
               help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
+@click.option("--kd-direction", type=click.Choice(["both", "i2t", "t2i"]),
+              help="Which in-batch distributions kd matches: both (MCAD), or image-to-text or text-to-image "
+                   "rows alone (that direction's KL, so --alpha halved keeps its pull as in both).")
 @click.option("--student", "student_preset", type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"),
               metavar="PRESET",
               help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "

@@ -347,6 +347,9 @@ def test_config_refuses_kd_over_negatives_for_ammkd():
         DistillConfig(mode="ammkd", loss=LossWeights(kd_kind="negatives"))
     with pytest.raises(ValueError, match="kd_kind"):
         LossWeights(kd_kind="diagonal")
+    DistillConfig(mode="fused_kd", loss=LossWeights(kd_direction="i2t"))  # supported
+    with pytest.raises(ValueError, match="kd_direction 'both'"):
+        DistillConfig(mode="ammkd", loss=LossWeights(kd_direction="i2t"))
 
 
 def test_stage2_fusion_override_rederives_the_fused_lists(tiny_cache):

@@ -100,6 +100,23 @@ def test_kd_matches_hand_computation(temp):
     assert got["kd"].item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_kd_one_direction_matches_hand_computation(temp):
+    i2t = py_kl_rows(TARGET_I2T, STUDENT, temp)
+    t2i = py_kl_rows(TARGET_T2I, py_transpose(STUDENT), temp)
+    for direction, expected in (("i2t", i2t), ("t2i", t2i)):
+        got = kd_loss(t(STUDENT), t(TARGET_I2T), t(TARGET_T2I), temp, direction=direction)["kd"]
+        assert got.item() == pytest.approx(expected * temp**2, rel=1e-6), direction
+    s = t(STUDENT)
+    bumped = s.t().clone()
+    bumped[1, 2] += 0.5
+    assert kd_loss(s, s, bumped, 1.0, direction="i2t")["kd"].item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="kd direction"):
+        kd_loss(s, s, s.t(), 1.0, direction="rows")
+    with pytest.raises(ValueError, match="kd_direction"):
+        LossWeights(kd_direction="rows")
+
+
 def test_kd_is_zero_when_student_equals_targets():
     s = t(STUDENT)
     assert kd_loss(s, s, s.t(), 1.7)["kd"].item() == pytest.approx(0.0, abs=1e-12)
