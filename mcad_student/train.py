@@ -300,9 +300,19 @@ def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: R
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every key it lacks, at any depth of nested dicts, taken from ``defaults``."""
+    merged = dict(defaults)
+    for key, value in saved.items():
+        merged[key] = (_with_defaults(value, defaults[key])
+                       if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
+    return merged
+
+
 def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig) -> RunState:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved = payload["config"]
+    # A setting added since the checkpoint was written reads as its default: its default is the old behaviour.
+    saved = _with_defaults(payload["config"], DistillConfig().to_dict())
     current = cfg.to_dict()
     # May change on resume: a longer run, other intervals, or inputs found at new places (checked by content).
     ignore = {"steps", "checkpoint_every", "eval_every", "threads", "store", "out_dir", "shards", "tokenizer"}

@@ -257,6 +257,24 @@ def test_a_checkpoint_without_rows_resumes_from_metrics_csv(tiny_cache, tiny_wor
     _assert_same_rows(tmp_path / "run", uninterrupted)
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes(tiny_cache, tiny_world, tmp_path, uninterrupted):
+    """A setting added later (here loss.kd_direction) is absent from older checkpoints and reads as its default."""
+    from mcad_core.atomic import atomic_write_bytes
+
+    cfg = _cfg(tiny_cache, tiny_world, tmp_path, checkpoint_every=2)
+    distill(cfg, progress=False, stop_after=4)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    del payload["config"]["loss"]["kd_direction"]
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(checkpoint, buffer.getvalue())
+    distill(cfg, progress=False)
+    _assert_same_rows(tmp_path / "run", uninterrupted)
+    with pytest.raises(ResumeMismatchError, match="loss"):  # a setting that differs is still refused
+        distill(replace(cfg, loss=replace(cfg.loss, kd_direction="i2t"), steps=8), progress=False)
+
+
 def test_resume_with_another_config_is_refused(tiny_cache, tiny_world, tmp_path):
     cfg = _cfg(tiny_cache, tiny_world, tmp_path)
     distill(cfg, progress=False, stop_after=3)
