@@ -37,6 +37,7 @@ from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, it
 from mcad_student.model import STUDENT_PRESETS, Student, StudentConfig, build_student, save_student
 from mcad_student.parallel import Parallel
 from mcad_core.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from mcad_core.config import from_dict
 from mcad_core.optim import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,9 @@ class DistillConfig:
         """Refuse values that would hang, divide by zero or waste a run, before any work (config files too)."""
         if self.mode not in MODES:
             raise DistillConfigError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
-        if self.mode == "ammkd" and self.loss.kd_kind != "full":
-            raise DistillConfigError("ammkd's adaptive weights are derived for kd_kind 'full' only")
-        if self.mode == "ammkd" and self.loss.kd_direction != "both":
-            raise DistillConfigError("ammkd's adaptive weights are derived for kd_direction 'both' only")
+        if self.mode == "ammkd" and (self.loss.kd_kind, self.loss.kd_direction) != ("full", "both"):
+            raise DistillConfigError("ammkd's adaptive weights are derived for kd_kind 'full' and "
+                                     "kd_direction 'both' only")
         _require(not self.online or self.mode == "mcad",
                  f"the online baseline runs mode 'mcad' only, got {self.mode!r}")
         _require(self.batching in ("neighbor", "random"),
@@ -300,19 +300,14 @@ def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: R
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-    """``saved`` with every key it lacks, at any depth of nested dicts, taken from ``defaults``."""
-    merged = dict(defaults)
-    for key, value in saved.items():
-        merged[key] = (_with_defaults(value, defaults[key])
-                       if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
-    return merged
-
-
 def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig) -> RunState:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    # A setting added since the checkpoint was written reads as its default: its default is the old behaviour.
-    saved = _with_defaults(payload["config"], DistillConfig().to_dict())
+    # Read back through the config loader, so a setting added since the checkpoint was written takes its
+    # default (the old behaviour), as a config file without it would.
+    try:
+        saved = from_dict(DistillConfig, payload["config"], f"{path} config").to_dict()
+    except ValueError as err:  # a setting removed since, or a value no longer valid
+        raise ResumeMismatchError(f"{err}; use another --out directory") from err
     current = cfg.to_dict()
     # May change on resume: a longer run, other intervals, or inputs found at new places (checked by content).
     ignore = {"steps", "checkpoint_every", "eval_every", "threads", "store", "out_dir", "shards", "tokenizer"}

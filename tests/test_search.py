@@ -116,7 +116,7 @@ def test_batches_equal_single_queries(index, scorer, chunk_rows):
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
-def test_ties_go_to_the_lower_row_across_chunks(export, tmp_path, scorer):
+def test_ties_across_chunks_keep_the_exact_scores_in_row_order(export, tmp_path, scorer):
     """A gallery of 6 distinct rows repeated 50 times: every top-k is a run of ties spread over chunks.
 
     The rows are unit axes, so a score is one product and equal rows score bit-equal in any
@@ -124,13 +124,14 @@ def test_ties_go_to_the_lower_row_across_chunks(export, tmp_path, scorer):
     rank must be the exact scan's, and the hits of one score come in row order.
     """
     path = tmp_path / "ties"
-    write_index(path, np.tile(np.eye(6, DIM, dtype=np.float16), (50, 1)), [f"img{i:03d}" for i in range(ROWS)], export[0], export[1])
+    stored = np.tile(np.eye(6, DIM, dtype=np.float16), (50, 1))
+    write_index(path, stored, [f"img{i:03d}" for i in range(ROWS)], export[0], export[1])
+    gallery = stored.astype(np.float32)
     searcher = Searcher(path, scorer=scorer, chunk_rows=7)
     queries = searcher.encode_batch(TEXTS[:3])
     for k in (1, 5, 49, 120):
         want = [_exact(path, q, k) for q in queries]
         got = searcher.search_batch(queries, k)
-        gallery = np.load(path / EMBEDDINGS).astype(np.float32)
         for hits, rows, query in zip(got, want, queries):
             assert np.allclose([h.score for h in hits], gallery[rows] @ query, atol=1e-5), k
             assert [gallery[h.row] @ query for h in hits] == pytest.approx([h.score for h in hits], abs=1e-5)
