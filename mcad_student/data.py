@@ -29,6 +29,7 @@ from mcad_cache.store import CacheStore, block_name
 from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits
 from mcad_core.shards import ReadStats, load_split
 from mcad_core.views import render_views
+from mcad_student.choices import BATCHINGS
 
 
 class CacheJoinError(RuntimeError):
@@ -215,8 +216,8 @@ class CacheBatches:
                  policy: str = "warn", expected_manifest: dict | None = None, batching: str = "neighbor",
                  shards_dir: str | Path | None = None, fusion: tuple[str, float] | None = None,
                  paths: dict[str, str] | None = None) -> None:
-        if batching not in ("neighbor", "random"):
-            raise ValueError(f"batching must be 'neighbor' or 'random', got {batching!r}")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
         self.batching = batching
         if fusion is not None and fusion[0] not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {fusion[0]!r}; known: {sorted(FUSION_RULES)}")

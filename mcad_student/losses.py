@@ -39,9 +39,7 @@ __all__ = [
     "ammkd_kd_loss",
 ]
 
-FD_KINDS = ("cosine", "mse")
-KD_KINDS = ("full", "negatives")
-KD_DIRECTIONS = ("both", "i2t", "t2i")
+from mcad_student.choices import FD_KINDS, KD_DIRECTIONS, KD_KINDS
 
 
 @dataclass(frozen=True)

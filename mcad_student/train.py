@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.sources import locate_tokenizer
+from mcad_student.choices import BATCHINGS
 from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import STUDENT_PRESETS, Student, StudentConfig, build_student, save_student
@@ -113,8 +114,7 @@ class DistillConfig:
                                      "kd_direction 'both' only")
         _require(not self.online or self.mode == "mcad",
                  f"the online baseline runs mode 'mcad' only, got {self.mode!r}")
-        _require(self.batching in ("neighbor", "random"),
-                 f"batching must be 'neighbor' or 'random', got {self.batching!r}")
+        _require(self.batching in BATCHINGS, f"batching must be one of {BATCHINGS}, got {self.batching!r}")
         _require(self.on_error in ("warn", "raise"), f"on_error must be 'warn' or 'raise', got {self.on_error!r}")
         # A batch of one has no in-batch negative, so the loop skips it; with batch_size 1 (or <= 0)
         # every batch is skipped and the run never reaches a step.

@@ -14,6 +14,7 @@ import click
 
 from mcad_world.config import BLIP_VISION_INITS, TEACHERS, TeachersConfig
 from mcad_core.config import EvalConfig
+from mcad_student.choices import BATCHINGS, KD_DIRECTIONS, KD_KINDS
 
 
 
@@ -375,9 +376,9 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
 @click.option("--gamma", type=float, help="Weight of the ia (interactive alignment) term.")
 @click.option("--kd-temperature", type=float)
-@click.option("--kd-kind", type=click.Choice(["full", "negatives"]),
+@click.option("--kd-kind", type=click.Choice(KD_KINDS),
               help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
-@click.option("--kd-direction", type=click.Choice(["both", "i2t", "t2i"]),
+@click.option("--kd-direction", type=click.Choice(KD_DIRECTIONS),
               help="Which in-batch distributions kd matches: both (MCAD), or image-to-text or text-to-image "
                    "rows alone (that direction's KL, so --alpha halved keeps its pull as in both).")
 @click.option("--student", "student_preset", type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"),
@@ -385,7 +386,7 @@ def cache_info(store: Path, as_json: bool) -> None:
               help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "
                    "1.0M parameters, trains from scratch) or mobilevit (MobileViTv2-050 + TinyBERT-size text, "
                    "5.9M, for runs from pretrained weights; train it with --image-lr-scale 5).")
-@click.option("--batching", type=click.Choice(["neighbor", "random"]),
+@click.option("--batching", type=click.Choice(BATCHINGS),
               help="neighbor: each anchor with its cached candidates (hard negatives, the fused targets in-batch); "
                    "random: plain shuffles within a block.")
 @click.option("--image-model", help="Image tower of the student: 'vit' (open_clip's ViT) or a timm model name.")
