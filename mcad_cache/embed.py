@@ -1,9 +1,11 @@
 """Stage-1 pass 1, embed: every teacher's embeddings of every sample and view, one shard at a time.
 
-A shard is the unit of work: ``embed_shard`` reads one shard, embeds every
-stored view with every dual-stream teacher and the single-stream teacher's ITC
-towers, tokenizes the captions with the student's tokenizer, and returns the
-arrays of its shard group. The caller writes them and then the done marker.
+A shard is the unit of work: ``read_shard`` decodes one shard, draws its views
+and tokenizes its captions for every teacher and for the student (the stored
+tokens); ``embed_input`` embeds every stored view with every dual-stream teacher
+and the single-stream teacher's ITC towers and returns the arrays of its shard
+group. The caller writes them and then the done marker; ``job.embed_pass`` reads
+the next shard in a thread while this one's forwards run.
 """
 
 from __future__ import annotations
@@ -128,14 +130,30 @@ def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]
     }
 
 
-@torch.no_grad()
-def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
-                seen: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays of one shard group, and its status (samples, skips by reason, truncation, seconds).
+@dataclass
+class ShardInput:
+    """One shard read and made ready for the teachers: all of embedding a shard that is not a teacher forward
+    or a view render, so that it can run in a thread while the previous shard's forwards run (``job.embed_pass``).
+    """
+
+    data: SplitData
+    stats: ReadStats
+    texts: list[str]
+    boxes: np.ndarray  # (N, views, len(VIEW_PARAMS)) view parameters
+    tokens: np.ndarray  # (texts, context_length) the student tokenizer's ids, stored with the shard
+    teacher_tokens: dict[str, list]  # teacher name -> its tokenizer's output per batch of ``cfg.batch_size`` texts
+    seconds: float  # wall time of the read
+    read_seconds: float  # of it, decoding and the duplicate-key check
+
+
+def read_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
+               seen: Mapping[str, str] | None = None) -> ShardInput:
+    """Decode ``shard``, drop repeated keys, draw the views and tokenize the captions for every teacher.
 
     ``seen`` maps the keys of the job's earlier shards to the shard each was read
     from: a key read again (there, or earlier in this shard) is refused here,
-    before stage 2 would trip over it (see ``drop_duplicate_keys``).
+    before stage 2 would trip over it (see ``drop_duplicate_keys``). ``seen`` is
+    only read, so a caller may hand the same dict on while this runs in a thread.
     """
     start = time.perf_counter()
     stats = ReadStats()
@@ -143,14 +161,33 @@ def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
     data = drop_duplicate_keys(data, shard, seen or {}, cfg.on_error, stats)
     read_seconds = time.perf_counter() - start
     texts = [text for captions in data.captions for text in captions]
-    text_image = np.repeat(np.arange(len(data)), [len(c) for c in data.captions]).astype(np.int32)
     boxes = view_boxes(data.keys, cfg.views, cfg.seed, tuple(cfg.view_scale))
     tokens = teachers.tokenizer(texts, padding="max_length", truncation=True, max_length=teachers.context_length,
                                 return_tensors="np")["input_ids"] if texts else np.zeros((0, teachers.context_length))
+    tokenizers = {**{name: t.tokenize for name, t in teachers.duals.items()},
+                  teachers.single_name: teachers.single.tokenize}
+    teacher_tokens = {name: [tokenize(texts[i : i + cfg.batch_size]) for i in range(0, len(texts), cfg.batch_size)]
+                      for name, tokenize in tokenizers.items()}
+    return ShardInput(data, stats, texts, boxes, np.asarray(tokens, dtype=np.int32), teacher_tokens,
+                      time.perf_counter() - start, read_seconds)
+
+
+def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
+                seen: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """``read_shard`` then ``embed_input``: one shard's arrays and status, read and embedded in this thread."""
+    return embed_input(read_shard(shard, cfg, teachers, seen), cfg, teachers)
+
+
+@torch.no_grad()
+def embed_input(shard: ShardInput, cfg: CacheConfig, teachers: TeacherSet) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of one shard group, and its status (samples, skips by reason, truncation, seconds)."""
+    start = time.perf_counter()
+    data, stats, texts, boxes = shard.data, shard.stats, shard.texts, shard.boxes
+    text_image = np.repeat(np.arange(len(data)), [len(c) for c in data.captions]).astype(np.int32)
     arrays: dict[str, np.ndarray] = {
         "keys": np.asarray(data.keys, dtype=str),
         "text_image": text_image,
-        "text_tokens": np.asarray(tokens, dtype=np.int32),
+        "text_tokens": shard.tokens,
         "view_params": boxes,
     }
     clock = {"seconds": 0.0}  # time inside teacher forward passes only, for the overhead ratio
@@ -159,14 +196,15 @@ def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
             data.images, boxes, teacher.image_size, teacher.pixels_from_uint8, teacher.encode_images,
             cfg.batch_size, teacher.embed_dim, clock)
         arrays[f"emb/{name}/text"] = _text_embeddings(
-            texts, cfg.batch_size, teacher.tokenize, teacher.encode_texts, teacher.embed_dim, clock)
+            shard.teacher_tokens[name], len(texts), cfg.batch_size, teacher.encode_texts, teacher.embed_dim, clock)
     single = teachers.single
     single_boxes = boxes if cfg.single_itc_views == "all" else boxes[:, :1]
     arrays[f"emb/{teachers.single_name}/image"] = _image_embeddings(
         data.images, single_boxes, single.image_size, single.pixels_from_uint8,
         lambda px: single.itc_images(single.vision_tokens(px)), cfg.batch_size, single.embed_dim, clock)
     arrays[f"emb/{teachers.single_name}/text"] = _text_embeddings(
-        texts, cfg.batch_size, single.tokenize, single.itc_texts, single.embed_dim, clock)
+        shard.teacher_tokens[teachers.single_name], len(texts), cfg.batch_size, single.itc_texts,
+        single.embed_dim, clock)
     status = {
         "samples": len(data),
         "texts": len(texts),
@@ -174,8 +212,10 @@ def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
         "skipped_samples": stats.samples_skipped,  # samples known lost; a truncated shard's rest is not known
         "skipped_by_reason": dict(stats.by_reason),
         "skip_records": [list(r) for r in stats.records[:20]],
-        "seconds": round(time.perf_counter() - start, 3),
-        "read_seconds": round(read_seconds, 3),
+        # the work of this shard: its read (in a thread beside the previous shard's forwards) and its embed
+        "seconds": round(shard.seconds + time.perf_counter() - start, 3),
+        "read_seconds": round(shard.read_seconds, 3),
+        "prepare_seconds": round(shard.seconds, 3),
         "teacher_seconds": round(clock["seconds"], 3),
     }
     if stats.truncated:  # one shard read: at most one truncation
@@ -235,11 +275,11 @@ def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, size: int, prepar
     return out
 
 
-def _text_embeddings(texts: list[str], batch: int, tokenize, encode, dim: int, clock: dict) -> np.ndarray:
-    out = np.zeros((len(texts), dim), dtype=np.float16)
-    for start in range(0, len(texts), batch):
-        tokens = tokenize(texts[start : start + batch])
+def _text_embeddings(batches: list, n: int, batch: int, encode, dim: int, clock: dict) -> np.ndarray:
+    """Embeddings of ``n`` texts from their tokenized ``batches`` (``batch`` texts each, the last one shorter)."""
+    out = np.zeros((n, dim), dtype=np.float16)
+    for index, tokens in enumerate(batches):
         tick = time.perf_counter()
-        out[start : start + batch] = encode(tokens).float().cpu().numpy()
+        out[index * batch : (index + 1) * batch] = encode(tokens).float().cpu().numpy()
         clock["seconds"] += time.perf_counter() - tick
     return out

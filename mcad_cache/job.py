@@ -16,6 +16,7 @@ that depends on the embed array job; see ``jobs/``).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import tarfile
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from mcad_cache import blocks as block_ops
-from mcad_cache.embed import TeacherSet, build_manifest, embed_shard, load_teacher_set
+from mcad_cache.embed import ShardInput, TeacherSet, build_manifest, embed_input, load_teacher_set, read_shard
 from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_array, write_shard_group
 from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name
@@ -195,49 +196,72 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
                summary: CacheSummary, progress: bool) -> None:
     """Embed this task's shards in order, skipping those already done.
 
-    A shard recorded as failed (under ``warn``) is retried: failures can pass (a
-    file server that was away), and a failed shard would otherwise stay empty
-    for good. Keys are checked against every earlier shard of this task, done
-    ones included; other tasks' shards are checked when a block is read
-    (``check_block_keys``).
+    The next shard to embed is read (decoded, tokenized: ``read_shard``) in a
+    thread while this one's teacher forwards run, so reading leaves the critical
+    path; at most two shards are in memory at once. A shard recorded as failed
+    (under ``warn``) is retried: failures can pass (a file server that was
+    away), and a failed shard would otherwise stay empty for good. Keys are
+    checked against every earlier shard of this task, done ones included; other
+    tasks' shards are checked when a block is read (``check_block_keys``).
     """
     widths = teachers.widths()
+    previous = {shard: store.shard_status(shard_name(shard)) for shard in shards}
+    todo = [i for i, shard in enumerate(shards) if not previous[shard].get("done") or previous[shard].get("failed")]
+    summary.shards_skipped_done += len(shards) - len(todo)
     seen: dict[str, str] = {}  # key -> the shard it was first read from
-    for shard in tqdm(shards, desc="embed shards", unit="shard", disable=not progress):
-        name = shard_name(shard)
-        previous = store.shard_status(name)
-        if previous.get("done") and not previous.get("failed"):
-            summary.shards_skipped_done += 1
-            _remember_keys(seen, store.shard_group(name)["keys"][...], shard)
-            continue
-        if previous.get("failed"):
-            # Unmarked before the retry writes: a retry killed half-way leaves a shard the next run redoes.
-            store.shard_group(name).attrs.put({})
-        try:
-            arrays, status = embed_shard(shard, cfg, teachers, seen)
-        except (ShardReadError, NoShardsError, OSError) as err:
-            if cfg.on_error == "raise":
-                raise
-            # An unreadable shard is recorded as failed, with zero rows, never dropped silently.
-            log.warning("shard %s failed: %s", shard, err)
-            arrays = _empty_shard(cfg, teachers, widths)
-            status = {"samples": 0, "failed": f"{type(err).__name__}: {err}"}
-            summary.shards_failed.append(name)
-        if status.get("failed") and name not in summary.shards_failed:
-            summary.shards_failed.append(name)
-        write_shard_group(store.root, name, arrays, widths, teachers.single_name, _single_views(cfg))
-        if previous.get("failed") and (previous.get("samples") or status["samples"]):
-            _forget_block_passes(store, name)
-        store.mark_shard(name, status)
-        _remember_keys(seen, arrays["keys"], shard)
-        summary.shards_embedded += 1
-        summary.samples += status["samples"]
-        summary.skipped_samples += status.get("skipped", 0)
-        summary.bad_samples += status.get("skipped_samples", 0)
-        if status.get("truncated"):
-            summary.shards_truncated.append(status["truncated"]["message"])
-        summary.teacher_seconds += status.get("teacher_seconds", 0.0)
-        summary.embed_teacher_seconds += status.get("teacher_seconds", 0.0)
+    remembered = 0  # shards[:remembered] have their keys in ``seen``
+
+    def read_next(index: int) -> Future:
+        """Start reading ``shards[index]`` once ``seen`` holds the keys of every shard before it."""
+        nonlocal remembered
+        for shard in shards[remembered:index]:  # done shards; the todo ones were remembered as they were read
+            _remember_keys(seen, store.shard_group(shard_name(shard))["keys"][...], shard)
+        remembered = index
+        # ``seen`` is not changed again until this read's result is taken, so the thread may read it as it is.
+        return pool.submit(read_shard, shards[index], cfg, teachers, seen)
+
+    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="embed shards", unit="shard",
+               disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read") as pool:
+        pending = read_next(todo[0]) if todo else None
+        for position, index in enumerate(todo):
+            shard = shards[index]
+            name = shard_name(shard)
+            if previous[shard].get("failed"):
+                # Unmarked before the retry writes: a retry killed half-way leaves a shard the next run redoes.
+                store.shard_group(name).attrs.put({})
+            try:
+                shard_input = pending.result()
+            except (ShardReadError, NoShardsError, OSError) as err:
+                if cfg.on_error == "raise":
+                    raise
+                shard_input = err
+            _remember_keys(seen, shard_input.data.keys if isinstance(shard_input, ShardInput) else [], shard)
+            remembered = index + 1
+            pending = read_next(todo[position + 1]) if position + 1 < len(todo) else None
+            if isinstance(shard_input, ShardInput):
+                arrays, status = embed_input(shard_input, cfg, teachers)
+            else:
+                # An unreadable shard is recorded as failed, with zero rows, never dropped silently.
+                log.warning("shard %s failed: %s", shard, shard_input)
+                arrays = _empty_shard(cfg, teachers, widths)
+                status = {"samples": 0, "failed": f"{type(shard_input).__name__}: {shard_input}"}
+                summary.shards_failed.append(name)
+            if status.get("failed") and name not in summary.shards_failed:
+                summary.shards_failed.append(name)
+            write_shard_group(store.root, name, arrays, widths, teachers.single_name, _single_views(cfg))
+            if previous[shard].get("failed") and (previous[shard].get("samples") or status["samples"]):
+                _forget_block_passes(store, name)
+            store.mark_shard(name, status)
+            summary.shards_embedded += 1
+            summary.samples += status["samples"]
+            summary.skipped_samples += status.get("skipped", 0)
+            summary.bad_samples += status.get("skipped_samples", 0)
+            if status.get("truncated"):
+                summary.shards_truncated.append(status["truncated"]["message"])
+            summary.teacher_seconds += status.get("teacher_seconds", 0.0)
+            summary.embed_teacher_seconds += status.get("teacher_seconds", 0.0)
+            bar.update()
 
 
 def _remember_keys(seen: dict[str, str], keys: np.ndarray, shard: str) -> None:

@@ -252,20 +252,20 @@ def test_block_pass_catches_duplicates_between_embed_tasks(cache_cfg, tmp_path) 
 def test_failed_shard_is_retried_and_its_block_redone(cache_cfg, tmp_path, monkeypatch) -> None:
     shards = _copy_shards(cache_cfg, tmp_path / "retry", ["00000.tar", "00001.tar"])
     cfg = replace(cache_cfg, shards=str(shards), on_error="warn")
-    real = cache_job.embed_shard
+    real = cache_job.read_shard
 
     def flaky(shard, *args, **kwargs):
         if shard.endswith("00001.tar"):
             raise OSError("transient: the file server went away")
         return real(shard, *args, **kwargs)
 
-    monkeypatch.setattr(cache_job, "embed_shard", flaky)
+    monkeypatch.setattr(cache_job, "read_shard", flaky)
     first = run_cache(cfg, ["embed", "search"], SINGLE, progress=False)  # warn: finishes with 00001 empty
     assert first.shards_failed == ["00001"]
     store = CacheStore.open(cfg.store)
     assert store.shard_status("00001")["failed"] and store.block_group("b00000")["i2t/ids"].shape[0] == 16
 
-    monkeypatch.setattr(cache_job, "embed_shard", real)
+    monkeypatch.setattr(cache_job, "read_shard", real)
     again = run_cache(cfg, PASSES, SINGLE, progress=False)
     assert again.shards_embedded == 1 and again.shards_skipped_done == 1 and not again.shards_failed
     status = store.shard_status("00001")
