@@ -273,6 +273,30 @@ def test_failed_shard_is_retried_and_its_block_redone(cache_cfg, tmp_path, monke
     assert store.block_group("b00000")["i2t/ids"].shape[0] == 32  # the block was searched again, with 00001
 
 
+def test_retry_checks_keys_against_a_done_shard_between(cache_cfg, tmp_path, monkeypatch) -> None:
+    # 00000 and 00002 fail first; 00001 is done. On the retry 00002 (a copy of 00001) is read in a thread
+    # after 00000: its keys must still be checked against 00001's, which only the store holds.
+    shards = _copy_shards(cache_cfg, tmp_path / "between", ["00000.tar", "00001.tar"])
+    shutil.copy(shards / "00001.tar", shards / "00002.tar")
+    cfg = replace(cache_cfg, shards=str(shards), on_error="warn", block_shards=3)
+    real = cache_job.read_shard
+
+    def flaky(shard, *args, **kwargs):
+        if not shard.endswith("00001.tar"):
+            raise OSError("transient")
+        return real(shard, *args, **kwargs)
+
+    monkeypatch.setattr(cache_job, "read_shard", flaky)
+    assert run_cache(cfg, ["embed"], SINGLE, progress=False).shards_failed == ["00000", "00002"]
+    monkeypatch.setattr(cache_job, "read_shard", real)
+    again = run_cache(cfg, ["embed"], SINGLE, progress=False)
+    assert again.shards_embedded == 2 and again.shards_skipped_done == 1 and not again.shards_failed
+    store = CacheStore.open(cfg.store)
+    assert store.shard_status("00000")["samples"] == 16
+    assert store.shard_status("00002")["samples"] == 0
+    assert store.shard_status("00002")["skipped_by_reason"] == {"duplicate_key": 16}
+
+
 # ------------------------------------------------------- 5. truncated tars
 
 
