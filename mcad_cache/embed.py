@@ -172,12 +172,6 @@ def read_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
                       time.perf_counter() - start, read_seconds)
 
 
-def embed_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
-                seen: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """``read_shard`` then ``embed_input``: one shard's arrays and status, read and embedded in this thread."""
-    return embed_input(read_shard(shard, cfg, teachers, seen), cfg, teachers)
-
-
 @torch.no_grad()
 def embed_input(shard: ShardInput, cfg: CacheConfig, teachers: TeacherSet) -> tuple[dict[str, np.ndarray], dict]:
     """The arrays of one shard group, and its status (samples, skips by reason, truncation, seconds)."""
