@@ -190,15 +190,14 @@ def embed_input(shard: ShardInput, cfg: CacheConfig, teachers: TeacherSet) -> tu
             data.images, boxes, teacher.image_size, teacher.pixels_from_uint8, teacher.encode_images,
             cfg.batch_size, teacher.embed_dim, clock)
         arrays[f"emb/{name}/text"] = _text_embeddings(
-            shard.teacher_tokens[name], len(texts), cfg.batch_size, teacher.encode_texts, teacher.embed_dim, clock)
+            shard.teacher_tokens[name], len(texts), teacher.encode_texts, teacher.embed_dim, clock)
     single = teachers.single
     single_boxes = boxes if cfg.single_itc_views == "all" else boxes[:, :1]
     arrays[f"emb/{teachers.single_name}/image"] = _image_embeddings(
         data.images, single_boxes, single.image_size, single.pixels_from_uint8,
         lambda px: single.itc_images(single.vision_tokens(px)), cfg.batch_size, single.embed_dim, clock)
     arrays[f"emb/{teachers.single_name}/text"] = _text_embeddings(
-        shard.teacher_tokens[teachers.single_name], len(texts), cfg.batch_size, single.itc_texts,
-        single.embed_dim, clock)
+        shard.teacher_tokens[teachers.single_name], len(texts), single.itc_texts, single.embed_dim, clock)
     status = {
         "samples": len(data),
         "texts": len(texts),
@@ -269,11 +268,14 @@ def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, size: int, prepar
     return out
 
 
-def _text_embeddings(batches: list, n: int, batch: int, encode, dim: int, clock: dict) -> np.ndarray:
-    """Embeddings of ``n`` texts from their tokenized ``batches`` (``batch`` texts each, the last one shorter)."""
+def _text_embeddings(batches: list, n: int, encode, dim: int, clock: dict) -> np.ndarray:
+    """Embeddings of ``n`` texts from their tokenized ``batches``, in order."""
     out = np.zeros((n, dim), dtype=np.float16)
-    for index, tokens in enumerate(batches):
+    start = 0
+    for tokens in batches:
         tick = time.perf_counter()
-        out[index * batch : (index + 1) * batch] = encode(tokens).float().cpu().numpy()
+        embedded = encode(tokens).float().cpu().numpy()
         clock["seconds"] += time.perf_counter() - tick
+        out[start : start + len(embedded)] = embedded
+        start += len(embedded)
     return out

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mcad_student.choices import FD_KINDS, KD_DIRECTIONS, KD_KINDS
+
 __all__ = [
     "LossWeights",
     "itc_loss",
@@ -38,8 +40,6 @@ __all__ = [
     "min_norm_weights",
     "ammkd_kd_loss",
 ]
-
-from mcad_student.choices import FD_KINDS, KD_DIRECTIONS, KD_KINDS
 
 
 @dataclass(frozen=True)
