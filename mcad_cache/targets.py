@@ -19,17 +19,26 @@ import torch
 def _overwrite(
     base: torch.Tensor, cand_ids: torch.Tensor, cand_fused: torch.Tensor, columns: torch.Tensor
 ) -> torch.Tensor:
-    """``base`` (B, B) with entry (r, c) replaced by the fused logit where ``columns[c]`` is in row r's list.
+    """``base`` (B, C) with entry (r, c) replaced by the fused logit where ``columns[c]`` is in row r's list.
 
-    ``cand_ids``/``cand_fused`` are the (B, k) lists of the batch's row anchors. The (B, k, B)
-    match mask is small (k ~ 11) and keeps this loop-free; were an id listed twice, the first
-    (best-ranked) entry wins rather than the two being summed.
+    ``cand_ids``/``cand_fused`` are the (B, k) lists of the batch's row anchors. Each listed id is
+    looked up in the sorted columns (every column holding it, should a column repeat), and the
+    hits are written with one scatter: O(B k log C), where comparing every slot with every column
+    costs O(B k C). Were an id listed twice in a row, its first (best-ranked) slot wins rather than
+    the two being summed.
     """
-    match = cand_ids[:, :, None] == columns[None, None, :]  # (B, k, B)
-    hit = match.any(dim=1)  # (B, B)
-    first = match.to(torch.uint8).argmax(dim=1)  # (B, B): first matching slot (0 where no hit)
-    value = cand_fused.to(base.dtype).gather(1, first)
-    return torch.where(hit, value, base)
+    k = cand_ids.shape[1]
+    sorted_columns, order = torch.sort(columns)
+    ids = cand_ids.contiguous()
+    first = torch.searchsorted(sorted_columns, ids)
+    count = torch.searchsorted(sorted_columns, ids, right=True) - first  # columns holding each listed id
+    repeated = (ids[:, :, None] == ids[:, None, :]).tril(diagonal=-1).any(dim=2)
+    count = count.masked_fill(repeated, 0).reshape(-1)
+    slots = torch.repeat_interleave(count)  # one entry per (slot, matching column)
+    within = torch.arange(len(slots), device=ids.device) - (torch.cumsum(count, 0) - count)[slots]
+    out = base.clone(memory_format=torch.contiguous_format)
+    out[slots // k, order[first.reshape(-1)[slots] + within]] = cand_fused.reshape(-1).to(base.dtype)[slots]
+    return out
 
 
 def _rows(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -121,3 +121,32 @@ def test_pick_texts_chooses_own_captions_uniformly():
         assert torch.equal(text_image[texts], images)
         seen.update(texts.tolist())
     assert seen == set(range(11))
+
+
+def _overwrite_by_comparison(base, cand_ids, cand_fused, columns):
+    """The definition, slot by slot and column by column: the first listed slot of a column's id wins."""
+    out = base.clone()
+    for r in range(cand_ids.shape[0]):
+        for c in range(len(columns)):
+            slots = (cand_ids[r] == columns[c]).nonzero().flatten()
+            if len(slots):
+                out[r, c] = cand_fused[r, slots[0]]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overwrite_matches_the_definition_with_repeats(seed):
+    from mcad_cache.targets import _overwrite
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, k, n_columns, id_range = 9, 5, 7, 12
+    base = torch.randn(rows, n_columns, generator=gen)
+    cand_ids = torch.randint(0, id_range, (rows, k), generator=gen)
+    cand_fused = torch.randn(rows, k, generator=gen)
+    columns = torch.randint(0, id_range, (n_columns,), generator=gen)
+    columns[-1] = columns[0]  # a repeated column
+    cand_ids[0, 2] = cand_ids[0, 4] = columns[0]  # an id listed twice, and present in the batch
+    expected = _overwrite_by_comparison(base, cand_ids, cand_fused, columns)
+    assert not torch.equal(expected, base)
+    assert torch.equal(_overwrite(base, cand_ids, cand_fused, columns), expected)
+    assert torch.equal(_overwrite(base.t().contiguous().t(), cand_ids, cand_fused, columns), expected)
