@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mcad_cache.targets import candidates_in_batch, neighbor_batches, pick_texts, rebuild_target_logits
+from mcad_cache.targets import _overwrite, candidates_in_batch, neighbor_batches, pick_texts, rebuild_target_logits
 
 # A block of 4 images and 6 captions: images 0 and 1 have two captions each.
 TEXT_IMAGE = torch.tensor([0, 0, 1, 1, 2, 3])
@@ -136,8 +136,6 @@ def _overwrite_by_comparison(base, cand_ids, cand_fused, columns):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_overwrite_matches_the_definition_with_repeats(seed):
-    from mcad_cache.targets import _overwrite
-
     gen = torch.Generator().manual_seed(seed)
     rows, k, n_columns, id_range = 9, 5, 7, 12
     base = torch.randn(rows, n_columns, generator=gen)
