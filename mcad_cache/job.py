@@ -34,12 +34,14 @@ from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_array, write_shard_group
 from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name
 from mcad_cache.config import CacheConfig
+from mcad_cache.teachers.single import TextBatch
 from mcad_core.dist import TaskPlace, partition
 from mcad_core.shards import (
     IMAGE_EXTENSIONS,
     DuplicateKeyError,
     NoShardsError,
     ShardReadError,
+    SplitData,
     list_shards,
     load_split,
 )
@@ -137,9 +139,7 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
             if pass_name == "integrate":
                 integrate_pass(store, cfg, teachers, progress)
             else:
-                blocks = store.manifest["search"]["blocks"]
-                for index, block in enumerate(tqdm(blocks, desc=pass_name, unit="block", disable=not progress)):
-                    block_pass(store, cfg, teachers, pass_name, block_name(index), block, summary, progress)
+                blocks_pass(store, cfg, teachers, pass_name, summary, progress)
             summary.seconds[pass_name] = time.perf_counter() - start
     summary.bytes_on_disk = store.bytes_on_disk()
     summary.wall_seconds = time.perf_counter() - started
@@ -326,8 +326,38 @@ def check_block_keys(keys: np.ndarray, shards: Sequence[str], rows_per_shard: Se
     raise DuplicateKeyError(str(keys[row]), shards[owner[first_row]], shards[owner[row]])
 
 
+def blocks_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str,
+                summary: CacheSummary, progress: bool) -> None:
+    """Run a per-block pass over every block not done yet.
+
+    For ``rescore`` the next block's images and captions are read (decoded, tokenized for the
+    single-stream teacher: ``read_rescore_input``) in a thread while this block's ITM forwards
+    run, so reading leaves the critical path as in the embed pass; at most two blocks' decoded
+    images are in memory at once.
+    """
+    blocks = store.manifest["search"]["blocks"]
+    todo = [i for i in range(len(blocks)) if not store.pass_done(block_name(i), pass_name)]
+    bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=pass_name, unit="block",
+               disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read") as pool:
+        def read(position: int) -> Future | None:
+            if pass_name != "rescore" or position >= len(todo):
+                return None
+            return pool.submit(read_rescore_input, cfg, teachers, blocks[todo[position]])
+
+        pending = read(0)
+        for position, index in enumerate(todo):
+            rescore_input = pending.result() if pending is not None else None
+            pending = read(position + 1)
+            block_pass(store, cfg, teachers, pass_name, block_name(index), blocks[index], summary, progress,
+                       rescore_input)
+            bar.update()
+
+
 def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str, block: str,
-               shards: Sequence[str], summary: CacheSummary, progress: bool) -> None:
+               shards: Sequence[str], summary: CacheSummary, progress: bool,
+               rescore_input: RescoreInput | None = None) -> None:
+    """One pass over one block; ``rescore`` reads its input itself unless ``rescore_input`` is given."""
     if store.pass_done(block, pass_name):
         return
     start = time.perf_counter()
@@ -346,7 +376,9 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
         lists = {spec.path: read_array(group, spec) for spec in BLOCK_PASSES["search"]}
         plan = block_ops.plan_pairs(torch.from_numpy(lists["i2t/ids"]), torch.from_numpy(lists["t2i/ids"]),
                                     emb.text_image)
-        vision_tokens, itm, clock = _single_stream_scorer(store, cfg, teachers, shards, emb)
+        if rescore_input is None:
+            rescore_input = read_rescore_input(cfg, teachers, shards)
+        vision_tokens, itm, clock = _single_stream_scorer(teachers, shards, emb, rescore_input)
         logits, fused = block_ops.rescore(plan, vision_tokens, itm, max(1, cfg.itm_batch_size // (2 * cfg.k)),
                                           cfg.itm_batch_size, teachers.single.fused_dim, progress)
         arrays = block_ops.rescore_arrays(plan, logits, fused)
@@ -368,18 +400,32 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
     store.mark_pass(block, pass_name, {**info, "seconds": round(time.perf_counter() - start, 3)})
 
 
-def _single_stream_scorer(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
-                          emb: block_ops.BlockEmbeddings):
+@dataclass
+class RescoreInput:
+    """A block's images and captions as the rescore pass reads them: decoded, and tokenized for the single teacher."""
+
+    data: SplitData
+    texts: TextBatch  # the single-stream teacher's tokens of every caption, in caption order
+
+
+def read_rescore_input(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]) -> RescoreInput:
+    """Decode a block's shards and tokenize their captions for the single-stream teacher (no forward)."""
+    paths = {shard_name(path): path for path in list_shards(cfg.shards)}  # this run's, checked against the store
+    data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
+    texts = teachers.single.tokenize([text for captions in data.captions for text in captions])
+    return RescoreInput(data, texts)
+
+
+def _single_stream_scorer(teachers: TeacherSet, shards: Sequence[str], emb: block_ops.BlockEmbeddings,
+                          rescore_input: RescoreInput):
     """Closures giving vision tokens of block image rows and ITM scores of (tokens, image rows, text rows)."""
     from mcad_core.views import FULL_VIEW, render_views
 
-    paths = {shard_name(path): path for path in list_shards(cfg.shards)}  # this run's, checked against the store
-    data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
+    data, texts = rescore_input.data, rescore_input.texts
     if list(data.keys) != [str(k) for k in emb.keys]:
         raise CacheIncompleteError(f"block {shards}: the shards no longer yield the samples the store holds; "
                                    "they changed after the embed pass")
     single = teachers.single
-    texts = single.tokenize([text for captions in data.captions for text in captions])
     full = torch.tensor(FULL_VIEW).expand(len(data), 4)
     clock = {"seconds": 0.0}  # time inside the teacher's forward passes, for the overhead ratio
 

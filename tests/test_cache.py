@@ -236,3 +236,22 @@ def test_single_itc_views_all_stores_every_view_and_view_0_is_the_same(cache_cfg
         run_cache(replace(every, store=first.store), ["embed"], SINGLE, progress=False)
     with pytest.raises(ValueError, match="single_itc_views"):
         replace(cache_cfg, single_itc_views="some")
+
+
+def test_rescore_read_ahead_equals_reading_each_block_in_turn(cache_cfg, tmp_path):
+    from mcad_cache.embed import load_teacher_set
+    from mcad_cache.job import CacheSummary, block_pass
+    from mcad_cache.store import block_name
+
+    run_cache(cache_cfg, ["embed", "search"], SINGLE, progress=False)
+    plain = replace(cache_cfg, store=tmp_path / "plain.zarr")
+    shutil.copytree(cache_cfg.store, plain.store)
+    run_cache(cache_cfg, ["rescore"], SINGLE, progress=False)  # the next block is read while one is scored
+    store = CacheStore.open(plain.store)
+    blocks = store.manifest["search"]["blocks"]
+    assert len(blocks) == 2
+    teachers = load_teacher_set(replace(plain, source_size=cache_cfg.source_size), "cpu")
+    for index, shards in enumerate(blocks):  # each block reads its own input, nothing ahead
+        block_pass(store, plain, teachers, "rescore", block_name(index), shards, CacheSummary(str(plain.store), SINGLE),
+                   progress=False)
+    _assert_same_store(cache_cfg.store, plain.store)
