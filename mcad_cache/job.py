@@ -158,16 +158,20 @@ def check_k_fits_blocks(shards: Sequence[str], k: int, block_shards: int) -> Non
     if len(local) < len(shards):
         return
     for block in plan_blocks(local, block_shards):
-        images = sum(_count_images(shard) for shard in block)
+        images = 0
+        for shard in block:  # counting stops once the block holds k images
+            images += _count_images(shard, stop_at=k - images)
         if k > images:
             names = ", ".join(os.path.basename(s) for s in block)
             raise ValueError(f"k={k} exceeds the {images} images of the candidate block [{names}] (a block is "
                              f"{block_shards} shard(s)): lower k or raise block_shards")
 
 
-def _count_images(shard: str) -> int:
-    """Distinct sample keys with an image member, from the tar headers alone."""
-    keys = set()
+def _count_images(shard: str, stop_at: int | None = None) -> int:
+    """Distinct sample keys with an image member, from the tar headers alone; at most ``stop_at`` of them."""
+    keys: set[str] = set()
+    if stop_at is not None and stop_at <= 0:
+        return 0
     try:
         with tarfile.open(shard) as tar:
             for member in tar:
@@ -175,6 +179,8 @@ def _count_images(shard: str) -> int:
                     key, ext = base_plus_ext(member.name)  # webdataset's own key/extension split
                     if ext is not None and ext.lower() in IMAGE_EXTENSIONS:
                         keys.add(key)
+                        if stop_at is not None and len(keys) >= stop_at:
+                            break
     except (tarfile.TarError, OSError, EOFError):
         return len(keys)  # a broken shard is the embed pass's to report (raise or a counted skip)
     return len(keys)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mcad_cache import job as cache_job
-from mcad_cache.job import check_k_fits_blocks
+from mcad_cache.job import _count_images, check_k_fits_blocks
 from pipeline.cli import main
 from mcad_core.shards import list_shards
 
@@ -50,6 +50,9 @@ def test_k_is_counted_from_tar_headers_per_block(tiny_world):
     with pytest.raises(ValueError, match="k=17 exceeds the 16 images"):
         check_k_fits_blocks(shards, 17, 1)
     check_k_fits_blocks(shards, 64, 4)
+    with pytest.raises(ValueError, match="k=65 exceeds the 64 images"):
+        check_k_fits_blocks(shards, 65, 4)
+    assert [_count_images(shards[0], stop_at=n) for n in (None, 3, 0, 99)] == [16, 3, 0, 16]
 
 
 def test_source_size_defaults_to_the_largest_teacher_input(tmp_path, tiny_world, tokenizer_dir, tiny_clip, tiny_blip):
