@@ -228,7 +228,7 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
 
     bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="embed shards", unit="shard",
                disable=not progress)
-    with bar, _reader_pool() as pool:
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read") as pool:
         pending = read_next(todo[0]) if todo else None
         for position, index in enumerate(todo):
             shard = shards[index]
@@ -271,13 +271,14 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
 
 
 def _reader_pool() -> ThreadPoolExecutor:
-    """The one read-ahead thread of a pass; its torch ops run on one thread.
+    """The rescore pass's read-ahead thread; its torch ops run on one thread.
 
-    Left at the default, the reader's first parallel op starts a second OpenMP team; libgomp then
-    manages more threads than there are cores and makes every team sleep at barriers instead of
-    spinning, and the teachers' forwards in the main thread slowed down although the reader was
-    idle: one block's rescore forwards took 62.2 s with the default, 47.8 s with this and 51.1 s
-    reading in the main thread (2 cores).
+    Left at the default, this reader's first parallel op (stacking a block's images) starts a second
+    OpenMP team; libgomp then manages more threads than there are cores and has every team sleep at
+    barriers instead of spinning, and the main thread's forwards slowed down even while the reader
+    idled: one block's rescore forwards took 62.2 s with a default reader, 47.8 s with this one and
+    51.1 s reading in the main thread (2 cores). The embed pass's reader keeps the default: one
+    thread there measured slower (6 shards, 2 runs each: 30.5 / 27.9 s against 26.7 / 27.2 s).
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read", initializer=torch.set_num_threads,
                               initargs=(1,))
