@@ -39,6 +39,7 @@ ablation:  ## Rows (a)-(f) at make distill's steps, 3 seeds (online row 1 seed; 
 
 bench:  ## Benchmarks (~11 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
 	$(BIN)/python bench/search_latency.py --student runs/default/student
+	$(BIN)/python bench/search_rss_parts.py
 	$(BIN)/python -m bench.fused_pass --blip $(TEACHERS)/blip --shards $(DATA)/train
 	$(BIN)/python -m bench.clip_block
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)

@@ -26,7 +26,7 @@ PARTS = ("cache_size", "step_time", "data_loading", "search_scaling", "stage1_k"
 BUDGET_S = 20 * 60  # `make bench` on 2 CPU cores
 # Scripts `make bench` runs in their own processes before this one (a fresh process measures search's RSS;
 # the others load teachers): their figures are read from their results and listed in the summary too.
-STANDALONE = ("search_latency", "fused_pass", "clip_block")
+STANDALONE = ("search_latency", "search_rss_parts", "fused_pass", "clip_block")
 
 
 def run_parts(inputs: Inputs, parts: list[str]) -> dict:

@@ -140,7 +140,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         result[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         result[f"{mode}_peak_mb"] = max(step["VmHWM"] for step in result[mode])
     queries_file.unlink()
-    from bench.common import write_results
+    from bench.common import Figure, write_results
+
+    result["figures"] = [
+        Figure("search_rss_parts", "search peak RSS MB, 100k gallery, without any text encoder (floor)",
+               result["floor_peak_mb"], "MB", f"<= {TARGET_MB:.0f}", result["floor_peak_mb"] <= TARGET_MB).to_dict(),
+        Figure("search_rss_parts", "search process RSS MB after importing onnxruntime (default path)",
+               next(s["VmRSS"] for s in result["default"] if s["step"] == "+ onnxruntime"), "MB", "", None).to_dict(),
+    ]
 
     write_results(Path(args.out), "search_rss_parts", result, _markdown(result))
     print(_markdown(result))

@@ -352,8 +352,9 @@ def blocks_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_
 
     For ``rescore`` the next block's images and captions are read (decoded, tokenized for the
     single-stream teacher: ``read_rescore_input``) in a thread while this block's ITM forwards
-    run, so reading leaves the critical path as in the embed pass; at most two blocks' decoded
-    images are in memory at once.
+    run, as the embed pass reads shards; at most two blocks' decoded images are in memory at once.
+    The read overlaps the forwards where cores are spare (or the teacher is on a GPU); on 2 CPU
+    cores it competes with them (docs/results.md, "Stage 1").
     """
     blocks = store.manifest["search"]["blocks"]
     todo = [i for i in range(len(blocks)) if not store.pass_done(block_name(i), pass_name)]
