@@ -347,22 +347,25 @@ def check_block_keys(keys: np.ndarray, shards: Sequence[str], rows_per_shard: Se
 
 
 def blocks_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str,
-                summary: CacheSummary, progress: bool) -> None:
+                summary: CacheSummary, progress: bool, read_ahead: bool | None = None) -> None:
     """Run a per-block pass over every block not done yet.
 
-    For ``rescore`` the next block's images and captions are read (decoded, tokenized for the
-    single-stream teacher: ``read_rescore_input``) in a thread while this block's ITM forwards
-    run, as the embed pass reads shards; at most two blocks' decoded images are in memory at once.
-    The read overlaps the forwards where cores are spare (or the teacher is on a GPU); on 2 CPU
-    cores it competes with them (docs/results.md, "Stage 1").
+    With ``read_ahead`` (default: when the teachers run on a GPU) the rescore pass reads the next
+    block's images and captions (decoded, tokenized for the single-stream teacher:
+    ``read_rescore_input``) in a thread while this block's ITM forwards run; at most two blocks'
+    decoded images are then in memory. On CPU the reader only competes with the forwards for the
+    same cores: rescore of 2 blocks on 2 cores took 104.3 / 118.1 s reading ahead against
+    103.2 / 111.1 s reading in turn (docs/results.md, "Stage 1"), so there each block reads its own.
     """
+    if read_ahead is None:
+        read_ahead = torch.device(resolve_device(cfg.device)).type != "cpu"
     blocks = store.manifest["search"]["blocks"]
     todo = [i for i in range(len(blocks)) if not store.pass_done(block_name(i), pass_name)]
     bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=pass_name, unit="block",
                disable=not progress)
     with bar, _reader_pool() as pool:
         def read(position: int) -> Future | None:
-            if pass_name != "rescore" or position >= len(todo):
+            if not read_ahead or pass_name != "rescore" or position >= len(todo):
                 return None
             return pool.submit(read_rescore_input, cfg, teachers, blocks[todo[position]])
 

@@ -240,18 +240,16 @@ def test_single_itc_views_all_stores_every_view_and_view_0_is_the_same(cache_cfg
 
 def test_rescore_read_ahead_equals_reading_each_block_in_turn(cache_cfg, tmp_path):
     from mcad_cache.embed import load_teacher_set
-    from mcad_cache.job import CacheSummary, block_pass
+    from mcad_cache.job import CacheSummary, blocks_pass
     from mcad_cache.store import block_name
 
     run_cache(cache_cfg, ["embed", "search"], SINGLE, progress=False)
     plain = replace(cache_cfg, store=tmp_path / "plain.zarr")
     shutil.copytree(cache_cfg.store, plain.store)
-    run_cache(cache_cfg, ["rescore"], SINGLE, progress=False)  # the next block is read while one is scored
-    store = CacheStore.open(plain.store)
-    blocks = store.manifest["search"]["blocks"]
-    assert len(blocks) == 2
-    teachers = load_teacher_set(replace(plain, source_size=cache_cfg.source_size), "cpu")
-    for index, shards in enumerate(blocks):  # each block reads its own input, nothing ahead
-        block_pass(store, plain, teachers, "rescore", block_name(index), shards, CacheSummary(str(plain.store), SINGLE),
-                   progress=False)
+    teachers = load_teacher_set(cache_cfg, "cpu")
+    for cfg, ahead in ((cache_cfg, True), (plain, False)):  # the next block read while one is scored, or not
+        store = CacheStore.open(cfg.store)
+        assert len(store.manifest["search"]["blocks"]) == 2
+        blocks_pass(store, cfg, teachers, "rescore", CacheSummary(str(cfg.store), SINGLE), False, read_ahead=ahead)
+        assert all(store.pass_done(block_name(i), "rescore") for i in range(2))
     _assert_same_store(cache_cfg.store, plain.store)
