@@ -109,9 +109,8 @@ class DistillConfig:
         """Refuse values that would hang, divide by zero or waste a run, before any work (config files too)."""
         if self.mode not in MODES:
             raise DistillConfigError(f"unknown mode {self.mode!r}; known: {list(MODES)}")
-        if self.mode == "ammkd" and (self.loss.kd_kind, self.loss.kd_direction) != ("full", "both"):
-            raise DistillConfigError("ammkd's adaptive weights are derived for kd_kind 'full' and "
-                                     "kd_direction 'both' only")
+        if self.mode == "ammkd" and self.loss.kd_kind != "full":
+            raise DistillConfigError("ammkd's adaptive weights are derived for kd_kind 'full' only")
         _require(not self.online or self.mode == "mcad",
                  f"the online baseline runs mode 'mcad' only, got {self.mode!r}")
         _require(self.batching in BATCHINGS, f"batching must be one of {BATCHINGS}, got {self.batching!r}")
@@ -227,7 +226,8 @@ def loss_term(name: str) -> Callable[[LossTerm], LossTerm]:
 @loss_term("kd")
 def _kd_term(v: StepView) -> dict:
     if v.mode == "ammkd":
-        return ammkd_kd_loss(v.logits, [v.batch["targets"][t] for t in v.teachers], v.weights.kd_temperature, None)
+        return ammkd_kd_loss(v.logits, [v.batch["targets"][t] for t in v.teachers], v.weights.kd_temperature, None,
+                             v.weights.kd_direction)
     i2t, t2i = v.targets
     return kd_loss(v.logits, i2t, t2i, v.weights.kd_temperature, v.weights.kd_kind,
                    v.weights.kd_direction)
@@ -300,18 +300,37 @@ def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: R
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig) -> RunState:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    # Read back through the config loader, so a setting added since the checkpoint was written takes its
-    # default (the old behaviour), as a config file without it would.
+# Settings added after runs had been saved, with the value those runs used (not today's default): a saved
+# config without one reads as that value. loss.kd_direction was "both" before it existed.
+SETTINGS_BEFORE_THEY_EXISTED = {("loss", "kd_direction"): "both"}
+# May change on resume: a longer run, other intervals, or inputs found at new places (checked by content).
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "eval_every", "threads", "store", "out_dir", "shards",
+                               "tokenizer"})
+
+
+def config_differences(saved: dict, cfg: DistillConfig, where: str,
+                       ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+    """Top-level ``DistillConfig`` fields in which the saved config (a ``to_dict``) and ``cfg`` differ.
+
+    Read back through the config loader, so a setting added since ``saved`` was written takes the value runs
+    had before it existed (``SETTINGS_BEFORE_THEY_EXISTED``) or else its default. A setting removed since, or a
+    value no longer valid, is a ResumeMismatchError.
+    """
+    saved = json.loads(json.dumps(saved))
+    for (table, key), value in SETTINGS_BEFORE_THEY_EXISTED.items():
+        if isinstance(saved.get(table), dict):
+            saved[table].setdefault(key, value)
     try:
-        saved = from_dict(DistillConfig, payload["config"], f"{path} config").to_dict()
-    except ValueError as err:  # a setting removed since, or a value no longer valid
+        saved = from_dict(DistillConfig, saved, f"{where} config").to_dict()
+    except ValueError as err:
         raise ResumeMismatchError(f"{err}; use another --out directory") from err
     current = cfg.to_dict()
-    # May change on resume: a longer run, other intervals, or inputs found at new places (checked by content).
-    ignore = {"steps", "checkpoint_every", "eval_every", "threads", "store", "out_dir", "shards", "tokenizer"}
-    differences = [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
+    return [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
+
+
+def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig) -> RunState:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    differences = config_differences(payload["config"], cfg, str(path))
     if differences:
         raise ResumeMismatchError(f"{path} was written with a different config ({differences}); "
                                   "use another --out directory or the same settings")

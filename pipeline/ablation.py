@@ -5,7 +5,10 @@ Rows (see mcad_student/train.py for the modes):
 
 Each row is an ordinary `mcad distill` run directory under ``out``; a re-run
 skips rows whose summary.json exists (and resumes a row that was killed), so
-the table can be rebuilt without retraining.
+the table can be rebuilt without retraining. A finished row is reused only if
+its config.json is the config the row would train with now: one trained with
+other settings (e.g. an older default) is a StaleRowError, never silently
+mixed into the table.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ ROWS = (
     ("e", "ammkd", False),
     ("f", "mcad", True),
 )
+class StaleRowError(ValueError):
+    """A finished row's run directory was trained with another config than the row would use now."""
+
+
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 
 
@@ -36,28 +43,49 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
 
     ``online_seeds`` (default: ``seeds``) lets the slow online row (f) run fewer seeds. With
     ``report_only`` nothing is trained: the finished runs are collected and the others left out (a
-    table of what is done while runs are still going, e.g. in other processes).
+    table of what is done while runs are still going, e.g. in other processes). Every finished run is
+    checked against its row's config before anything trains (StaleRowError).
     """
-    from mcad_student.train import distill
+    from mcad_student.train import config_differences, distill
 
-    results = {}
+    plan = []  # (label, mode, online, cfg, finished)
     for label, mode, online in ROWS:
         if rows and label not in rows:
             continue
-        runs = []
         for seed in (online_seeds or seeds) if online else seeds:
             run_dir = out / f"{label}_{mode}{'_online' if online else ''}_s{seed}"
-            summary_path = run_dir / "summary.json"
-            if summary_path.exists():
-                runs.append(json.loads(summary_path.read_text()))
-                continue
-            if report_only:
-                continue
             cfg = replace(base, mode=mode, seed=seed, out_dir=run_dir, online=online)
-            runs.append(distill(cfg, progress=progress))
-        if runs:
-            results[label] = {"mode": mode, "online": online, "runs": runs}
+            finished = (run_dir / "summary.json").exists()
+            if finished:
+                _check_finished(run_dir, cfg, config_differences)
+            plan.append((label, mode, online, cfg, finished))
+    results = {}
+    for label, mode, online, cfg, finished in plan:
+        if finished:
+            summary = json.loads((cfg.out_dir / "summary.json").read_text())
+        elif report_only:
+            continue
+        else:
+            summary = distill(cfg, progress=progress)
+        results.setdefault(label, {"mode": mode, "online": online, "runs": []})["runs"].append(summary)
     return results
+
+
+def _check_finished(run_dir: Path, cfg, config_differences) -> None:
+    """StaleRowError unless ``run_dir`` was trained with ``cfg`` (up to its steps, paths and intervals)."""
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise StaleRowError(f"{run_dir} has a summary.json but no config.json: cannot tell what it trained; "
+                            "move it away to retrain it")
+    saved = json.loads(config_path.read_text())
+    if Path(saved.get("eval_shards", "")).resolve() == Path(cfg.eval_shards).resolve():
+        saved["eval_shards"] = cfg.eval_shards  # the same directory, written relative or absolute
+    differences = config_differences(saved, cfg, str(config_path),
+                                     ignore=frozenset({"checkpoint_every", "eval_every", "threads", "store",
+                                                       "out_dir", "shards", "tokenizer"}))
+    if differences:
+        raise StaleRowError(f"{run_dir} was trained with other settings ({differences}) than this row's now; "
+                            "move it away to retrain it, or use another --out")
 
 
 def aggregate(results: dict) -> list[dict]:

@@ -498,7 +498,8 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
     (f) full MCAD with the teachers in the loop (online). Finished rows are reused.
     """
     from mcad_student.train import DistillConfig
-    from pipeline.ablation import run_ablation, write_report
+    from mcad_student.train import ResumeMismatchError
+    from pipeline.ablation import StaleRowError, run_ablation, write_report
 
     try:
         base = DistillConfig(store=store, eval_shards=eval_shards, **({"steps": steps} if steps is not None else {}))
@@ -506,8 +507,11 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
         raise click.UsageError(str(err)) from err
     seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     online_list = tuple(int(x) for x in online_seeds.split(",") if x.strip())
-    results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
-                           online_seeds=online_list, report_only=report_only)
+    try:
+        results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
+                               online_seeds=online_list, report_only=report_only)
+    except (StaleRowError, ResumeMismatchError) as err:
+        raise click.ClickException(str(err)) from err
     if not results:
         raise click.ClickException(f"no finished ablation run under {out_dir}")
     seeds_text = (f"the finished runs of seeds {list(seed_list)} (the seeds column counts them)" if report_only

@@ -35,8 +35,16 @@ def test_only_seeds_both_rows_ran_are_paired():
     assert pair["seeds"] == [1] and pair["diffs"] == [1.0] and pair["sd"] == 0.0
 
 
-def test_report_only_collects_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+def _finished(run_dir, cfg, summary: dict) -> None:
     import json
+
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+
+
+def test_report_only_collects_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    from dataclasses import replace
 
     import mcad_student.train as train
     from pipeline.ablation import run_ablation
@@ -45,9 +53,32 @@ def test_report_only_collects_finished_runs_and_trains_nothing(tmp_path, monkeyp
         raise AssertionError("report_only must not train")
 
     monkeypatch.setattr(train, "distill", no_training)
+    base = train.DistillConfig()
     summary = {"seed": 0, "recalls": {"mean_recall": 50.0}}
-    (tmp_path / "a_contrastive_s0").mkdir()
-    (tmp_path / "a_contrastive_s0" / "summary.json").write_text(json.dumps(summary))
+    run = tmp_path / "a_contrastive_s0"
+    _finished(run, replace(base, mode="contrastive", seed=0, out_dir=run, threads=2), summary)  # threads: ignored
     (tmp_path / "b_dual_kd_s0").mkdir()  # started, not finished: left out
-    results = run_ablation(object(), tmp_path, (0, 1), ("a", "b"), report_only=True)
+    results = run_ablation(base, tmp_path, (0, 1), ("a", "b"), report_only=True)
     assert list(results) == ["a"] and results["a"]["runs"] == [summary]
+
+
+def test_a_finished_row_with_other_settings_is_refused_before_any_training(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import mcad_student.train as train
+    from mcad_student.losses import LossWeights
+    from pipeline.ablation import StaleRowError, run_ablation
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("nothing may train before every finished row is checked")
+
+    monkeypatch.setattr(train, "distill", no_training)
+    base = train.DistillConfig()
+    run = tmp_path / "c_fused_kd_s0"  # trained with kd on both directions, the default before
+    _finished(run, replace(base, mode="fused_kd", seed=0, out_dir=run, loss=LossWeights(kd_direction="both")),
+              {"seed": 0, "recalls": {"mean_recall": 50.0}})
+    with pytest.raises(StaleRowError, match="loss"):
+        run_ablation(base, tmp_path, (0,), ("b", "c"))
+    (run / "config.json").unlink()
+    with pytest.raises(StaleRowError, match="no config.json"):
+        run_ablation(base, tmp_path, (0,), ("b", "c"))

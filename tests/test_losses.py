@@ -260,18 +260,19 @@ def test_total_loss_weights_and_missing_terms():
 # ---------------------------------------------------------------- kd gradients
 
 
+@pytest.mark.parametrize("direction", ["both", "i2t", "t2i"])
 @pytest.mark.parametrize("temp", [1.0, 2.5, 0.4])
-def test_kd_gradients_match_autograd(temp):
+def test_kd_gradients_match_autograd(temp, direction):
     gen = torch.Generator().manual_seed(1)
     b = 5
     student = torch.randn(b, b, generator=gen, dtype=torch.float64) * 2
     targets = [(torch.randn(b, b, generator=gen, dtype=torch.float64) * 2,
                 torch.randn(b, b, generator=gen, dtype=torch.float64) * 2) for _ in range(3)]
-    got = kd_gradients(student, targets, temp)
+    got = kd_gradients(student, targets, temp, direction)
     assert got.shape == (3, b * b)
     for i, (i2t, t2i) in enumerate(targets):
         s = student.clone().requires_grad_()
-        (expected,) = torch.autograd.grad(kd_loss(s, i2t, t2i, temp)["kd"], s)
+        (expected,) = torch.autograd.grad(kd_loss(s, i2t, t2i, temp, direction=direction)["kd"], s)
         torch.testing.assert_close(got[i], expected.reshape(-1), rtol=1e-10, atol=1e-12)
 
 
@@ -375,16 +376,19 @@ def test_ammkd_fixed_weights_select_teacher():
     assert out["w/0"].item() == 1.0 and out["w/1"].item() == 0.0
 
 
-def test_ammkd_adaptive_weights_are_min_norm_and_differentiable():
+@pytest.mark.parametrize("direction", ["both", "i2t"])
+def test_ammkd_adaptive_weights_are_min_norm_and_differentiable(direction):
     student, targets = _teachers(n=3)
     s = student.clone().requires_grad_()
-    out = ammkd_kd_loss(s, targets, 1.0, None)
+    out = ammkd_kd_loss(s, targets, 1.0, None, direction)
     w = torch.stack([out[f"w/{i}"] for i in range(3)])
-    torch.testing.assert_close(w, min_norm_weights(kd_gradients(student, targets, 1.0)))
+    torch.testing.assert_close(w, min_norm_weights(kd_gradients(student, targets, 1.0, direction)))
+    torch.testing.assert_close(out["kd/0"], kd_loss(student, *targets[0], 1.0, direction=direction)["kd"])
     assert w.sum().item() == pytest.approx(1.0, abs=1e-6) and not w.requires_grad
     torch.testing.assert_close(out["kd"], sum(w[i] * out[f"kd/{i}"] for i in range(3)))
     (grad,) = torch.autograd.grad(out["kd"], s)
     # The weights are constants, so the gradient is the weighted sum of the per-teacher gradients.
-    torch.testing.assert_close(grad.reshape(-1), w @ kd_gradients(student, targets, 1.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.reshape(-1), w @ kd_gradients(student, targets, 1.0, direction),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         ammkd_kd_loss(s, targets, 1.0, torch.tensor([0.5, 0.5]))
