@@ -21,7 +21,7 @@ Everything is computed in float32 (or float64 if given) so bf16/fp16 autocast lo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +55,16 @@ class LossWeights:
     # they were neutral and at 0.1 +0.3 over fused_kd (1000 steps, seed 0; docs/experiments.md, stage 2).
     beta: float = field(default=0.1, metadata={"term": "fd"})
     gamma: float = field(default=0.1, metadata={"term": "ia"})
-    kd_temperature: float = 1.0  # softens both target and student logits in kd (and the ia target)
-    ia_temperature: float = 0.05  # temperature of the ia cross-modal logits
-    fd_kind: str = "cosine"  # "cosine" (1 - cos, mean) or "mse" (mean squared error of L2-normalized features)
+    # A setting names the terms it changes in its metadata ("terms"): with none of them in a mode it does nothing.
+    kd_temperature: float = field(default=1.0, metadata={"terms": ("kd", "ia")})  # softens kd's target and student logits (and the ia target)
+    ia_temperature: float = field(default=0.05, metadata={"terms": ("ia",)})  # temperature of the ia cross-modal logits
+    fd_kind: str = field(default="cosine", metadata={"terms": ("fd",)})  # "cosine" (1 - cos, mean) or "mse" (mean squared error of L2-normalized features)
     # "full": KL over the whole row (MCAD). "negatives": KL over the non-matching pairs only (the true pair is
     # removed from both distributions, as in decoupled KD's non-target term), so kd never argues with itc
     # about which pair is true; it only passes on how the teachers rank the negatives.
-    kd_kind: str = "full"
+    kd_kind: str = field(default="full", metadata={"terms": ("kd",)})
     # Which in-batch distributions kd matches: "both" (MCAD's), or only image-to-text / text-to-image rows.
-    kd_direction: str = "i2t"
+    kd_direction: str = field(default="i2t", metadata={"terms": ("kd",)})
 
     def __post_init__(self) -> None:
         if self.fd_kind not in FD_KINDS:
@@ -79,6 +80,20 @@ class LossWeights:
     def weight_fields() -> dict[str, str]:
         """``{term: weight field}``, e.g. ``{"kd": "alpha", ...}``, from the fields' metadata."""
         return {f.metadata["term"]: f.name for f in fields(LossWeights) if "term" in f.metadata}
+
+    def used_by(self, terms: tuple[str, ...] | None) -> LossWeights:
+        """These weights as a mode with only ``terms`` (None: every term) uses them: the weights of the other
+        terms are 0 and settings only they read are at their defaults, so two configs that train the same
+        compare equal."""
+        if terms is None:
+            return self
+        changes = {}
+        for f in fields(self):
+            if "term" in f.metadata and f.metadata["term"] not in terms:
+                changes[f.name] = 0.0
+            elif "terms" in f.metadata and not set(f.metadata["terms"]) & set(terms):
+                changes[f.name] = f.default
+        return replace(self, **changes)
 
     def term_weights(self) -> dict[str, float]:
         """``{term: weight}`` of every weighted term (``itc``'s weight is 1 and not listed)."""

@@ -134,12 +134,9 @@ class DistillConfig:
         return json.loads(json.dumps(asdict(self), default=str))
 
     def effective_loss(self) -> LossWeights:
-        """The loss weights this mode actually uses (terms a mode does not have are zeroed)."""
-        keep = MODE_TERMS[self.mode]
-        if keep is None:
-            return self.loss
-        return replace(self.loss, **{name: 0.0 for term, name in LossWeights.weight_fields().items()
-                                     if term not in keep})
+        """The loss weights this mode actually uses (terms a mode does not have are zeroed, settings only they
+        read are at their defaults)."""
+        return self.loss.used_by(MODE_TERMS[self.mode])
 
 
 def _require(condition: bool, message: str) -> None:
@@ -309,8 +306,11 @@ RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "eval_every", "threa
 
 
 def config_differences(saved: dict, cfg: DistillConfig, where: str,
-                       ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+                       ignore: frozenset[str] = RESUMABLE_CHANGES, effective: bool = False) -> list[str]:
     """Top-level ``DistillConfig`` fields in which the saved config (a ``to_dict``) and ``cfg`` differ.
+
+    ``effective``: compare the loss as each config's mode uses it (``effective_loss``), so e.g. a contrastive
+    run does not differ by kd settings it never read.
 
     Read back through the config loader, so a setting added since ``saved`` was written takes the value runs
     had before it existed (``SETTINGS_BEFORE_THEY_EXISTED``) or else its default. A setting removed since, or a
@@ -321,10 +321,12 @@ def config_differences(saved: dict, cfg: DistillConfig, where: str,
         if isinstance(saved.get(table), dict):
             saved[table].setdefault(key, value)
     try:
-        saved = from_dict(DistillConfig, saved, f"{where} config").to_dict()
+        saved_cfg = from_dict(DistillConfig, saved, f"{where} config")
     except ValueError as err:
         raise ResumeMismatchError(f"{err}; use another --out directory") from err
-    current = cfg.to_dict()
+    if effective:
+        saved_cfg, cfg = (replace(c, loss=c.effective_loss()) for c in (saved_cfg, cfg))
+    saved, current = saved_cfg.to_dict(), cfg.to_dict()
     return [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
 
 

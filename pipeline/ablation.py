@@ -82,7 +82,7 @@ def _check_finished(run_dir: Path, cfg, config_differences) -> None:
         saved["eval_shards"] = cfg.eval_shards  # the same directory, written relative or absolute
     differences = config_differences(saved, cfg, str(config_path),
                                      ignore=frozenset({"checkpoint_every", "eval_every", "threads", "store",
-                                                       "out_dir", "shards", "tokenizer"}))
+                                                       "out_dir", "shards", "tokenizer"}), effective=True)
     if differences:
         raise StaleRowError(f"{run_dir} was trained with other settings ({differences}) than this row's now; "
                             "move it away to retrain it, or use another --out")

@@ -79,6 +79,10 @@ def test_a_finished_row_with_other_settings_is_refused_before_any_training(tmp_p
               {"seed": 0, "recalls": {"mean_recall": 50.0}})
     with pytest.raises(StaleRowError, match="loss"):
         run_ablation(base, tmp_path, (0,), ("b", "c"))
+    contrastive = tmp_path / "a_contrastive_s0"  # kd settings it never read do not make it stale
+    _finished(contrastive, replace(base, mode="contrastive", seed=0, out_dir=contrastive,
+                                   loss=LossWeights(alpha=1.0, kd_direction="both")), {"seed": 0})
+    assert run_ablation(base, tmp_path, (0,), ("a",), report_only=True)["a"]["runs"] == [{"seed": 0}]
     (run / "config.json").unlink()
     with pytest.raises(StaleRowError, match="no config.json"):
         run_ablation(base, tmp_path, (0,), ("b", "c"))

@@ -392,3 +392,15 @@ def test_ammkd_adaptive_weights_are_min_norm_and_differentiable(direction):
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         ammkd_kd_loss(s, targets, 1.0, torch.tensor([0.5, 0.5]))
+
+
+def test_used_by_zeroes_absent_terms_and_resets_the_settings_only_they_read():
+    w = LossWeights(alpha=0.7, beta=0.2, gamma=0.3, kd_temperature=2.0, ia_temperature=0.1, fd_kind="mse",
+                    kd_kind="negatives", kd_direction="both")
+    assert w.used_by(None) == w
+    assert w.used_by(()) == LossWeights(alpha=0.0, beta=0.0, gamma=0.0)
+    kd_only = w.used_by(("kd",))
+    assert (kd_only.alpha, kd_only.beta, kd_only.gamma) == (0.7, 0.0, 0.0)
+    assert (kd_only.kd_temperature, kd_only.kd_kind, kd_only.kd_direction) == (2.0, "negatives", "both")
+    assert (kd_only.ia_temperature, kd_only.fd_kind) == (LossWeights().ia_temperature, LossWeights().fd_kind)
+    assert w.used_by(("ia",)).kd_temperature == 2.0  # ia's targets are softened by kd_temperature too
