@@ -19,7 +19,7 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -127,8 +127,12 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
     summary = CacheSummary(str(cfg.store), place)
     if "embed" in passes:
         start = time.perf_counter()
-        embed_pass(store, cfg, teachers, partition(shards, place), summary, progress)
-        summary.seconds["embed"] = time.perf_counter() - start
+        # One task running embed and block passes runs a block's passes as soon as it has embedded the block.
+        early = [p for p in block_passes if p != "integrate"] if place.world_size == 1 else []
+        blocks = EmbeddedBlocks(store, cfg, teachers, early, summary, progress) if early else None
+        embed_pass(store, cfg, teachers, partition(shards, place), summary, progress,
+                   on_embedded=blocks.add if blocks else None)
+        summary.seconds["embed"] = time.perf_counter() - start - (blocks.seconds if blocks else 0.0)
     if block_passes:
         missing = [s["name"] for s in store.manifest["shards"] if not store.shard_done(s["name"])]
         if missing:
@@ -140,7 +144,7 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
                 integrate_pass(store, cfg, teachers, progress)
             else:
                 blocks_pass(store, cfg, teachers, pass_name, summary, progress)
-            summary.seconds[pass_name] = time.perf_counter() - start
+            summary.seconds[pass_name] = summary.seconds.get(pass_name, 0.0) + time.perf_counter() - start
     summary.bytes_on_disk = store.bytes_on_disk()
     summary.wall_seconds = time.perf_counter() - started
     return summary
@@ -199,12 +203,17 @@ def resolve_device(device: str) -> str:
 
 
 def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str],
-               summary: CacheSummary, progress: bool) -> None:
+               summary: CacheSummary, progress: bool,
+               on_embedded: Callable[[str, ShardInput | None], None] | None = None) -> None:
     """Embed this task's shards in order, skipping those already done.
 
     The next shard to embed is read (decoded, tokenized: ``read_shard``) in a
     thread while this one's teacher forwards run, so reading leaves the critical
-    path; at most two shards are in memory at once. A shard recorded as failed
+    path; at most two shards are in memory at once (plus what ``on_embedded``
+    keeps). Each read has a thread of its own, which ends with the read: an idle
+    reader's OpenMP team would slow the main thread's forwards (see
+    ``_reader_pool``). ``on_embedded(shard, input)`` is called once a shard is
+    stored, with its input, or None if it failed. A shard recorded as failed
     (under ``warn``) is retried: failures can pass (a file server that was
     away), and a failed shard would otherwise stay empty for good. Keys are
     checked against every earlier shard of this task, done ones included; other
@@ -224,11 +233,14 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
             _remember_keys(seen, store.shard_group(shard_name(shard))["keys"][...], shard)
         remembered = index
         # ``seen`` is not changed again until this read's result is taken, so the thread may read it as it is.
-        return pool.submit(read_shard, shards[index], cfg, teachers, seen)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read")
+        future = pool.submit(read_shard, shards[index], cfg, teachers, seen)
+        pool.shutdown(wait=False)  # the thread ends once the read is done
+        return future
 
     bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="embed shards", unit="shard",
                disable=not progress)
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read") as pool:
+    with bar:
         pending = read_next(todo[0]) if todo else None
         for position, index in enumerate(todo):
             shard = shards[index]
@@ -268,6 +280,9 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
             summary.teacher_seconds += status.get("teacher_seconds", 0.0)
             summary.embed_teacher_seconds += status.get("teacher_seconds", 0.0)
             bar.update()
+            if on_embedded is not None:
+                on_embedded(shard, shard_input if isinstance(shard_input, ShardInput) and not status.get("failed")
+                            else None)
 
 
 def _reader_pool() -> ThreadPoolExecutor:
@@ -407,7 +422,8 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
                                           cfg.itm_batch_size, teachers.single.fused_dim, progress)
         arrays = block_ops.rescore_arrays(plan, logits, fused)
         positions = plan.i2t_slot.numel() + plan.t2i_slot.numel() + plan.pos_slot.numel()
-        info.update(pairs=len(plan), positions=positions, teacher_seconds=round(clock["seconds"], 3))
+        info.update(pairs=len(plan), positions=positions, teacher_seconds=round(clock["seconds"], 3),
+                    input=rescore_input.source)
         summary.teacher_seconds += clock["seconds"]
         summary.itm_pairs += len(plan)
         summary.itm_positions += positions
@@ -430,6 +446,7 @@ class RescoreInput:
 
     data: SplitData
     texts: TextBatch  # the single-stream teacher's tokens of every caption, in caption order
+    source: str = "shards"  # "shards": read for the pass; "embed pass": kept from the embed pass's read
 
 
 def read_rescore_input(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]) -> RescoreInput:
@@ -438,6 +455,68 @@ def read_rescore_input(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[
     data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
     texts = teachers.single.tokenize([text for captions in data.captions for text in captions])
     return RescoreInput(data, texts)
+
+
+def rescore_input_from(inputs: Sequence[ShardInput], single_name: str) -> RescoreInput:
+    """A block's RescoreInput from its shards as the embed pass read them (no second decode or tokenization).
+
+    The single-stream teacher's tokens come in batches; batches padded to different widths are joined at the
+    widest, the added positions masked out.
+    """
+    data = SplitData(keys=[key for i in inputs for key in i.data.keys],
+                     images=torch.cat([i.data.images for i in inputs]),
+                     captions=[c for i in inputs for c in i.data.captions],
+                     shard_of=[s for i in inputs for s in i.data.shard_of])
+    batches = [batch for i in inputs for batch in i.teacher_tokens[single_name]]
+    width = max((b.input_ids.shape[1] for b in batches), default=0)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+    return RescoreInput(data, TextBatch(torch.cat([padded(b.input_ids) for b in batches]),
+                                        torch.cat([padded(b.attention_mask) for b in batches])), "embed pass")
+
+
+class EmbeddedBlocks:
+    """Runs a block's per-block passes as soon as the embed pass has stored every shard of the block.
+
+    The shards' inputs, as ``read_shard`` read them, are kept until then, so rescore takes its images and the
+    single-stream teacher's tokens from memory instead of decoding and tokenizing the block a second time
+    (what the rescore pass reads anyway: one block's images). A block with a shard embedded earlier (a
+    resumed run) or failed now is left to the passes after the embed pass, which read it from its shards.
+    """
+
+    def __init__(self, store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, passes: Sequence[str],
+                 summary: CacheSummary, progress: bool) -> None:
+        self.store, self.cfg, self.teachers, self.passes = store, cfg, teachers, list(passes)
+        self.summary, self.progress = summary, progress
+        self.blocks: list[list[str]] = store.manifest["search"]["blocks"]
+        self.block_of = {name: index for index, block in enumerate(self.blocks) for name in block}
+        self.kept: dict[int, dict[str, ShardInput] | None] = {}  # None: a shard of it failed
+        self.seconds = 0.0  # spent in block passes
+
+    def add(self, shard: str, shard_input: ShardInput | None) -> None:
+        name = shard_name(shard)
+        index = self.block_of[name]
+        kept = self.kept.setdefault(index, {})
+        # Shards are embedded in block order: one that is not the next of its block means an earlier one was
+        # embedded before this run, and the block is read again later; nothing of it is kept meanwhile.
+        if kept is None or shard_input is None or name != self.blocks[index][len(kept)]:
+            self.kept[index] = None
+            return
+        kept[name] = shard_input
+        if len(kept) < len(self.blocks[index]):
+            return
+        del self.kept[index]
+        shards = self.blocks[index]
+        rescore_input = rescore_input_from([kept[name] for name in shards], self.teachers.single_name)
+        for pass_name in self.passes:
+            start = time.perf_counter()
+            block_pass(self.store, self.cfg, self.teachers, pass_name, block_name(index), shards, self.summary,
+                       self.progress, rescore_input if pass_name == "rescore" else None)
+            elapsed = time.perf_counter() - start
+            self.summary.seconds[pass_name] = self.summary.seconds.get(pass_name, 0.0) + elapsed
+            self.seconds += elapsed
 
 
 def _single_stream_scorer(teachers: TeacherSet, shards: Sequence[str], emb: block_ops.BlockEmbeddings,

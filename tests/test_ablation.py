@@ -46,7 +46,7 @@ def _finished(run_dir, cfg, summary: dict) -> None:
 def test_report_only_collects_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    import mcad_student.train as train
+    from mcad_student import train
     from pipeline.ablation import run_ablation
 
     def no_training(*args, **kwargs):
@@ -65,7 +65,7 @@ def test_report_only_collects_finished_runs_and_trains_nothing(tmp_path, monkeyp
 def test_a_finished_row_with_other_settings_is_refused_before_any_training(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    import mcad_student.train as train
+    from mcad_student import train
     from mcad_student.losses import LossWeights
     from pipeline.ablation import StaleRowError, run_ablation
 

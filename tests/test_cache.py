@@ -238,6 +238,33 @@ def test_single_itc_views_all_stores_every_view_and_view_0_is_the_same(cache_cfg
         replace(cache_cfg, single_itc_views="some")
 
 
+def test_block_passes_run_from_the_embed_pass_input_equal_reading_the_shards_again(cache_cfg, tmp_path):
+    """One task running every pass scores each block from its shards as the embed pass read them; the store
+    is the one that embedding first and scoring later (the shards read a second time) writes."""
+    from mcad_cache.store import block_name
+
+    run_cache(cache_cfg, PASSES, SINGLE, progress=False)
+    later = replace(cache_cfg, store=tmp_path / "later.zarr")
+    run_cache(later, ["embed"], SINGLE, progress=False)
+    summary = run_cache(later, [p for p in PASSES if p != "embed"], SINGLE, progress=False)
+    assert set(summary.seconds) == set(PASSES) - {"embed"}
+    for cfg, source in ((cache_cfg, "embed pass"), (later, "shards")):
+        groups = CacheStore.open(cfg.store).root["blocks"]
+        assert [groups[block_name(i)].attrs["passes"]["rescore"]["input"] for i in range(2)] == [source] * 2
+    _assert_same_store(cache_cfg.store, later.store)
+
+
+def test_a_block_with_a_shard_embedded_before_is_scored_after_the_embed_pass(cache_cfg):
+    from mcad_cache.store import block_name
+
+    run_cache(cache_cfg, ["embed"], SINGLE, progress=False)
+    store = CacheStore.open(cache_cfg.store)
+    store.shard_group("00003").attrs.put({})  # as if the run had been killed before this shard was marked
+    run_cache(cache_cfg, PASSES, SINGLE, progress=False)
+    groups = CacheStore.open(cache_cfg.store).root["blocks"]
+    assert [groups[block_name(i)].attrs["passes"]["rescore"]["input"] for i in range(2)] == ["shards", "shards"]
+
+
 def test_rescore_read_ahead_equals_reading_each_block_in_turn(cache_cfg, tmp_path):
     from mcad_cache.embed import load_teacher_set
     from mcad_cache.job import CacheSummary, blocks_pass
