@@ -363,7 +363,8 @@ def check_block_keys(keys: np.ndarray, shards: Sequence[str], rows_per_shard: Se
 
 def blocks_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str,
                 summary: CacheSummary, progress: bool, read_ahead: bool | None = None) -> None:
-    """Run a per-block pass over every block not done yet.
+    """Run a per-block pass over every block not done yet (in one task's full run, the blocks that
+    ``EmbeddedBlocks`` did not already run during the embed pass).
 
     With ``read_ahead`` (default: when the teachers run on a GPU) the rescore pass reads the next
     block's images and captions (decoded, tokenized for the single-stream teacher:
