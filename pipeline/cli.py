@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -470,7 +471,12 @@ def _teacher_rows(path: Path, eval_shards: str) -> dict:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if sorted(saved.get("shards", [])) != sorted(list_shards(eval_shards)):
+
+    def resolved(shards) -> list[str]:  # the same files, however the paths were written
+        return sorted(os.path.realpath(s) for s in shards)
+
+    if resolved(saved.get("shards", [])) != resolved(list_shards(eval_shards)):
+        click.echo(f"note: {path} was measured on other shards than {eval_shards}: no teacher rows", err=True)
         return {}
     return saved.get("results", {})
 

@@ -112,3 +112,20 @@ def test_eval_on_error_policy(tmp_path, tiny_world, tiny_clip):
     written = json.loads(out_json.read_text())
     assert written["skipped"] == {"corrupt_image": 1}
     assert written["n_images"] == 16
+
+
+def test_the_teacher_table_is_matched_by_the_shard_files_not_how_their_paths_are_written(tmp_path, monkeypatch):
+    import json
+
+    from pipeline.cli import _teacher_rows
+
+    (tmp_path / "test").mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / "test" / name).write_bytes(b"")
+    table = tmp_path / "teachers.json"
+    table.write_text(json.dumps({"shards": ["test/00000.tar", "test/00001.tar"], "results": {"clip": {"x": 1}}}))
+    monkeypatch.chdir(tmp_path)
+    assert _teacher_rows(table, str(tmp_path / "test")) == {"clip": {"x": 1}}  # absolute against relative
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "00000.tar").write_bytes(b"")
+    assert _teacher_rows(table, "other") == {}
