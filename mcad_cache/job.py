@@ -469,7 +469,10 @@ def rescore_input_from(inputs: Sequence[ShardInput], single_name: str) -> Rescor
                      captions=[c for i in inputs for c in i.data.captions],
                      shard_of=[s for i in inputs for s in i.data.shard_of])
     batches = [batch for i in inputs for batch in i.teacher_tokens[single_name]]
-    width = max((b.input_ids.shape[1] for b in batches), default=0)
+    if not batches:  # no caption at all: the search pass refuses such a block before rescore reads this
+        return RescoreInput(data, TextBatch(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long)),
+                            "embed pass")
+    width = max(b.input_ids.shape[1] for b in batches)
 
     def padded(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, width - x.shape[1]))

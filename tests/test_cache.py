@@ -280,3 +280,24 @@ def test_rescore_read_ahead_equals_reading_each_block_in_turn(cache_cfg, tmp_pat
         blocks_pass(store, cfg, teachers, "rescore", CacheSummary(str(cfg.store), SINGLE), False, read_ahead=ahead)
         assert all(store.pass_done(block_name(i), "rescore") for i in range(2))
     _assert_same_store(cache_cfg.store, plain.store)
+
+
+def test_rescore_input_from_joins_token_batches_of_other_widths():
+    """Batches a single-stream tokenizer padded to their own longest caption are joined at the widest, the
+    added positions masked out."""
+    from types import SimpleNamespace
+
+    from mcad_cache.job import rescore_input_from
+    from mcad_cache.teachers.single import TextBatch
+    from mcad_core.shards import SplitData
+
+    def shard(keys, widths):
+        data = SplitData(keys=keys, images=torch.zeros(len(keys), 3, 4, 4, dtype=torch.uint8),
+                         captions=[["c"] for _ in keys], shard_of=["s"] * len(keys))
+        batches = [TextBatch(torch.full((1, w), 7), torch.ones(1, w, dtype=torch.long)) for w in widths]
+        return SimpleNamespace(data=data, teacher_tokens={"blip": batches})
+
+    joined = rescore_input_from([shard(["a", "b"], [3, 5]), shard(["c"], [2])], "blip")
+    assert joined.data.keys == ["a", "b", "c"] and joined.data.images.shape[0] == 3
+    assert joined.texts.input_ids.tolist() == [[7, 7, 7, 0, 0], [7] * 5, [7, 7, 0, 0, 0]]
+    assert joined.texts.attention_mask.sum(1).tolist() == [3, 5, 2] and joined.source == "embed pass"
