@@ -373,7 +373,7 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--image-lr-scale", type=float, help="LR multiplier of the image tower.")
 @click.option("--warmup", type=int, help="Linear LR warmup steps (then cosine decay).")
 @click.option("--seed", type=int)
-@click.option("--alpha", type=float, help="Weight of the kd term.")
+@click.option("--alpha", type=float, help="Weight of the kd term [default: 0.5].")
 @click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
 @click.option("--gamma", type=float, help="Weight of the ia (interactive alignment) term.")
 @click.option("--kd-temperature", type=float)
@@ -381,7 +381,8 @@ def cache_info(store: Path, as_json: bool) -> None:
               help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
 @click.option("--kd-direction", type=click.Choice(KD_DIRECTIONS),
               help="Which in-batch distributions kd matches: both (MCAD), or image-to-text or text-to-image "
-                   "rows alone (that direction's KL, so --alpha halved keeps its pull as in both).")
+                   "rows alone (that direction's KL, so --alpha halved keeps its pull as in both) "
+                   "[default: i2t, with --alpha 0.5].")
 @click.option("--student", "student_preset", type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"),
               metavar="PRESET",
               help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "
