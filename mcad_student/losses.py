@@ -65,14 +65,17 @@ class LossWeights:
     kd_kind: str = field(default="full", metadata={"terms": ("kd",)})
     # Which in-batch distributions kd matches: "both" (MCAD's), or only image-to-text / text-to-image rows.
     kd_direction: str = field(default="i2t", metadata={"terms": ("kd",)})
+    # Which target distributions ia matches, as kd_direction for kd ("both": the paper's FA term).
+    ia_direction: str = field(default="both", metadata={"terms": ("ia",)})
 
     def __post_init__(self) -> None:
         if self.fd_kind not in FD_KINDS:
             raise ValueError(f"fd_kind must be one of {FD_KINDS}, got {self.fd_kind!r}")
         if self.kd_kind not in KD_KINDS:
             raise ValueError(f"kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}")
-        if self.kd_direction not in KD_DIRECTIONS:
-            raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
+        for name in ("kd_direction", "ia_direction"):
+            if getattr(self, name) not in KD_DIRECTIONS:
+                raise ValueError(f"{name} must be one of {KD_DIRECTIONS}, got {getattr(self, name)!r}")
         if self.kd_temperature <= 0 or self.ia_temperature <= 0:
             raise ValueError("temperatures must be positive")
 
@@ -222,6 +225,7 @@ def ia_loss(
     target_t2i: Tensor,
     temperature: float,
     kd_temperature: float,
+    direction: str = "both",
 ) -> dict[str, Tensor]:
     """Interactive alignment (the MCAD paper's FA term): ``{"ia": ...}``.
 
@@ -231,8 +235,11 @@ def ia_loss(
     ``logits_b = norm(teacher_image) @ norm(student_text).T / temperature`` (i2t; its transpose is t2i).
     Soft cross-entropy of ``softmax(logits_a)`` rows against ``softmax(target_i2t / kd_temperature)`` and of
     ``softmax(logits_b.T)`` rows against ``softmax(target_t2i / kd_temperature)``; the mean of the two. Its minimum
-    over the student, the targets' entropy, is reached when the two distributions match.
+    over the student, the targets' entropy, is reached when the two distributions match. ``direction="i2t"`` or
+    ``"t2i"``: that cross-entropy alone (as :func:`kd_loss`'s ``direction``).
     """
+    if direction not in KD_DIRECTIONS:
+        raise ValueError(f"unknown ia direction {direction!r}; expected one of {KD_DIRECTIONS}")
     n_img, n_txt = student_image.shape[0], student_text.shape[0]
     if target_i2t.shape != (n_img, n_txt) or target_t2i.shape != (n_txt, n_img):
         raise ValueError(f"targets i2t {tuple(target_i2t.shape)} / t2i {tuple(target_t2i.shape)} do not match "
@@ -247,9 +254,13 @@ def ia_loss(
     t_img, t_txt = norm(teacher_image.detach()), norm(teacher_text.detach())
     logits_a = s_img @ t_txt.t() / temperature
     logits_b = t_img @ s_txt.t() / temperature
-    p_i2t = F.softmax(_float(target_i2t.detach()) / kd_temperature, dim=-1)
-    p_t2i = F.softmax(_float(target_t2i.detach()) / kd_temperature, dim=-1)
-    return {"ia": 0.5 * (_soft_cross_entropy(logits_a, p_i2t) + _soft_cross_entropy(logits_b.t(), p_t2i))}
+    halves = []
+    if direction in ("both", "i2t"):
+        halves.append(_soft_cross_entropy(logits_a, F.softmax(_float(target_i2t.detach()) / kd_temperature, dim=-1)))
+    if direction in ("both", "t2i"):
+        halves.append(_soft_cross_entropy(logits_b.t(), F.softmax(_float(target_t2i.detach()) / kd_temperature,
+                                                                   dim=-1)))
+    return {"ia": sum(halves) / len(halves)}
 
 
 def total_loss(terms: dict[str, Tensor], w: LossWeights) -> Tensor:

@@ -238,7 +238,7 @@ def _fd_term(v: StepView) -> dict:
 @loss_term("ia")
 def _ia_term(v: StepView) -> dict:
     return ia_loss(*v.student_features, *v.teacher_features, *v.targets, v.weights.ia_temperature,
-                   v.weights.kd_temperature)
+                   v.weights.kd_temperature, v.weights.ia_direction)
 
 
 def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tuple[str, ...],

@@ -383,6 +383,9 @@ def cache_info(store: Path, as_json: bool) -> None:
               help="Which in-batch distributions kd matches: both (MCAD), or image-to-text or text-to-image "
                    "rows alone (that direction's KL, so --alpha halved keeps its pull as in both) "
                    "[default: i2t, with --alpha 0.5].")
+@click.option("--ia-direction", type=click.Choice(KD_DIRECTIONS),
+              help="Which target distributions ia matches, as --kd-direction for kd (one direction alone: "
+                   "--gamma halved keeps its pull) [default: both].")
 @click.option("--student", "student_preset", type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"),
               metavar="PRESET",
               help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "

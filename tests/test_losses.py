@@ -216,11 +216,14 @@ def test_ia_matches_hand_computation():
     logits_b = [[v / temp for v in row] for row in py_matmul_t(py_normalize(IA_T_IMG), py_normalize(IA_S_TXT))]
     p_i2t = [py_softmax([v / kd_temp for v in row]) for row in IA_TARGET_I2T]
     p_t2i = [py_softmax([v / kd_temp for v in row]) for row in IA_TARGET_T2I]
-    expected = 0.5 * (py_soft_ce(logits_a, p_i2t) + py_soft_ce(py_transpose(logits_b), p_t2i))
-    got = ia_loss(t(IA_S_IMG), t(IA_S_TXT), t(IA_T_IMG), t(IA_T_TXT), t(IA_TARGET_I2T), t(IA_TARGET_T2I),
-                  temp, kd_temp)
+    i2t, t2i = py_soft_ce(logits_a, p_i2t), py_soft_ce(py_transpose(logits_b), p_t2i)
+    args = (t(IA_S_IMG), t(IA_S_TXT), t(IA_T_IMG), t(IA_T_TXT), t(IA_TARGET_I2T), t(IA_TARGET_T2I), temp, kd_temp)
+    got = ia_loss(*args)
     assert set(got) == {"ia"}
-    assert got["ia"].item() == pytest.approx(expected, rel=1e-6)
+    assert got["ia"].item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+    assert ia_loss(*args, direction="i2t")["ia"].item() == pytest.approx(i2t, rel=1e-6)
+    assert ia_loss(*args, direction="t2i")["ia"].item() == pytest.approx(t2i, rel=1e-6)
+    assert i2t != pytest.approx(t2i, rel=1e-3)  # the halves differ, so each check above can fail
 
 
 def test_ia_minimum_is_where_distributions_match():
