@@ -9,6 +9,10 @@ Parts, in order (data_loading reads step_time's results, so it runs after it):
     stage1_k        stage-1 overhead ratio and ITM pairs per sample for k = 1, 5, 11, 21
 
     .venv/bin/python -m bench.run_all [--quick] [--parts step_time,stage1_k] [--threads N]
+    .venv/bin/python -m bench.run_all --report-only   # the summary again from every part's last results
+
+``--report-only`` runs no part: it rebuilds the summary from the parts' saved results, e.g. after a new
+`make cache` (whose cache_run.json holds the stage-1 figure) when nothing a part measures has changed.
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ def run_parts(inputs: Inputs, parts: list[str]) -> dict:
     if not inputs.quick and list(parts) == list(PARTS):
         summary["figures"].append(Figure("run_all", "benchmark wall time, all parts", summary["seconds"], "s",
                                          f"<= {BUDGET_S}", summary["seconds"] <= BUDGET_S).to_dict())
+    write_results(inputs.out, "summary", summary, summary_markdown(summary))
+    return summary
+
+
+def report_parts(inputs: Inputs, parts: list[str]) -> dict:
+    """The summary of every part's last results under ``inputs.out``; no part runs. A part without results
+    is listed with its file missing."""
+    import json
+    from pathlib import Path
+
+    summary: dict = {"quick": inputs.quick, "report_only": True, "threads": inputs.threads, "machine": machine(),
+                     "parts": {}, "figures": []}
+    for name in parts:
+        path = Path(inputs.out) / f"{name}.json"
+        if not path.exists():
+            summary["parts"][name] = {"seconds": None, "error": f"no {path.name}: run the part"}
+            continue
+        summary["parts"][name] = {"seconds": None, "from": path.name}
+        summary["figures"] += [{**figure, "from": path.name} for figure in json.loads(path.read_text())["figures"]]
+    summary["seconds"] = None
+    summary["figures"] += standalone_figures(inputs.out) + make_cache_figures(inputs.out)
     write_results(inputs.out, "summary", summary, summary_markdown(summary))
     return summary
 
@@ -105,12 +130,17 @@ def verdict(met: bool | None) -> str:
 def summary_markdown(summary: dict) -> str:
     rows = [[f["part"], f["name"], f["value"], f["unit"], f["target"] or "-", verdict(f["met"])]
             for f in summary["figures"]]
-    times = [[name, part["seconds"], part.get("error", "ok")] for name, part in summary["parts"].items()]
+    times = [[name, "-" if part["seconds"] is None else part["seconds"],
+              part.get("error", f"from {part['from']}" if "from" in part else "ok")]
+             for name, part in summary["parts"].items()]
     m = summary["machine"]
+    title = "# MCAD benchmark summary" + (" (--quick: tiny sizes, not the real figures)" if summary["quick"] else "")
+    if summary.get("report_only"):
+        title += " (--report-only: every part's figures from its last run)"
     return "\n".join([
-        "# MCAD benchmark summary" + (" (--quick: tiny sizes, not the real figures)" if summary["quick"] else ""),
+        title,
         "", f"{m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, CUDA {m['cuda']}; "
-        f"total {summary['seconds']} s.", "",
+        + (f"total {summary['seconds']} s." if summary["seconds"] is not None else "no part run."), "",
         markdown_table(["part", "figure", "value", "unit", "target", "verdict"], rows), "",
         markdown_table(["part", "seconds", "status"], times), "",
         "Details: bench/results/<part>.md / .json / .png.",
@@ -122,12 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no part: the summary again from the parts' last results")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown parts {unknown}; known: {list(PARTS)}")
-    summary = run_parts(inputs_from(args), parts)
+    summary = (report_parts if args.report_only else run_parts)(inputs_from(args), parts)
     print(summary_markdown(summary))
     if any("error" in part for part in summary["parts"].values()):
         sys.exit(1)

@@ -132,3 +132,23 @@ def test_the_stage_1_figure_is_named_only_for_a_full_default_run(tmp_path):
     (figure,) = make_cache_figures(tmp_path)
     assert figure["name"].startswith("stage-1 overhead ratio (passes") and "k" in figure["name"]
     assert figure["met"] is None
+
+
+def test_report_only_rebuilds_the_summary_from_the_parts_last_results(tmp_path):
+    from bench.run_all import report_parts
+
+    cache_size = {"part": "cache_size", "name": "cache bytes", "value": 3630, "unit": "B", "target": "<= 3700",
+                  "met": True}
+    (tmp_path / "cache_size.json").write_text(json.dumps({"figures": [cache_size]}))
+    run = {"summary": {"overhead_ratio": 1.04}, "passes": ["embed", "search", "rescore", "fuse", "integrate"],
+           "non_default_settings": []}
+    (tmp_path / "cache_run.json").write_text(json.dumps(run))
+    summary = report_parts(Inputs(store=tmp_path, shards=tmp_path, out=tmp_path, quick=False, threads=0),
+                           ["cache_size", "step_time"])
+    names = [f["name"] for f in summary["figures"]]
+    assert names == ["cache bytes", "stage-1 overhead ratio, make cache defaults"]
+    assert summary["parts"]["cache_size"] == {"seconds": None, "from": "cache_size.json"}
+    assert "no step_time.json" in summary["parts"]["step_time"]["error"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["report_only"] and written["figures"] == summary["figures"]
+    assert "--report-only" in (tmp_path / "summary.md").read_text()
