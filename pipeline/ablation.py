@@ -29,6 +29,8 @@ ROWS = (
     ("e", "ammkd", False),
     ("f", "mcad", True),
 )
+
+
 class StaleRowError(ValueError):
     """A finished row's run directory was trained with another config than the row would use now."""
 
@@ -46,7 +48,7 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
     table of what is done while runs are still going, e.g. in other processes). Every finished run is
     checked against its row's config before anything trains (StaleRowError).
     """
-    from mcad_student.train import config_differences, distill
+    from mcad_student.train import distill
 
     plan = []  # (label, mode, online, cfg, finished)
     for label, mode, online in ROWS:
@@ -57,7 +59,7 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
             cfg = replace(base, mode=mode, seed=seed, out_dir=run_dir, online=online)
             finished = (run_dir / "summary.json").exists()
             if finished:
-                _check_finished(run_dir, cfg, config_differences)
+                _check_finished(run_dir, cfg)
             plan.append((label, mode, online, cfg, finished))
     results = {}
     for label, mode, online, cfg, finished in plan:
@@ -71,8 +73,10 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
     return results
 
 
-def _check_finished(run_dir: Path, cfg, config_differences) -> None:
-    """StaleRowError unless ``run_dir`` was trained with ``cfg`` (up to its steps, paths and intervals)."""
+def _check_finished(run_dir: Path, cfg) -> None:
+    """StaleRowError unless ``run_dir`` was trained with ``cfg``: the changes a resume allows, but its steps."""
+    from mcad_student.train import RESUMABLE_CHANGES, config_differences
+
     config_path = run_dir / "config.json"
     if not config_path.exists():
         raise StaleRowError(f"{run_dir} has a summary.json but no config.json: cannot tell what it trained; "
@@ -80,9 +84,8 @@ def _check_finished(run_dir: Path, cfg, config_differences) -> None:
     saved = json.loads(config_path.read_text())
     if Path(saved.get("eval_shards", "")).resolve() == Path(cfg.eval_shards).resolve():
         saved["eval_shards"] = cfg.eval_shards  # the same directory, written relative or absolute
-    differences = config_differences(saved, cfg, str(config_path),
-                                     ignore=frozenset({"checkpoint_every", "eval_every", "threads", "store",
-                                                       "out_dir", "shards", "tokenizer"}), effective=True)
+    differences = config_differences(saved, cfg, str(config_path), ignore=RESUMABLE_CHANGES - {"steps"},
+                                     effective=True)
     if differences:
         raise StaleRowError(f"{run_dir} was trained with other settings ({differences}) than this row's now; "
                             "move it away to retrain it, or use another --out")
