@@ -64,31 +64,29 @@ def run_parts(inputs: Inputs, parts: list[str]) -> dict:
 def report_parts(inputs: Inputs, parts: list[str]) -> dict:
     """The summary of every part's last results under ``inputs.out``; no part runs. A part without results
     is listed with its file missing."""
-    import json
     from pathlib import Path
 
     summary: dict = {"quick": inputs.quick, "report_only": True, "threads": inputs.threads, "machine": machine(),
                      "parts": {}, "figures": []}
     for name in parts:
-        path = Path(inputs.out) / f"{name}.json"
-        if not path.exists():
-            summary["parts"][name] = {"seconds": None, "error": f"no {path.name}: run the part"}
-            continue
-        summary["parts"][name] = {"seconds": None, "from": path.name}
-        summary["figures"] += [{**figure, "from": path.name} for figure in json.loads(path.read_text())["figures"]]
+        found = (Path(inputs.out) / f"{name}.json").exists()
+        summary["parts"][name] = ({"seconds": None, "from": f"{name}.json"} if found
+                                  else {"seconds": None, "error": f"no {name}.json: run the part"})
     summary["seconds"] = None
-    summary["figures"] += standalone_figures(inputs.out) + make_cache_figures(inputs.out)
+    summary["figures"] += (standalone_figures(inputs.out, parts) + standalone_figures(inputs.out)
+                           + make_cache_figures(inputs.out))
     write_results(inputs.out, "summary", summary, summary_markdown(summary))
     return summary
 
 
-def standalone_figures(out) -> list[dict]:
-    """The figures of the ``STANDALONE`` scripts' results under ``out``, each marked with its file."""
+def standalone_figures(out, names=STANDALONE) -> list[dict]:
+    """The figures of the results of ``names`` (default: the ``STANDALONE`` scripts) under ``out``, each marked
+    with its file; a name without results adds none."""
     import json
     from pathlib import Path
 
     figures = []
-    for name in STANDALONE:
+    for name in names:
         path = Path(out) / f"{name}.json"
         if path.exists():
             figures += [{**figure, "from": path.name} for figure in json.loads(path.read_text()).get("figures", [])]
