@@ -47,7 +47,29 @@ class Registered(click.ParamType):
 FUSION = Registered("mcad_cache.fusion:FUSION_RULES", "fusion rule")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class McadGroup(click.Group):
+    """Maps the library's error families to the README's exit codes (``mcad_core.errors``).
+
+    ``InputError`` (bad or missing input, a held lock, a full disk): its message, exit 3.
+    Any ``OSError`` that is a full disk: "no space left on <path>", exit 3, not a traceback.
+    """
+
+    def invoke(self, ctx):
+        from mcad_core.errors import InputError, is_no_space, no_space_path
+
+        try:
+            return super().invoke(ctx)
+        except InputError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except OSError as err:
+            if not is_no_space(err):
+                raise
+            click.echo(f"error: no space left on {no_space_path(err) or 'the output disk'}", err=True)
+            sys.exit(3)
+
+
+@click.group(cls=McadGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """MCAD: run image-text teachers once into a cache, then distill small students from it.
