@@ -641,7 +641,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
     tokenizer_dir = out / "tokenizer"
     if not cfg.only:
         train_wordpiece((text for texts in train.captions for text in texts), tokenizer_dir, cfg.vocab_size)
-        report["tokenizer"] = {"path": str(tokenizer_dir), "seconds": _since(start)}
+        report["tokenizer"] = {"path": "tokenizer", "seconds": _since(start)}
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     report["tokenizer"]["vocab_size"] = len(tokenizer)
     _write_report(out, report)
@@ -665,7 +665,8 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         summary = train_clip(model, pixels, table, cfg.clip_schedule, cfg.seed + offset, desc=name,
                              workers=cfg.clip_workers)
         spec = dual.save_local(model, model_cfg, clip_preprocess_cfg(image_size), tokenizer_dir, out / name)
-        report[name] = {"spec": spec.name, "stream": "dual", **summary, "seconds": _since(start)}
+        # Relative to the teachers directory (mcad_cache.teachers.specs.local_spec), so the directory can move.
+        report[name] = {"spec": f"local-dir:{name}", "stream": "dual", **summary, "seconds": _since(start)}
         _write_report(out, report)  # each teacher is kept as it finishes: a later failure loses only the rest
         log.info("%s: %s", name, report[name])
 
@@ -683,7 +684,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         summary = train_blip(model, pixels, table, recipe, cfg.seed + 2, edits=edits, mlm=mlm)
         spec = blip.save_local(model, tokenizer_dir, image_size, IMAGE_MEAN, IMAGE_STD, out / "blip",
                                  itc_temperature=BLIP_TEMPERATURE)
-        report["blip"] = {"spec": spec.name, "stream": "single", "kind": spec.kind, **summary, "seconds": _since(start)}
+        report["blip"] = {"spec": "blip", "stream": "single", "kind": spec.kind, **summary, "seconds": _since(start)}
         _write_report(out, report)
     return report
 

@@ -48,7 +48,9 @@ class BlipItmTeacher(torch.nn.Module):
 
     @classmethod
     def load(cls, spec: SingleTeacherSpec, device: str | torch.device = "cpu") -> "BlipItmTeacher":
-        model = BlipForImageTextRetrieval.from_pretrained(spec.name).to(device)
+        # float32 whatever the weights were saved in (transformers would keep a float16 file's dtype):
+        # reduced precision is autocast's job, and the shipped default teachers are stored in float16.
+        model = BlipForImageTextRetrieval.from_pretrained(spec.name, dtype=torch.float32).to(device)
         processor = BlipProcessor.from_pretrained(spec.name)
         return cls(model, processor, spec)
 

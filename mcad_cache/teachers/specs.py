@@ -45,9 +45,29 @@ def teacher_specs(teachers_dir: str | Path) -> tuple[dict[str, DualTeacherSpec],
             continue  # config, tokenizer, counts
         stream = entry.get("stream") or ("single" if name.startswith("blip") else "dual")
         if stream == "dual":
-            duals[name] = DualTeacherSpec(entry["spec"])
+            duals[name] = DualTeacherSpec(local_spec(entry["spec"], teachers_dir, "local-dir:"))
         elif stream == "single":
-            singles[name] = SingleTeacherSpec(entry["spec"], entry.get("kind", "blip"))
+            singles[name] = SingleTeacherSpec(local_spec(entry["spec"], teachers_dir), entry.get("kind", "blip"))
         else:
             raise ValueError(f"{teachers_dir}/{REPORT}: teacher {name!r} has unknown stream {stream!r}")
     return duals, singles
+
+
+def local_spec(spec: str, teachers_dir: str | Path, prefix: str = "") -> str:
+    """``spec`` with its local directory found beside teachers.json, so a teachers directory can move.
+
+    ``mcad teachers`` writes each teacher's directory relative to the teachers directory
+    (``local-dir:clip_a``, ``blip``). The directory is looked for, in order: relative to
+    ``teachers_dir``; as written (an absolute path, or one relative to the working directory,
+    as older teachers.json files hold); under ``teachers_dir`` by its last name (a teachers
+    directory copied elsewhere with absolute paths inside). A spec that names no existing
+    directory (a hub id, ``ViT-B-16:openai``) is returned unchanged.
+    """
+    if prefix and not spec.startswith(prefix):
+        return spec
+    path = Path(spec.removeprefix(prefix))
+    here = Path(teachers_dir)
+    for candidate in (here / path, path, here / path.name):
+        if path.name and candidate.is_dir():
+            return f"{prefix}{candidate.resolve()}"
+    return spec
