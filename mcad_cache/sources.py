@@ -1,7 +1,9 @@
 """Finding a store's source shards and tokenizer again, wherever they (and the store) now live.
 
 The manifest identifies the data by content: each shard by name and fingerprint
-(size + hash of its first and last MiB), the tokenizer by the SHA-256 of its
+(size + hash of its whole content, remembered per user by path and stat so that an
+unchanged shard is not read again; stores made earlier hold a hash of the first and
+last MiB, still checked that way), the tokenizer by the SHA-256 of its
 ``tokenizer.json``. Paths are only hints, kept two ways: absolute, and relative
 to the store, so a store moved together with its data still finds it. Stage 2
 (and anything else that reads a store's sources) asks here, gets each shard's
@@ -16,7 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mcad_cache.store import file_sha256, shard_fingerprint
+from mcad_cache.store import current_fingerprints, file_sha256
 
 
 class SourceShardsError(FileNotFoundError):
@@ -50,7 +52,7 @@ def locate_shards(manifest: dict, store: str | Path, shards_dir: str | Path | No
     by file name. Raises ``SourceShardsError`` naming every missing and changed shard.
     """
     wanted = set(names) if names is not None else None
-    missing, changed, paths = [], [], {}
+    missing, changed, paths, found_entries = [], [], {}, []
     for entry in manifest["shards"]:
         name = entry["name"]
         if wanted is not None and name not in wanted:
@@ -59,10 +61,14 @@ def locate_shards(manifest: dict, store: str | Path, shards_dir: str | Path | No
         found = next((p for p in _candidates(entry, store, shards_dir, file_name) if p.is_file()), None)
         if found is None:
             missing.append(name)
-        elif shard_fingerprint(str(found)) != entry["fingerprint"]:
-            changed.append(f"{name} ({found})")
         else:
-            paths[name] = str(found)
+            found_entries.append((entry, str(found)))
+    now = current_fingerprints([found for _, found in found_entries], [e["fingerprint"] for e, _ in found_entries])
+    for (entry, found), fingerprint in zip(found_entries, now, strict=True):
+        if fingerprint != entry["fingerprint"]:
+            changed.append(f"{entry['name']} ({found})")
+        else:
+            paths[entry["name"]] = found
     if missing or changed:
         where = f"in {shards_dir}" if shards_dir is not None else "at the paths the store records"
         lines = []

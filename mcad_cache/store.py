@@ -20,18 +20,41 @@ unmarked group that the re-run overwrites.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import zarr
 
 from mcad_cache.schema import SCHEMA_VERSION, SchemaError
+from mcad_core.atomic import atomic_write_json
+from mcad_core.errors import NoSpaceError, is_no_space
+from mcad_core.lock import WriterLock
 
-FINGERPRINT_BYTES = 1 << 20
+log = logging.getLogger(__name__)
+
+FINGERPRINT_BYTES = 1 << 20  # the legacy fingerprint's head and tail
+FINGERPRINT_PREFIX = "b2:"  # "b2:<size>:<BLAKE2b-128 of the whole content>"
+LEGACY_FINGERPRINT = re.compile(r"^\d+:[0-9a-f]{32}$")  # "<size>:<BLAKE2b-128 of the first and last MiB>"
+FINGERPRINT_CACHE_FORMAT = 1
+FINGERPRINT_CACHE_ENTRIES = 100_000  # the oldest entries go first beyond this
+_READ_BUFFER = 8 << 20
+# A file modified within this long before it was hashed may change again with the same stat (timestamps are
+# coarse); such an entry is hashed again next time, as git treats "racily clean" index entries.
+RACY_NS = 2_000_000_000
+_HASH_THREADS = 4  # hashlib releases the GIL on large buffers: shards hash in parallel
+_cache_write = threading.Lock()  # one writer of the cache file per process (its scratch name holds the pid)
 
 
 class CacheMismatchError(ValueError):
@@ -58,7 +81,123 @@ def shard_name(path: str) -> str:
 
 
 def shard_fingerprint(path: str) -> str:
-    """Size plus BLAKE2b of the first and last MiB: cheap on terabyte sets, changes when a shard is rewritten."""
+    """``b2:<size>:<BLAKE2b of the whole content>``: any changed byte changes it (see ``shard_fingerprints``)."""
+    return shard_fingerprints([path])[0]
+
+
+def shard_fingerprints(paths: Sequence[str]) -> list[str]:
+    """The whole-content fingerprint of every file in ``paths``, reading only files changed since last time.
+
+    Hashing reads every byte (about 1 GB/s per thread), so each result is remembered in a per-user
+    cache file (``fingerprint_cache_path``) under the file's absolute path and its stat (size,
+    mtime, inode, ctime); an unchanged file is not read again. A file that changes while it is
+    read is not remembered, and one modified just before it was read is read again next time
+    (``RACY_NS``). A missing, corrupt or unwritable cache file only costs a recompute.
+    """
+    cache_file = fingerprint_cache_path()
+    cached = _read_fingerprint_cache(cache_file)
+    keys = [os.path.abspath(p) for p in paths]
+    stats = [_stat_key(os.stat(p)) for p in paths]
+    results: list[str | None] = [None] * len(paths)
+    todo = []
+    for i, (key, stat) in enumerate(zip(keys, stats, strict=True)):
+        entry = cached.get(key)
+        if _cache_hit(entry, stat):
+            results[i] = entry["fingerprint"]
+        else:
+            todo.append(i)
+    if todo:
+        learned = {}
+        with ThreadPoolExecutor(min(len(todo), _HASH_THREADS)) as pool:
+            for i, (fingerprint, after, started) in zip(todo, pool.map(lambda i: _content_fingerprint(paths[i]), todo)):
+                results[i] = fingerprint
+                if after == stats[i]:
+                    learned[keys[i]] = {"stat": stats[i], "fingerprint": fingerprint, "checked_ns": started}
+        if learned:
+            _remember_fingerprints(cache_file, learned)
+    return results  # type: ignore[return-value]
+
+
+def fingerprint_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/mcad/shard-fingerprints.json`` (``~/.cache/mcad/...`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mcad" / "shard-fingerprints.json"
+
+
+def is_legacy_fingerprint(fingerprint) -> bool:
+    """Whether ``fingerprint`` is the first-and-last-MiB format that stores made before ``b2:`` hold."""
+    return isinstance(fingerprint, str) and LEGACY_FINGERPRINT.match(fingerprint) is not None
+
+
+def current_fingerprints(paths: Sequence[str], recorded: Sequence[str]) -> list[str]:
+    """Each file's fingerprint now, in the format of the one ``recorded`` for it (so old stores still verify)."""
+    out = [legacy_shard_fingerprint(p) if is_legacy_fingerprint(r) else None
+           for p, r in zip(paths, recorded, strict=True)]
+    todo = [i for i, value in enumerate(out) if value is None]
+    for i, value in zip(todo, shard_fingerprints([paths[i] for i in todo])):
+        out[i] = value
+    return out  # type: ignore[return-value]
+
+
+def _cache_hit(entry, stat: list[int]) -> bool:
+    """Whether a cache entry holds the fingerprint of a file with this stat, hashed well after its last change."""
+    if not isinstance(entry, dict) or entry.get("stat") != stat:
+        return False
+    fingerprint, checked = entry.get("fingerprint"), entry.get("checked_ns")
+    return (isinstance(fingerprint, str) and fingerprint.startswith(FINGERPRINT_PREFIX)
+            and isinstance(checked, int) and stat[1] + RACY_NS <= checked)
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _content_fingerprint(path: str) -> tuple[str, list[int], int]:
+    """(fingerprint of the whole content, the file's stat key after reading it, time.time_ns() before)."""
+    started = time.time_ns()
+    digest = hashlib.blake2b(digest_size=16)
+    buffer = bytearray(_READ_BUFFER)
+    view = memoryview(buffer)
+    size = 0
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+        after = _stat_key(os.fstat(handle.fileno()))
+    return f"{FINGERPRINT_PREFIX}{size}:{digest.hexdigest()}", after, started
+
+
+def _read_fingerprint_cache(cache_file: Path) -> dict:
+    try:
+        with open(cache_file, "rb") as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring the shard fingerprint cache %s (%s); fingerprints are recomputed", cache_file, err)
+        return {}
+    if not isinstance(record, dict) or record.get("format") != FINGERPRINT_CACHE_FORMAT:
+        return {}
+    entries = record.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _remember_fingerprints(cache_file: Path, learned: dict) -> None:
+    """Add ``learned`` to the cache file (re-read first: another process may have added to it)."""
+    with _cache_write:
+        entries = {k: v for k, v in _read_fingerprint_cache(cache_file).items() if k not in learned}
+        entries.update(learned)
+        if len(entries) > FINGERPRINT_CACHE_ENTRIES:
+            entries = dict(list(entries.items())[-FINGERPRINT_CACHE_ENTRIES:])
+        try:
+            atomic_write_json(cache_file, {"format": FINGERPRINT_CACHE_FORMAT, "entries": entries})
+        except OSError as err:
+            log.warning("could not update the shard fingerprint cache %s (%s); the next run hashes these "
+                        "shards again", cache_file, err)
+
+
+def legacy_shard_fingerprint(path: str) -> str:
+    """The fingerprint of stores made before ``b2:``: size plus BLAKE2b of the first and last MiB only."""
     size = os.path.getsize(path)
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
     with open(path, "rb") as f:
@@ -82,8 +221,9 @@ def source_list(shards: Sequence[str]) -> list[dict]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"shards with the same file name cannot share a store: {duplicates}")
-    return [{"name": n, "path": str(s), "fingerprint": shard_fingerprint(s)}
-            for n, s in zip(names, shards, strict=True)]
+    fingerprints = shard_fingerprints([str(s) for s in shards])
+    return [{"name": n, "path": str(s), "fingerprint": f}
+            for n, s, f in zip(names, shards, fingerprints, strict=True)]
 
 
 def plan_blocks(names: Sequence[str], block_shards: int) -> list[list[str]]:
@@ -110,6 +250,7 @@ CHECKED_FIELDS = {
     "search": "candidate search (k, blocks, weights)",
     "fusion": "fusion rule",
     "shards": "source shards",
+    "precision": "teacher precision (--precision)",
 }
 
 
@@ -123,6 +264,8 @@ def _identity(key: str, value):
         return [{k: v for k, v in s.items() if k not in _PATH_HINTS} for s in value]
     if key == "tokenizer" and isinstance(value, dict) and value.get("sha256"):  # a local tokenizer: its hash
         return {k: v for k, v in value.items() if k not in (*_PATH_HINTS, "local")}
+    if key == "precision":  # recorded only when not the default (mcad_cache/embed.py build_manifest)
+        return value or "fp32"
     return value
 
 
@@ -160,6 +303,25 @@ def _shard_differences(a: list[dict], b: list[dict]) -> list[str]:
     return out
 
 
+def in_stored_formats(stored: dict, expected: dict) -> dict:
+    """``expected`` with each shard fingerprint in the format ``stored`` recorded it in.
+
+    A store made before whole-content fingerprints records the first-and-last-MiB kind; its
+    shards are fingerprinted that way again (from this run's paths), so the store still opens.
+    """
+    recorded = {s.get("name"): s.get("fingerprint") for s in stored.get("shards") or [] if isinstance(s, dict)}
+    shards = expected.get("shards")
+    if not isinstance(shards, list):
+        return expected
+    legacy = [i for i, s in enumerate(shards) if is_legacy_fingerprint(recorded.get(s.get("name")))]
+    if not legacy:
+        return expected
+    shards = list(shards)
+    for i in legacy:
+        shards[i] = {**shards[i], "fingerprint": legacy_shard_fingerprint(shards[i]["path"])}
+    return {**expected, "shards": shards}
+
+
 def _brief(value, limit: int = 160) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -191,7 +353,7 @@ class CacheStore:
         if version != SCHEMA_VERSION:
             raise CacheMismatchError(path, [f"schema version: store has {version}, this code reads {SCHEMA_VERSION}"])
         if expected is not None:
-            differences = manifest_differences(store.manifest, expected)
+            differences = manifest_differences(store.manifest, in_stored_formats(store.manifest, expected))
             if differences:
                 raise CacheMismatchError(path, differences)
         return store
@@ -209,11 +371,17 @@ class CacheStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            root = zarr.open_group(str(tmp), mode="w")
-            root.attrs["manifest"] = manifest
-            for name in ("shards", "blocks"):
-                root.require_group(name)
-            _fsync_tree(tmp)
+            try:
+                root = zarr.open_group(str(tmp), mode="w")
+                root.attrs["manifest"] = manifest
+                for name in ("shards", "blocks"):
+                    root.require_group(name)
+                _fsync_tree(tmp)
+            except BaseException as err:  # nothing half-made stays (a full disk stays full otherwise)
+                shutil.rmtree(tmp, ignore_errors=True)
+                if is_no_space(err):
+                    raise NoSpaceError(path) from err
+                raise
             try:
                 os.rename(tmp, path)
             except OSError:
@@ -263,6 +431,26 @@ class CacheStore:
 
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+@contextmanager
+def writer_locks(path: str | Path, rank: int, world_size: int, passes: Sequence[str]) -> Iterator[None]:
+    """Hold the store's writer locks for one `mcad cache` task; another run doing the same work is refused.
+
+    The embed pass (or a run of no pass, which only makes the store) locks per task,
+    ``.<store>.lock-r<rank>of<world>`` next to the store, so the ranked tasks of one job still work
+    side by side while a second copy of any task is refused; the block passes, which run as one
+    task, lock ``.<store>.lock-blocks``. Locks are taken before the store is opened or made: a
+    refused run (``mcad_core.lock.WriterBusyError``) has touched nothing.
+    """
+    block_passes = [p for p in passes if p != "embed"]
+    with contextlib.ExitStack() as stack:
+        if "embed" in passes or not block_passes:
+            stack.enter_context(WriterLock(path, f"-r{rank}of{world_size}",
+                                           what=f"cache store {path} (embed task {rank} of {world_size})"))
+        if block_passes:
+            stack.enter_context(WriterLock(path, "-blocks", what=f"cache store {path} (block passes)"))
+        yield
 
 
 def _fsync_tree(path: Path) -> None:

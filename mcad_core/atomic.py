@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -10,17 +12,41 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mcad_core.errors import NoSpaceError
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def _scratch(tmp: Path, path: Path) -> Iterator[None]:
+    """On any failure inside, remove the scratch copy ``tmp``; a full disk becomes ``NoSpaceError(path)``.
+
+    A scratch copy left behind by a failed write keeps a full disk full (a checkpoint's is
+    megabytes), so it goes whatever the failure, Ctrl-C included. A failing removal never hides
+    the error that caused it.
+    """
+    try:
+        yield
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        if isinstance(err, OSError) and err.errno in _NO_SPACE and not isinstance(err, NoSpaceError):
+            raise NoSpaceError(path) from err
+        raise
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a scratch copy; on failure the old file stays and no scratch copy."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with _scratch(tmp, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -31,12 +57,12 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with _scratch(tmp, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
@@ -46,9 +72,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -171,17 +194,15 @@ def replace_output_dir(path: str | Path, command: str, inputs: Iterable[str | Pa
     out = check_output_dir(path, command, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    tmp.mkdir()
-    try:
+    with _scratch(tmp, out):
+        _remove(tmp)
+        tmp.mkdir()
         yield tmp
         record = {"command": command, "format": OUTPUT_MARKER_FORMAT}
         (tmp / OUTPUT_MARKER).write_text(json.dumps(record, sort_keys=True) + "\n")
         _fsync_tree(tmp)
         check_output_dir(out, command, inputs)
         _swap_in(tmp, out)
-    finally:
-        _remove(tmp)
 
 
 def _swap_in(new: Path, out: Path) -> None:
