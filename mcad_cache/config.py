@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mcad_core.config import jsonable
+
+TEACHER_PRECISIONS = ("fp32", "amp-bf16", "amp-fp16")  # CacheConfig.precision; mcad_cache/embed.py maps them to dtypes
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,35 @@ class CacheConfig:
     integration_dim: int = 128
     integration_steps: int = 300
     on_error: str = "warn"  # bad samples are skipped, counted and recorded in the manifest
+    # Images with more pixels are bad samples (skipped and counted, or an error under on_error="raise"), refused
+    # from their header without being decoded; None: no limit of mcad's own (PIL's decompression-bomb check stays).
+    max_image_pixels: int | None = 50_000_000  # mcad_core.shards.DEFAULT_MAX_IMAGE_PIXELS (not imported: no torch here)
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "auto"  # "auto": cuda:$LOCAL_RANK when CUDA is available, else cpu
+    # The teachers' arithmetic: "fp32", or their forwards under torch.autocast to bfloat16 ("amp-bf16") or
+    # float16 ("amp-fp16", CUDA only); embeddings are stored as float16 either way. Recorded in the manifest
+    # only when not "fp32", so stores made before the setting existed still match.
+    precision: str = "fp32"
+    # Processes that decode and tokenize shards for the embed pass (torch DataLoader workers) while the main
+    # process runs the teachers; 0: one reader thread in the main process. Same store either way.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         """Every check that needs no data, so a typo fails before a teacher loads or a store is created."""
         positive = {"k": self.k, "views": self.views, "block_shards": self.block_shards,
                     "batch_size": self.batch_size, "itm_batch_size": self.itm_batch_size,
                     "integration_dim": self.integration_dim, "context_length": self.context_length,
-                    "source_size": self.source_size}
+                    "source_size": self.source_size, "max_image_pixels": self.max_image_pixels}
         bad = [f"{name} must be >= 1, got {value}" for name, value in positive.items()
                if value is not None and value < 1]
         if self.integration_steps < 0:
             bad.append(f"integration_steps must be >= 0, got {self.integration_steps}")
         if self.threads < 0:
             bad.append(f"threads must be >= 0, got {self.threads}")
+        if self.workers < 0:
+            bad.append(f"workers must be >= 0, got {self.workers}")
+        if self.precision not in TEACHER_PRECISIONS:
+            bad.append(f"precision must be one of {', '.join(TEACHER_PRECISIONS)}, got {self.precision!r}")
         low, high = self.view_scale
         if not 0.0 < low <= high <= 1.0:
             bad.append(f"view_scale must satisfy 0 < low <= high <= 1, got {tuple(self.view_scale)}")
@@ -72,6 +89,8 @@ class CacheConfig:
             bad.append(f"dual_weights must be >= 0 with a positive sum, got {tuple(self.dual_weights)}")
         if self.single_itc_views not in ("first", "all"):
             bad.append(f"single_itc_views must be 'first' or 'all', got {self.single_itc_views!r}")
+        if not math.isfinite(self.fusion_a):
+            bad.append(f"fusion_a must be a finite number, got {self.fusion_a}")
         if self.on_error not in ("warn", "raise"):
             bad.append(f"on_error must be 'warn' or 'raise', got {self.on_error!r}")
         if bad:

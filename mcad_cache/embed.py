@@ -5,15 +5,20 @@ and tokenizes its captions for every teacher and for the student (the stored
 tokens); ``embed_input`` embeds every stored view with every dual-stream teacher
 and the single-stream teacher's ITC towers and returns the arrays of its shard
 group. The caller writes them and then the done marker; ``job.embed_pass`` reads
-the next shard in a thread while this one's forwards run.
+the next shard in a thread while this one's forwards run, or, with ``workers``,
+has worker processes read the shards ahead (``shard_loader``). Each view of a
+batch is rendered once per input size and shared by every teacher of that size;
+the forwards run under the configured autocast (``teacher_autocast``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +28,12 @@ import torch
 from mcad_cache.schema import SCHEMA_VERSION, VIEW_PARAMS
 from mcad_cache.sources import path_hints
 from mcad_cache.store import file_sha256, plan_blocks, source_list
-from mcad_cache.teachers.dual import DualStreamTeacher
-from mcad_cache.teachers.single import SingleStreamTeacher, load_single, parse_single
+from mcad_cache.teachers.available import check_teachers, hub_access
+from mcad_cache.teachers.dual import DualStreamTeacher, DualTeacherSpec
+from mcad_cache.teachers.single import SingleStreamTeacher, SingleTeacherSpec, load_single, parse_single
 from mcad_cache.config import CacheConfig
-from mcad_core.shards import DuplicateKeyError, ReadStats, SplitData, load_split
+from mcad_core.shards import (DEFAULT_MAX_IMAGE_PIXELS, DuplicateKeyError, NoShardsError, ReadStats, ShardReadError,
+                              SplitData, load_split)
 from mcad_core.views import render_views, view_boxes
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ class TeacherSet:
     tokenizer: object  # a transformers tokenizer: the student's, for the stored caption tokens
     tokenizer_path: str
     context_length: int
+    device: str = "cpu"  # where the teachers run (the autocast device type)
 
     def widths(self) -> dict[str, int]:
         return {**{name: t.embed_dim for name, t in self.duals.items()}, self.single_name: self.single.embed_dim}
@@ -66,9 +74,11 @@ def teacher_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tail).strip("_") or "teacher"
 
 
-def load_teacher_set(cfg: CacheConfig, device: str = "cpu") -> TeacherSet:
-    from transformers import AutoTokenizer
+def teacher_specs_of(cfg: CacheConfig) -> tuple[dict[str, DualTeacherSpec], str, SingleTeacherSpec, str]:
+    """The run's dual specs by store name, the single-stream teacher's name and spec, and the tokenizer path.
 
+    Reads teachers.json at most; loads nothing.
+    """
     from mcad_cache.teachers.specs import parse_dual, teacher_specs
 
     if cfg.dual or cfg.single:
@@ -89,10 +99,60 @@ def load_teacher_set(cfg: CacheConfig, device: str = "cpu") -> TeacherSet:
         raise ValueError("no teachers: set teachers_dir, or dual + single + tokenizer")
     if len(set(dual_specs) | {single_name}) != len(dual_specs) + 1:
         raise ValueError(f"teacher names collide: {list(dual_specs)} + {single_name!r}; give distinct specs")
+    return dual_specs, single_name, single_spec, str(tokenizer_path)
+
+
+def load_teacher_set(cfg: CacheConfig, device: str = "cpu") -> TeacherSet:
+    """Every teacher and the student tokenizer.
+
+    First the preflight (mcad_cache/teachers/available.py): a teacher or tokenizer this machine
+    cannot load (a missing directory; offline, and not in the local hub cache) is a
+    ``TeacherUnavailableError`` naming every such model before any of them loads; offline with
+    everything cached, they load from the cache in offline mode (no hub request is retried).
+    """
+    from transformers import AutoTokenizer
+
+    check_precision(cfg.precision, device)  # before anything loads: amp-fp16 on a CPU is a bad option
+    dual_specs, single_name, single_spec, tokenizer_path = teacher_specs_of(cfg)
+    offline = check_teachers(dual_specs.values(), [single_spec], tokenizer_path)
     duals = {name: DualStreamTeacher.load(spec, device) for name, spec in dual_specs.items()}
     single = load_single(single_spec, device)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    return TeacherSet(duals, single_name, single, tokenizer, str(tokenizer_path), cfg.context_length)
+    with hub_access(offline):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return TeacherSet(duals, single_name, single, tokenizer, str(tokenizer_path), cfg.context_length, str(device))
+
+
+AUTOCAST_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+class PrecisionUnavailableError(ValueError):
+    """``precision`` asks for an autocast dtype the teachers' device cannot run (a bad option: exit 2)."""
+
+
+def check_precision(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: fp32), or a ``PrecisionUnavailableError``.
+
+    float16 autocast is refused off CUDA (CPU float16 matmuls are slow or missing), and bfloat16 on a GPU
+    without it; checked before any teacher loads.
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    dtype, kind = AUTOCAST_DTYPES[precision], torch.device(device).type
+    if dtype is torch.float16 and kind != "cuda":
+        raise PrecisionUnavailableError(f"precision amp-fp16 needs a CUDA device, the teachers run on {device}; "
+                                        "use --precision amp-bf16 or fp32 there")
+    if dtype is torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionUnavailableError(f"{device} does not support bfloat16; use --precision amp-fp16 or fp32")
+    return dtype
+
+
+def teacher_autocast(precision: str, device: str | torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the context the teacher forwards run in: nothing for fp32, else ``torch.autocast``."""
+    dtype = check_precision(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext
+    kind = torch.device(device).type
+    return lambda: torch.autocast(kind, dtype=dtype)
 
 
 def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]) -> dict:
@@ -121,12 +181,17 @@ def build_manifest(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]
         },
         "preprocessing": {"source_size": cfg.source_size, "views": cfg.views, "view_scale": list(cfg.view_scale),
                           "single_itc_views": cfg.single_itc_views,
-                          "view_params": list(VIEW_PARAMS), "seed": cfg.seed},
+                          "view_params": list(VIEW_PARAMS), "seed": cfg.seed,
+                          # only when not the default, so stores made before the limit existed still match
+                          **({"max_image_pixels": cfg.max_image_pixels}
+                             if cfg.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS else {})},
         "search": {"k": cfg.k, "block_shards": cfg.block_shards, "dual_weights": teachers.dual_weights(cfg),
                    "blocks": plan_blocks([s["name"] for s in sources], cfg.block_shards)},
         "fusion": {"rule": cfg.fusion_rule, "a": cfg.fusion_a},
         "integration": {"dim": cfg.integration_dim, "steps": cfg.integration_steps},
         "shards": sources,
+        # only when not the default, so stores made before the setting existed still match
+        **({"precision": cfg.precision} if cfg.precision != "fp32" else {}),
     }
 
 
@@ -147,19 +212,44 @@ class ShardInput:
 
 
 def read_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
-               seen: Mapping[str, str] | None = None) -> ShardInput:
+               seen: Mapping[str, str] | None = None, drop_repeats: bool = True) -> ShardInput:
     """Decode ``shard``, drop repeated keys, draw the views and tokenize the captions for every teacher.
 
     ``seen`` maps the keys of the job's earlier shards to the shard each was read
     from: a key read again (there, or earlier in this shard) is refused here,
     before stage 2 would trip over it (see ``drop_duplicate_keys``). ``seen`` is
     only read, so a caller may hand the same dict on while this runs in a thread.
+    Without ``drop_repeats`` (a worker process, which has no ``seen``) the caller
+    drops them afterwards with ``drop_repeated_keys``.
     """
     start = time.perf_counter()
     stats = ReadStats()
-    data = load_split([shard], image_size=cfg.source_size, policy=cfg.on_error, stats=stats)
-    data = drop_duplicate_keys(data, shard, seen or {}, cfg.on_error, stats)
-    read_seconds = time.perf_counter() - start
+    data = load_split([shard], image_size=cfg.source_size, policy=cfg.on_error, stats=stats,
+                      max_image_pixels=cfg.max_image_pixels)
+    if drop_repeats:
+        data = drop_duplicate_keys(data, shard, seen or {}, cfg.on_error, stats)
+    return _prepared(data, stats, cfg, teachers, start, time.perf_counter() - start)
+
+
+def drop_repeated_keys(shard_input: ShardInput, shard: str, seen: Mapping[str, str], cfg: CacheConfig,
+                       teachers: TeacherSet) -> ShardInput:
+    """A shard read with ``drop_repeats=False`` as ``read_shard(..., seen)`` would have read it.
+
+    The same ``drop_duplicate_keys`` call on the same decoded samples; only when it drops a sample
+    (rare) are the views and tokens made again, from the kept samples.
+    """
+    start = time.perf_counter()
+    data = drop_duplicate_keys(shard_input.data, shard, seen, cfg.on_error, shard_input.stats)
+    if data is shard_input.data:
+        return shard_input
+    redone = _prepared(data, shard_input.stats, cfg, teachers, start, shard_input.read_seconds)
+    redone.seconds += shard_input.seconds
+    return redone
+
+
+def _prepared(data: SplitData, stats: ReadStats, cfg: CacheConfig, teachers: TeacherSet, start: float,
+              read_seconds: float) -> ShardInput:
+    """The views and every tokenizer's tokens of decoded ``data``: the rest of ``read_shard``."""
     texts = [text for captions in data.captions for text in captions]
     boxes = view_boxes(data.keys, cfg.views, cfg.seed, tuple(cfg.view_scale))
     tokens = teachers.tokenizer(texts, padding="max_length", truncation=True, max_length=teachers.context_length,
@@ -170,6 +260,80 @@ def read_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
                       for name, tokenize in tokenizers.items()}
     return ShardInput(data, stats, texts, boxes, np.asarray(tokens, dtype=np.int32), teacher_tokens,
                       time.perf_counter() - start, read_seconds)
+
+
+class ReadFailure:
+    """A worker's read error, carried back to the main process as a value.
+
+    The reader's errors (``ShardReadError`` and kin) take several constructor arguments, which a
+    DataLoader worker cannot hand back: its re-raise calls ``type(message)`` and falls back to a
+    RuntimeError. This pickles the error's class, args and attributes instead and rebuilds it unchanged.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __reduce__(self):
+        err = self.error
+        native = {name: getattr(err, name) for name in ("errno", "strerror", "filename", "filename2")
+                  if isinstance(err, OSError) and getattr(err, name) is not None}  # outside OSError's __dict__
+        # webdataset appends its stream to an error's args: anything that does not pickle goes as its repr
+        return _rebuild_failure, (type(err), tuple(_picklable(a) for a in err.args),
+                                  {k: _picklable(v) for k, v in {**vars(err), **native}.items()})
+
+
+def _picklable(value):
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - any failure to pickle: send the repr instead
+        return repr(value)
+    return value
+
+
+def _rebuild_failure(cls: type, args: tuple, state: dict) -> ReadFailure:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    for name, value in state.items():
+        setattr(error, name, value)
+    return ReadFailure(error)
+
+
+READ_ERRORS = (ShardReadError, NoShardsError, OSError)  # what a failed shard read raises; job.embed_pass's policy
+
+
+class ShardReader(torch.utils.data.Dataset):
+    """``shards[i]`` read by ``read_shard`` without the cross-shard key check: one DataLoader item per shard."""
+
+    def __init__(self, shards: Sequence[str], cfg: CacheConfig, teachers: TeacherSet) -> None:
+        self.shards, self.cfg, self.teachers = list(shards), cfg, teachers
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> ShardInput | ReadFailure:
+        try:
+            return read_shard(self.shards[index], self.cfg, self.teachers, drop_repeats=False)
+        except READ_ERRORS as err:
+            return ReadFailure(err)
+
+
+def _as_is(item):
+    return item
+
+
+def shard_loader(shards: Sequence[str], cfg: CacheConfig, teachers: TeacherSet) -> torch.utils.data.DataLoader:
+    """``cfg.workers`` processes reading ``shards`` in order, one shard each at a time (``ShardReader``).
+
+    Workers are forked where the platform can (so the teachers' tokenizers are inherited, not pickled),
+    and each has one shard to read at a time (``prefetch_factor`` 1): at most ``workers`` shards are read
+    ahead of the one the teachers embed. Their images come back in shared memory.
+    """
+    import multiprocessing
+
+    context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    return torch.utils.data.DataLoader(ShardReader(shards, cfg, teachers), batch_size=None, shuffle=False,
+                                       num_workers=cfg.workers, collate_fn=_as_is, prefetch_factor=1,
+                                       multiprocessing_context=context, persistent_workers=False)
 
 
 @torch.no_grad()
@@ -185,19 +349,19 @@ def embed_input(shard: ShardInput, cfg: CacheConfig, teachers: TeacherSet) -> tu
         "view_params": boxes,
     }
     clock = {"seconds": 0.0}  # time inside teacher forward passes only, for the overhead ratio
-    for name, teacher in teachers.duals.items():
-        arrays[f"emb/{name}/image"] = _image_embeddings(
-            data.images, boxes, teacher.image_size, teacher.pixels_from_uint8, teacher.encode_images,
-            cfg.batch_size, teacher.embed_dim, clock)
-        arrays[f"emb/{name}/text"] = _text_embeddings(
-            shard.teacher_tokens[name], len(texts), teacher.encode_texts, teacher.embed_dim, clock)
+    autocast = teacher_autocast(cfg.precision, teachers.device)
     single = teachers.single
-    single_boxes = boxes if cfg.single_itc_views == "all" else boxes[:, :1]
-    arrays[f"emb/{teachers.single_name}/image"] = _image_embeddings(
-        data.images, single_boxes, single.image_size, single.pixels_from_uint8,
-        lambda px: single.itc_images(single.vision_tokens(px)), cfg.batch_size, single.embed_dim, clock)
+    towers = [ImageTower(f"emb/{name}/image", t.image_size, t.pixels_from_uint8, t.encode_images, t.embed_dim,
+                         cfg.views) for name, t in teachers.duals.items()]
+    towers.append(ImageTower(f"emb/{teachers.single_name}/image", single.image_size, single.pixels_from_uint8,
+                             lambda px: single.itc_images(single.vision_tokens(px)), single.embed_dim,
+                             cfg.views if cfg.single_itc_views == "all" else 1))
+    arrays.update(_image_embeddings(data.images, boxes, towers, cfg.batch_size, clock, autocast))
+    for name, teacher in teachers.duals.items():
+        arrays[f"emb/{name}/text"] = _text_embeddings(
+            shard.teacher_tokens[name], len(texts), teacher.encode_texts, teacher.embed_dim, clock, autocast)
     arrays[f"emb/{teachers.single_name}/text"] = _text_embeddings(
-        shard.teacher_tokens[teachers.single_name], len(texts), single.itc_texts, single.embed_dim, clock)
+        shard.teacher_tokens[teachers.single_name], len(texts), single.itc_texts, single.embed_dim, clock, autocast)
     status = {
         "samples": len(data),
         "texts": len(texts),
@@ -253,28 +417,58 @@ def drop_duplicate_keys(data: SplitData, shard: str, seen: Mapping[str, str], po
                      shard_of=[s for s, k in zip(data.shard_of, keep, strict=True) if k])
 
 
-def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, size: int, prepare, encode, batch: int, dim: int,
-                      clock: dict) -> np.ndarray:
-    n, views = boxes.shape[:2]
-    out = np.zeros((n, views, dim), dtype=np.float16)
+@dataclass
+class ImageTower:
+    """One teacher's image side as the embed pass runs it: the array it fills and the views it embeds."""
+
+    key: str  # the shard group's array, "emb/NAME/image"
+    size: int  # its input side: views are rendered at this size
+    prepare: Callable[[torch.Tensor], torch.Tensor]  # uint8 renders -> its normalized pixels
+    encode: Callable[[torch.Tensor], torch.Tensor]  # pixels -> embeddings
+    dim: int
+    views: int  # views 0..views-1 are embedded
+
+
+def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, towers: Sequence[ImageTower], batch: int,
+                      clock: dict, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                      ) -> dict[str, np.ndarray]:
+    """Every tower's float16 embeddings ``(n, tower.views, dim)`` of ``images`` cut by ``boxes``.
+
+    Each (view, batch) is rendered once per input size, as uint8, and that render is shared by every
+    tower of that size, each normalizing it its own way: two 224-px teachers render a view once, not twice.
+    Per tower the batches and their rows are those of a tower-by-tower loop, so the numbers are the same.
+    """
+    n = boxes.shape[0]
+    out = {tower.key: np.zeros((n, tower.views, tower.dim), dtype=np.float16) for tower in towers}
     box_tensor = torch.from_numpy(boxes)
-    for view in range(views):
+    for view in range(max((tower.views for tower in towers), default=0)):
         for start in range(0, n, batch):
             stop = min(n, start + batch)
-            pixels = prepare(render_views(images[start:stop], box_tensor[start:stop, view], size))
-            tick = time.perf_counter()
-            out[start:stop, view] = encode(pixels).float().cpu().numpy()
-            clock["seconds"] += time.perf_counter() - tick
+            rendered: dict[int, torch.Tensor] = {}  # input size -> uint8 renders of this view and batch
+            for tower in towers:
+                if view >= tower.views:
+                    continue
+                if tower.size not in rendered:
+                    rendered[tower.size] = render_views(images[start:stop], box_tensor[start:stop, view], tower.size)
+                pixels = tower.prepare(rendered[tower.size])
+                tick = time.perf_counter()
+                with autocast():
+                    embedded = tower.encode(pixels)
+                out[tower.key][start:stop, view] = embedded.float().cpu().numpy()
+                clock["seconds"] += time.perf_counter() - tick
     return out
 
 
-def _text_embeddings(batches: list, n: int, encode, dim: int, clock: dict) -> np.ndarray:
+def _text_embeddings(batches: list, n: int, encode, dim: int, clock: dict,
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> np.ndarray:
     """Embeddings of ``n`` texts from their tokenized ``batches``, in order."""
     out = np.zeros((n, dim), dtype=np.float16)
     start = 0
     for tokens in batches:
         tick = time.perf_counter()
-        embedded = encode(tokens).float().cpu().numpy()
+        with autocast():
+            embedded = encode(tokens)
+        embedded = embedded.float().cpu().numpy()
         clock["seconds"] += time.perf_counter() - tick
         out[start : start + len(embedded)] = embedded
         start += len(embedded)

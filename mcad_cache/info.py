@@ -7,8 +7,30 @@ from pathlib import Path
 
 import zarr
 
-from mcad_cache.schema import BLOCK_PASSES
-from mcad_cache.store import CacheStore, block_name
+from mcad_cache.schema import BLOCK_PASSES, SchemaError
+from mcad_cache.store import CacheMismatchError, CacheStore, block_name
+from mcad_core.errors import InputError
+
+
+class StoreNotFoundError(InputError):
+    """`mcad cache-info` was pointed at a path that holds no cache store this code can read (exit 3)."""
+
+
+def open_store(path: str | Path) -> CacheStore:
+    """The store at ``path``, or a ``StoreNotFoundError`` saying what is there instead and what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreNotFoundError(f"no cache store at {path}: nothing is there. Check the path, or make the store "
+                                 f"with `mcad cache --store {path}`")
+    if not path.is_dir():
+        raise StoreNotFoundError(f"{path} is a file, not a cache store (a store is a Zarr directory made by "
+                                 "`mcad cache`)")
+    try:
+        return CacheStore.open(path)
+    except FileNotFoundError as err:
+        raise StoreNotFoundError(f"{path} is a directory but not a cache store ({err})") from err
+    except (SchemaError, CacheMismatchError) as err:
+        raise StoreNotFoundError(f"{path} cannot be read as a cache store: {err}") from err
 
 
 def _array_sizes(group: zarr.Group) -> dict[str, tuple[int, int]]:
@@ -21,7 +43,7 @@ def _array_sizes(group: zarr.Group) -> dict[str, tuple[int, int]]:
 
 
 def describe(path: str | Path) -> dict:
-    store = CacheStore.open(path)
+    store = open_store(path)
     manifest = store.manifest
     shards = {"done": [], "missing": [], "failed": []}
     samples = texts = skipped = 0

@@ -5,7 +5,8 @@ worker -> tar -> decode -> ``Sample``. Every stage shares one error handler, so
 a bad sample or shard is either skipped and counted (``"warn"``) or stops the
 read with a ``ShardReadError`` naming the shard and key (``"raise"``).
 
-Shards are untrusted input, so two of webdataset's conveniences are left out:
+Shards are untrusted input, so two of webdataset's conveniences are left out, and
+what a shard holds is checked before it is used:
 
 - decoding: only the fields the tool uses (``USED_FIELDS``: the image, ``txt``
   and ``json``) are kept, each with its own handler. webdataset's default
@@ -15,16 +16,24 @@ Shards are untrusted input, so two of webdataset's conveniences are left out:
   webdataset's ``gopen`` reads a ``scheme:`` prefix as a url, so a file *named*
   ``pipe:cmd;...tar`` would run ``cmd`` in a shell. Only a spec naming no local
   file (a ``pipe:`` or url spec the caller chose) goes to ``gopen``.
+- keys: a key with a path separator, ``.``/``..`` or an absolute path is a bad
+  sample (``unsafe_key``): keys become file names downstream.
+- members: a sample holding one member name twice is a bad sample
+  (``duplicate_member``: which one is the sample's is unknown); the shard goes on.
+- images: one whose header gives more than ``max_image_pixels`` is a bad sample
+  (``image_too_large``) and is never decoded.
 
 Stats are per process: with DataLoader workers each worker counts its own.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +49,17 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from mcad_core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 ErrorPolicy = Literal["warn", "raise"]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 USED_FIELDS = frozenset((*IMAGE_EXTENSIONS, "txt", "json"))  # every other tar member is dropped, never decoded
 SHARD_REASONS = frozenset(("truncated_tar", "unreadable_shard"))  # a whole shard's problem, not one sample's
+# Images larger than this are refused from their header, never decoded (``--max-image-pixels``): 50 M pixels
+# is over 7000 x 7000, far above web image-text data, and its RGB decode alone is 150 MB.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 _TAR_BLOCK = 512
 _END_MARKER = 2 * _TAR_BLOCK  # a tar archive ends with two zero blocks
 
@@ -54,13 +68,32 @@ class NoShardsError(FileNotFoundError):
     """A shard spec matched no readable shard file."""
 
 
-class ShardReadError(RuntimeError):
-    """A bad sample or shard, named by shard url, key and reason."""
+class ShardReadError(InputError, RuntimeError):
+    """A bad sample or shard, named by shard url, key and reason (``mcad`` exits 3 with the message)."""
 
     def __init__(self, shard: str, key: str | None, reason: str, detail: str = "") -> None:
         self.shard, self.key, self.reason = shard, key, reason
+        self.reported = False  # recorded in a ReadStats already (webdataset hands a raised error on again)
         where = f"key {key}" if key is not None else "no key read yet"
-        super().__init__(f"{reason} in shard {shard} ({where})" + (f": {detail}" if detail else ""))
+        self.message = f"{reason} in shard {shard} ({where})" + (f": {detail}" if detail else "")
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        # webdataset appends (stream, url) to the args of errors passing through it; the message stays one line.
+        return self.message
+
+
+class NotATarError(ShardReadError):
+    """A local shard that is not a tar archive at all (empty, or no tar header where one must be)."""
+
+    def __init__(self, shard: str, problem: str, context: str = "") -> None:
+        super().__init__(shard, None, "unreadable_shard", problem)
+        self.message = (f"shard {shard} is not a tar archive ({problem}){context}: mcad reads webdataset tar "
+                        "shards; replace the file or leave it out of --shards")
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header gives more pixels than the reader's limit; it is never decoded."""
 
 
 class DuplicateKeyError(ShardReadError):
@@ -217,6 +250,7 @@ class _ReadContext:
         self.shard_ok = 0  # good samples of the current shard
         self.settled: str | None = None  # the current shard's last key yielded or skipped as a bad sample
         self.truncation: Truncation | None = None  # the current shard's, once reported
+        self.dropped: set[tuple[str, str]] = set()  # (shard, key) of samples skipped while being grouped
 
     def follow_shards(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Pipeline stage: notes each shard as the tar stage opens it."""
@@ -225,6 +259,7 @@ class _ReadContext:
             self._finish_shard()
             self.shard, self.key = source["url"], None
             self.shard_ok, self.settled, self.truncation = 0, None, None
+            self.dropped.clear()
             self.suspect = _lacks_end_marker(self.shard)
             yield source
         self._finish_shard()
@@ -271,16 +306,31 @@ class _ReadContext:
     def handle(self, exn: Exception) -> bool:
         """webdataset handler: True skips the bad item, raising stops the read."""
         if isinstance(exn, ShardReadError):
+            if exn.reported:  # raised by ``report`` in a stage below, handed on by the stage above: once is enough
+                raise exn
             return self.report(exn)
         if isinstance(exn, wds.DecodingError):
+            if isinstance(exn.__cause__, ImageTooLargeError):
+                return self.report(ShardReadError(str(exn.url), exn.key, "image_too_large", f".{exn.k}: {exn.__cause__}"))
             reason = "corrupt_image" if str(exn.k).lower() in IMAGE_EXTENSIONS else "corrupt_field"
             return self.report(ShardReadError(str(exn.url), exn.key, reason, f".{exn.k}: {exn.__cause__!r}"))
+        member = _duplicate_member(exn)
+        if member is not None:
+            # Two members of one name in one sample (group_by_keys): which one is the sample's is unknown, so the
+            # sample is skipped (to_sample drops it), once however many repeats it has; the shard goes on.
+            key = base_plus_ext(member)[0] or member
+            if (self.shard, key) in self.dropped:
+                return True
+            self.dropped.add((self.shard, key))
+            return self.report(ShardReadError(self.shard, key, "duplicate_member",
+                                              f"{member} appears more than once in the sample"))
         if self.shard in self.failed:
             return True  # tarfile keeps failing on a shard it already failed on
         reason = "truncated_tar" if _is_truncation(exn) else "unreadable_shard"
-        return self.report(ShardReadError(self.shard, self.key, reason, repr(exn)))
+        return self.report(ShardReadError(self.shard, self.key, reason, _describe(exn)))
 
     def report(self, err: ShardReadError) -> bool:
+        err.reported = True
         self.stats.record(err)
         if err.reason in SHARD_REASONS:
             self.failed.add(err.shard)
@@ -298,6 +348,11 @@ class _ReadContext:
     def to_sample(self, sample: dict[str, Any]) -> Sample | None:
         """Map stage: decoded webdataset dict -> Sample, or a ShardReadError."""
         shard, key = sample["__url__"], sample["__key__"]
+        if (shard, key) in self.dropped:
+            return None  # reported when its repeated member was met
+        if not safe_key(key):
+            raise ShardReadError(shard, key, "unsafe_key", "a key with '/', '\\' or '..', or an absolute path, "
+                                 "would become a file path downstream")
         image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
         captions = _captions(sample)
         if image is None or not captions:
@@ -324,6 +379,46 @@ def _captions(sample: dict[str, Any]) -> list[str]:
     return [text.strip()] if isinstance(text, str) and text.strip() else []
 
 
+def safe_key(key: str) -> bool:
+    """Whether a sample key can become a file name as it is: no path separator, not '.' or '..', no NUL."""
+    return bool(key) and not any(c in key for c in "/\\\0") and key not in (".", "..")
+
+
+def _duplicate_member(exn: BaseException) -> str | None:
+    """The member name of webdataset's "duplicate file name" error (group_by_keys), else None."""
+    if not isinstance(exn, ValueError) or not exn.args:
+        return None
+    first = str(exn.args[0])
+    marker = ": duplicate file name in tar file"
+    return first.split(marker, 1)[0] if marker in first else None
+
+
+def _describe(exn: BaseException) -> str:
+    """``ReadError: unexpected end of data``: the error without the stream webdataset appends to it."""
+    first = str(exn.args[0]) if exn.args else str(exn)
+    return f"{type(exn).__name__}: {first.split(' @ <', 1)[0]}"
+
+
+def tar_problem(path: str) -> str | None:
+    """Why the local file ``path`` cannot be read as a tar archive at all, else None.
+
+    Reads the first header only: a tar that is truncated or bad further on is None (its good samples
+    are read, the rest is reported by the read's error policy).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with tarfile.open(path) as tar:
+            tar.next()
+    except tarfile.ReadError as err:
+        return "empty file" if "empty file" in str(err) else "no tar header at its start"
+    except (tarfile.TarError, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    return None
+
+
 def _is_truncation(exn: BaseException) -> bool:
     # tarfile says "unexpected end of data" / "truncated header"; gzip raises EOFError.
     if isinstance(exn, EOFError):
@@ -346,18 +441,51 @@ def _lacks_end_marker(url: str) -> bool:
         return f.read(_END_MARKER).count(0) != _END_MARKER
 
 
-def field_decoders() -> list[Callable[[str, bytes], Any]]:
-    """One handler per used field: images to RGB PIL, ``txt`` to str, ``json`` parsed.
+def field_decoders(max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Callable[[str, bytes], Any]]:
+    """One handler per used field: images to RGB PIL (at most ``max_image_pixels``), ``txt`` to str, ``json`` parsed.
 
     Passed with ``pre=[]``/``post=[]``: webdataset's default pre (gunzip, then
     decode again) and post handlers (pickle, torch.load, numpy, msgpack, ...)
     are never installed.
     """
     return [
-        wds.imagehandler("pil", IMAGE_EXTENSIONS),
+        ImageDecoder(max_image_pixels),
         wds.handle_extension("txt", _utf8),
         wds.handle_extension("json", json.loads),
     ]
+
+
+class ImageDecoder:
+    """webdataset handler: an image member to an RGB PIL image, refused from its header if it has too many pixels.
+
+    PIL reads the size from the header on ``open`` and decodes on ``load``, so an image over
+    ``max_pixels`` is never decoded (``ImageTooLargeError``, reported as ``image_too_large``).
+    PIL's own decompression-bomb warning is silenced: this limit is the one that applies (PIL
+    still refuses images over twice its ``Image.MAX_IMAGE_PIXELS`` itself, also reported as too large).
+    A class, not a closure, so the pipeline stays picklable for DataLoader workers.
+    """
+
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1 (or None: no limit), got {max_pixels}")
+        self.max_pixels = max_pixels
+
+    def __call__(self, key: str, data: bytes) -> Image.Image | None:
+        if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+            return None
+        with io.BytesIO(data) as stream:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                try:
+                    image = Image.open(stream)
+                except Image.DecompressionBombError as err:
+                    raise ImageTooLargeError(str(err)) from None
+            width, height = image.size
+            if self.max_pixels is not None and width * height > self.max_pixels:
+                raise ImageTooLargeError(f"{width}x{height} is {width * height:,} pixels, over the limit of "
+                                         f"{self.max_pixels:,} (--max-image-pixels); it was not decoded")
+            image.load()
+            return image.convert("RGB")
 
 
 def _utf8(data: bytes) -> str:
@@ -370,8 +498,9 @@ def build_pipeline(
     stats: ReadStats | None = None,
     split_by_node: bool = False,
     split_by_worker: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> wds.DataPipeline:
-    """The webdataset pipeline yielding ``Sample``s from ``shards``."""
+    """The webdataset pipeline yielding ``Sample``s from ``shards``; larger images than ``max_image_pixels`` are bad samples."""
     if not shards:
         raise NoShardsError("empty shard list")
     ctx = _ReadContext(policy, stats if stats is not None else ReadStats())
@@ -382,7 +511,7 @@ def build_pipeline(
         wds.split_by_worker if split_by_worker else None,
         ctx.follow_shards,
         ctx.tar_samples,
-        wds.decode(*field_decoders(), pre=[], post=[], only=USED_FIELDS, handler=ctx.handle),
+        wds.decode(*field_decoders(max_image_pixels), pre=[], post=[], only=USED_FIELDS, handler=ctx.handle),
         wds.map(ctx.to_sample, handler=ctx.handle),
     )
 
@@ -393,9 +522,10 @@ def iter_samples(
     stats: ReadStats | None = None,
     split_by_node: bool = False,
     split_by_worker: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[Sample]:
     """Iterate the good samples of ``shards``, handling bad ones by ``policy``."""
-    return iter(build_pipeline(shards, policy, stats, split_by_node, split_by_worker))
+    return iter(build_pipeline(shards, policy, stats, split_by_node, split_by_worker, max_image_pixels))
 
 
 # -------------------------------------------------------------- whole splits
@@ -406,13 +536,14 @@ def load_split(
     image_size: int | None = None,
     policy: ErrorPolicy = "raise",
     stats: ReadStats | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> SplitData:
-    """Read a small split into memory, images resized to ``image_size`` if given."""
+    """Read a small split into memory, images resized to ``image_size`` if given (see ``build_pipeline``)."""
     keys: list[str] = []
     pixels: list[np.ndarray] = []
     captions: list[list[str]] = []
     shard_of: list[str] = []
-    samples = iter_samples(shards, policy=policy, stats=stats)
+    samples = iter_samples(shards, policy=policy, stats=stats, max_image_pixels=max_image_pixels)
     for sample in tqdm(samples, desc=f"load {len(shards)} shards", unit="img"):
         image = sample.image
         if image_size is not None and image.size != (image_size, image_size):

@@ -22,6 +22,7 @@ def evaluate_models(
     Returns ({row name: metrics + seconds}, {skip reason: count}).
     """
     from mcad_cache.evaluate import evaluate_single_stream
+    from mcad_cache.teachers.available import check_teachers
     from mcad_cache.teachers.dual import DualStreamTeacher
     from mcad_cache.teachers.single import load_single, parse_single
 
@@ -33,6 +34,8 @@ def evaluate_models(
         single_specs += list(trained_singles.values())
     if not dual_specs and not single_specs:
         raise ValueError("nothing to evaluate: give --teachers DIR, --dual SPEC or --single SPEC")
+    # Every model loadable here, or a TeacherUnavailableError naming each one, before a shard is read.
+    check_teachers(dual_specs, single_specs)
 
     shards = list_shards(cfg.shards)
     splits: dict[int, SplitData] = {}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipForImageTextRetrieval, BlipProcessor
 
+from mcad_cache.teachers.available import check_teachers, hub_access
 from mcad_cache.teachers.identity import TeacherIdentity, state_dict_sha256
 from mcad_cache.teachers.single import ItmOutput, SingleTeacherSpec, TextBatch
 from mcad_core.atomic import atomic_dir
@@ -50,8 +51,10 @@ class BlipItmTeacher(torch.nn.Module):
     def load(cls, spec: SingleTeacherSpec, device: str | torch.device = "cpu") -> "BlipItmTeacher":
         # float32 whatever the weights were saved in (transformers would keep a float16 file's dtype):
         # reduced precision is autocast's job, and the shipped default teachers are stored in float16.
-        model = BlipForImageTextRetrieval.from_pretrained(spec.name, dtype=torch.float32).to(device)
-        processor = BlipProcessor.from_pretrained(spec.name)
+        # One this machine cannot load is a TeacherUnavailableError first (mcad_cache/teachers/available.py).
+        with hub_access(check_teachers(singles=[spec])):
+            model = BlipForImageTextRetrieval.from_pretrained(spec.name, dtype=torch.float32).to(device)
+            processor = BlipProcessor.from_pretrained(spec.name)
         return cls(model, processor, spec)
 
     def identity(self) -> TeacherIdentity:
@@ -96,7 +99,8 @@ class BlipItmTeacher(torch.nn.Module):
         return self.model.vision_model(pixel_values=pixels.to(self.mean.device)).last_hidden_state
 
     def itc_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.vision_proj(tokens[:, 0, :]), dim=-1)
+        # .float(): under autocast the projection is bfloat16/float16; the norm is taken in float32
+        return F.normalize(self.model.vision_proj(tokens[:, 0, :]).float(), dim=-1)
 
     def text_states(self, text: TextBatch) -> torch.Tensor:
         return self.model.text_encoder(
@@ -105,7 +109,8 @@ class BlipItmTeacher(torch.nn.Module):
         ).last_hidden_state
 
     def itc_texts(self, text: TextBatch) -> torch.Tensor:
-        return F.normalize(self.model.text_proj(self.text_states(text)[:, 0, :]), dim=-1)
+        """ITC text embeddings, the batch cut to its longest caption first (``cut_padding``)."""
+        return F.normalize(self.model.text_proj(self.text_states(cut_padding(text))[:, 0, :]).float(), dim=-1)
 
     def itm(self, image_tokens: torch.Tensor, text: TextBatch, image_rows: torch.Tensor | None = None) -> ItmOutput:
         """Score aligned pairs: row i of ``image_tokens`` (or row ``image_rows[i]``) with row i of ``text``.
@@ -127,6 +132,21 @@ class BlipItmTeacher(torch.nn.Module):
         fused = states[:, 0, :]
         two_way = self.model.itm_head(fused)
         return ItmOutput(logits=two_way[:, 1] - two_way[:, 0], fused=fused)
+
+
+def cut_padding(text: TextBatch) -> TextBatch:
+    """``text`` without its trailing columns that no caption uses (all masked).
+
+    ``tokenize`` pads every caption to the model's 512 positions, and the text encoder's cost grows with the
+    padded width; masked positions are never attended to and the [CLS] state does not depend on them, so
+    the result is the same up to float rounding. Only all-padding columns at the end go, whatever side the
+    tokenizer pads on.
+    """
+    used = text.attention_mask.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else text.input_ids.shape[1]  # no token at all: left as it is
+    if width == text.input_ids.shape[1]:
+        return text
+    return TextBatch(text.input_ids[:, :width], text.attention_mask[:, :width])
 
 
 def fused_states(

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from mcad_core.atomic import atomic_dir
 from mcad_core.views import normalize_uint8, square_size
+from mcad_cache.teachers.available import check_teachers, hub_access
 from mcad_cache.teachers.identity import TeacherIdentity, state_dict_sha256
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -61,10 +62,12 @@ class DualStreamTeacher(torch.nn.Module):
 
     @classmethod
     def load(cls, spec: DualTeacherSpec, device: str | torch.device = "cpu") -> "DualStreamTeacher":
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=spec.pretrained, device=device
-        )
-        tokenizer = open_clip.get_tokenizer(spec.name)
+        """Load ``spec``; one this machine cannot load is a ``TeacherUnavailableError`` (teachers/available.py)."""
+        with hub_access(check_teachers(duals=[spec])):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=spec.pretrained, device=device
+            )
+            tokenizer = open_clip.get_tokenizer(spec.name)
         return cls(model, preprocess, tokenizer, spec)
 
     @property
