@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from mcad_core.atomic import atomic_write_bytes, atomic_write_json
+from mcad_core.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ROWS = (
     ("a", "contrastive", False),
@@ -34,6 +38,13 @@ ROWS = (
 class StaleRowError(ValueError):
     """A finished row's run directory was trained with another config than the row would use now."""
 
+
+class NoAblationRunsError(InputError):
+    """``--report-only`` found no finished run to report under the ablation directory (exit 3)."""
+
+
+# What the report's note states of every row (pipeline/cli.py): runs that differ in these cannot share a table.
+REPORTED_SETTINGS = ("steps", "batch_size", "eval_shards")
 
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 
@@ -51,26 +62,90 @@ def run_ablation(base, out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] 
     from mcad_student.train import distill
 
     plan = []  # (label, mode, online, cfg, finished)
-    for label, mode, online in ROWS:
-        if rows and label not in rows:
-            continue
-        for seed in (online_seeds or seeds) if online else seeds:
-            run_dir = out / f"{label}_{mode}{'_online' if online else ''}_s{seed}"
-            cfg = replace(base, mode=mode, seed=seed, out_dir=run_dir, online=online)
-            finished = (run_dir / "summary.json").exists()
-            if finished:
-                _check_finished(run_dir, cfg)
-            plan.append((label, mode, online, cfg, finished))
+    for label, mode, online, seed in _selected(seeds, rows, online_seeds):
+        run_dir = out / run_name(label, mode, online, seed)
+        cfg = replace(base, mode=mode, seed=seed, out_dir=run_dir, online=online)
+        finished = (run_dir / "summary.json").exists()
+        if finished:
+            _check_finished(run_dir, cfg)
+        plan.append((label, mode, online, cfg, finished))
     results = {}
     for label, mode, online, cfg, finished in plan:
         if finished:
+            log.info("row (%s): reusing the finished run %s", label, cfg.out_dir)
             summary = json.loads((cfg.out_dir / "summary.json").read_text())
         elif report_only:
             continue
         else:
+            log.info("row (%s): training %s", label, cfg.out_dir)
             summary = distill(cfg, progress=progress)
         results.setdefault(label, {"mode": mode, "online": online, "runs": []})["runs"].append(summary)
     return results
+
+
+def run_name(label: str, mode: str, online: bool, seed: int) -> str:
+    """A row's run directory name under the ablation directory, e.g. ``c_fused_kd_s0``."""
+    return f"{label}_{mode}{'_online' if online else ''}_s{seed}"
+
+
+def _selected(seeds: tuple[int, ...], rows: tuple[str, ...] | None, online_seeds: tuple[int, ...] | None):
+    """(label, mode, online, seed) of every selected row and seed, in table order."""
+    for label, mode, online in ROWS:
+        if rows and label not in rows:
+            continue
+        for seed in (online_seeds or seeds) if online else seeds:
+            yield label, mode, online, seed
+
+
+def finished_runs(out: Path, seeds: tuple[int, ...], rows: tuple[str, ...] | None = None,
+                  online_seeds: tuple[int, ...] | None = None) -> tuple[dict, dict]:
+    """`mcad ablation --report-only`: (results as ``run_ablation`` returns them, the settings they share).
+
+    Reads only the runs' own summary.json and config.json: no torch, and no training option has to be
+    repeated, since each run says how it was trained. Runs still training (no summary.json) are left out.
+    Raises NoAblationRunsError when none is finished, and StaleRowError when a finished run has no
+    config.json or the runs differ in a setting the report states for all of them (REPORTED_SETTINGS).
+    """
+    results: dict = {}
+    shared: dict | None = None
+    first: Path | None = None
+    for label, mode, online, seed in _selected(seeds, rows, online_seeds):
+        run_dir = out / run_name(label, mode, online, seed)
+        if not (run_dir / "summary.json").exists():
+            continue
+        saved = _saved_config(run_dir)
+        settings = {key: saved.get(key) for key in REPORTED_SETTINGS}
+        if shared is None:
+            shared, first = settings, run_dir
+        else:
+            differ = [key for key in REPORTED_SETTINGS if not _same_setting(key, settings[key], shared[key])]
+            if differ:
+                shown = ", ".join(f"{key} {settings[key]!r} against {shared[key]!r}" for key in differ)
+                raise StaleRowError(f"{run_dir} and {first} were trained with other settings ({shown}); one "
+                                    "table cannot hold both: move the odd runs away")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        results.setdefault(label, {"mode": mode, "online": online, "runs": []})["runs"].append(summary)
+    if shared is None:
+        selected = list(rows or (label for label, _, _ in ROWS))
+        raise NoAblationRunsError(f"no ablation runs under {out}: no finished run of rows {selected} and seeds "
+                                  f"{list(seeds)} (a finished run is a <row>_<mode>_s<seed>/summary.json); "
+                                  "train them with `mcad ablation` first")
+    return results, shared
+
+
+def _same_setting(key: str, a, b) -> bool:
+    if key == "eval_shards" and isinstance(a, str) and isinstance(b, str):
+        return Path(a).resolve() == Path(b).resolve()  # the same directory, written relative or absolute
+    return a == b
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """A finished run's config.json; StaleRowError when it has none."""
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise StaleRowError(f"{run_dir} has a summary.json but no config.json: cannot tell what it trained; "
+                            "move it away to retrain it")
+    return json.loads(config_path.read_text())
 
 
 def _check_finished(run_dir: Path, cfg) -> None:
@@ -78,10 +153,7 @@ def _check_finished(run_dir: Path, cfg) -> None:
     from mcad_student.train import RESUMABLE_CHANGES, config_differences
 
     config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise StaleRowError(f"{run_dir} has a summary.json but no config.json: cannot tell what it trained; "
-                            "move it away to retrain it")
-    saved = json.loads(config_path.read_text())
+    saved = _saved_config(run_dir)
     if Path(saved.get("eval_shards", "")).resolve() == Path(cfg.eval_shards).resolve():
         saved["eval_shards"] = cfg.eval_shards  # the same directory, written relative or absolute
     differences = config_differences(saved, cfg, str(config_path), ignore=RESUMABLE_CHANGES - {"steps"},

@@ -14,15 +14,37 @@ from pathlib import Path
 import click
 
 from mcad_world.config import BLIP_VISION_INITS, TEACHERS, TeachersConfig
+from mcad_cache.config import TEACHER_PRECISIONS, CacheConfig
 from mcad_core.config import EvalConfig
-from mcad_student.choices import BATCHINGS, KD_DIRECTIONS, KD_KINDS
+from mcad_core.errors import InputError
+from mcad_core.runlog import MCAD_LOGGERS
+from mcad_student.choices import AMMKD_WEIGHTINGS, BATCHINGS, KD_DIRECTIONS, KD_KINDS, PRECISIONS
+
+# Where `mcad distill`'s defaults live; mcad_student.train imports torch, so it is read only when a help
+# page is shown (ConfigOption), never when the CLI loads.
+DISTILL_CONFIG = "mcad_student.train:DistillConfig"
+# mcad's own loggers (MCAD_LOGGERS, shared with the run log files of mcad_core.runlog): INFO with `mcad -v`;
+# everything else (torch, transformers, ...) stays at WARNING.
+
+
+class NoDataError(InputError):
+    """`mcad teachers`' data directory is missing (exit 3)."""
+
+
+def _attribute(spec: str):
+    """``module:attribute`` imported now (the registries and configs behind the options import torch)."""
+    import importlib
+
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 
 class Registered(click.ParamType):
     """A name from one of the library's registries (fusion rules, modes, presets), refused at parse time.
 
-    The registry is imported when the option is parsed, not when the CLI loads, so `mcad --help` and
+    The registry is imported when the option is parsed, or its command's help shown (the metavar lists
+    the registered names, extensions included), not when the CLI loads, so `mcad --help` and
     `mcad search` import no torch.
     """
 
@@ -32,10 +54,15 @@ class Registered(click.ParamType):
         self.registry, self.what = registry, what
 
     def known(self) -> list[str]:
-        import importlib
+        return sorted(_attribute(self.registry))
 
-        module, _, attribute = self.registry.partition(":")
-        return sorted(getattr(importlib.import_module(module), attribute))
+    def get_metavar(self, param, ctx=None) -> str:
+        return f"[{'|'.join(self.known())}]"
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(name) for name in self.known() if name.startswith(incomplete)]
 
     def convert(self, value, param, ctx):
         known = self.known()
@@ -45,6 +72,79 @@ class Registered(click.ParamType):
 
 
 FUSION = Registered("mcad_cache.fusion:FUSION_RULES", "fusion rule")
+
+
+class ConfigOption(click.Option):
+    """An option that stays None unless given (so a --config file can set the field), whose help shows the
+    config dataclass's default: ``config`` ("module:Class") and ``field`` (dotted, e.g. "loss.alpha"; default:
+    the option's name); ``shown`` turns the default into its help text. The class is imported when the help
+    is shown, so the CLI loads without torch.
+    """
+
+    def __init__(self, *args, config: str, field: str | None = None, shown=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config, self.field, self.shown = config, field or self.name, shown
+
+    def config_default(self):
+        value = _attribute(self.config)()
+        for part in self.field.split("."):
+            value = getattr(value, part)
+        return value
+
+    def get_help_record(self, ctx):
+        value = self.config_default()
+        if value is None:
+            return super().get_help_record(ctx)
+        if self.shown is not None:
+            shown = self.shown(value)
+        elif self.is_bool_flag and self.secondary_opts:
+            shown = (self.opts if value else self.secondary_opts)[0].lstrip("-")
+        elif isinstance(value, tuple | list):
+            shown = ", ".join(map(str, value))
+        else:
+            shown = str(value)
+        text = self.help
+        self.help = f"{text}  {_default(shown)}" if text else _default(shown)
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = text
+
+
+def _preset_name(student) -> str:
+    """The STUDENT_PRESETS name of a student config (how --student's help shows the default)."""
+    presets = _attribute("mcad_student.model:STUDENT_PRESETS")
+    return next((name for name, preset in presets.items() if preset == student), "a custom student")
+
+
+def distill_option(*decls, **kwargs):
+    """A `mcad distill` option whose help shows DistillConfig's default (None unless given)."""
+    return click.option(*decls, cls=ConfigOption, config=DISTILL_CONFIG, **kwargs)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (click's test runner swaps it per call)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr: warnings from everyone; with ``verbose`` also INFO from mcad's own loggers
+    (MCAD_LOGGERS), while third-party loggers stay at WARNING. Calling it again replaces its handler."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in MCAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.NOTSET)
 
 
 class McadGroup(click.Group):
@@ -70,14 +170,15 @@ class McadGroup(click.Group):
 
 
 @click.group(cls=McadGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log mcad's own progress at INFO level (other libraries' logs stay at WARNING).")
+@click.version_option(package_name="mcad", prog_name="mcad", message="%(prog)s %(version)s")
 def main(verbose: bool) -> None:
     """MCAD: run image-text teachers once into a cache, then distill small students from it.
 
     Typical order on the embedded default world: data -> teachers -> eval -> cache -> distill.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 @main.command()
@@ -87,20 +188,43 @@ def main(verbose: bool) -> None:
 @click.option("--n-train", type=int, default=20000, show_default=True)
 @click.option("--n-val", type=int, default=1000, show_default=True)
 @click.option("--n-test", type=int, default=1000, show_default=True)
-@click.option("--image-size", type=int, default=64, show_default=True)
-@click.option("--captions-per-image", type=int, default=3, show_default=True)
+@click.option("--image-size", type=int, help="Image side in pixels (default world only)  [default: 64]")
+@click.option("--captions-per-image", type=int, help="Captions per image (default world only)  [default: 3]")
 @click.option("--samples-per-shard", type=int, default=1000, show_default=True)
-def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_size: int,
-         captions_per_image: int, samples_per_shard: int) -> None:
-    """Generate the embedded default data set: a compositional image-text world.
+@click.option("--world", type=click.Choice(["default", "quadrants"]), default="default", show_default=True,
+              help="default: two related objects, 64px JPEG, 3 captions, NNNNN.tar shards, world.json. "
+                   "quadrants: 1-3 objects in quadrants, other colours, shapes and grammar, 96px PNG, 5 captions, "
+                   "part-NNNN.tar shards, no world.json (mcad_world/quadrants.py).")
+def data(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_size: int | None,
+         captions_per_image: int | None, samples_per_shard: int, world: str) -> None:
+    """Generate a synthetic image-text world (the embedded default one, or the quadrant world).
 
-    Writes webdataset shards in img2dataset's layout ({key}.jpg, {key}.txt,
-    {key}.json with a "captions" list) to OUT/{train,val,test}/00000.tar ...
-    Deterministic from --seed. Captions need attribute binding: every scene may
-    have a twin with swapped colours or shapes and the same bag of words.
+    Writes webdataset shards in img2dataset's layout ({key}.jpg or .png, {key}.txt,
+    {key}.json with a "captions" list) to OUT/{train,val,test}/. Deterministic from
+    --seed; another seed is a disjoint stream of the same world (e.g. the teachers'
+    own data). Default world: captions need attribute binding, every scene may have
+    a twin with swapped colours or shapes and the same bag of words.
     """
+    if world == "quadrants":
+        from mcad_world.quadrants import write_other_world
+
+        if image_size is not None or captions_per_image is not None:
+            raise click.UsageError("--image-size and --captions-per-image apply to --world default only "
+                                   "(the quadrant world is 96px with 5 captions)")
+        start = time.perf_counter()
+        try:
+            written = write_other_world(out_dir, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
+                                        per_shard=samples_per_shard, progress=True)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from err
+        counts = {"train": n_train, "val": n_val, "test": n_test}
+        click.echo(f"wrote {out_dir} in {time.perf_counter() - start:.1f}s ({sum(map(len, written.values()))} "
+                   f"shards): {json.dumps(counts)} samples")
+        return
     from mcad_world.synth import WorldConfig, generate
 
+    image_size = 64 if image_size is None else image_size
+    captions_per_image = 3 if captions_per_image is None else captions_per_image
     try:
         cfg = WorldConfig(seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, n_test=n_test,
                           samples_per_shard=samples_per_shard, captions_per_image=captions_per_image)
@@ -126,8 +250,9 @@ def _flag_default(name: str, value: bool) -> str:
               help="A JSON or TOML file of TeachersConfig fields (tables for clip_a, clip_b, clip_schedule and blip, "
                    "the BLIP recipe, with blip.shape and blip.schedule); options given on the command line "
                    "override it.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help=f"World made by `mcad data` (reads train/).  {_default(TeachersConfig.data_dir)}")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="World made by `mcad data` (reads train/); a missing directory is refused (exit 3).  "
+                   f"{_default(TeachersConfig.data_dir)}")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help=f"Receives tokenizer/, clip_a/, clip_b/, blip/ and teachers.json.  "
                    f"{_default(TeachersConfig.out_dir)}")
@@ -206,8 +331,9 @@ def teachers(config_file: Path | None, **options) -> None:
     except (ValueError, TypeError) as err:  # TypeError: a config table that lacks a required field
         raise click.UsageError(str(err)) from err
     if not Path(cfg.data_dir).is_dir():
-        raise click.UsageError(f"no data directory {cfg.data_dir} (--data, or data_dir in --config): "
-                               "run `mcad data` first")
+        what = "is not a directory" if Path(cfg.data_dir).exists() else "does not exist"
+        raise NoDataError(f"data directory {cfg.data_dir} (--data, or data_dir in --config) {what}: "
+                          "run `mcad data` first, or name a directory holding train/ shards")
     try:
         report = teacher_train.train_teachers(cfg)
     except (ValueError, FileNotFoundError) as err:
@@ -288,33 +414,54 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
 @main.command()
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A JSON or TOML file of CacheConfig fields; options given on the command line override it.")
-@click.option("--shards", help="Source shards: a directory of NNNNN.tar, a file, or a brace pattern.")
-@click.option("--store", type=click.Path(path_type=Path), help="The Zarr store to create or complete.")
+@click.option("--shards", help="Source shards: a directory of NNNNN.tar, a file, or a brace pattern.  "
+                               f"{_default(CacheConfig.shards)}")
+@click.option("--store", type=click.Path(path_type=Path),
+              help=f"The Zarr store to create or complete.  {_default(CacheConfig.store)}")
 @click.option("--teachers", "teachers_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Directory written by `mcad teachers` (clip_a, clip_b, blip, tokenizer).")
+              help="Directory written by `mcad teachers` (clip_a, clip_b, blip, tokenizer); --dual and --single "
+                   f"name teachers instead.  {_default(CacheConfig.teachers_dir)}")
 @click.option("--dual", "duals", multiple=True,
               help="Explicit dual-stream teacher: 'ViT-B-16:openai', 'local-dir:PATH' or 'hf-hub:ORG/REPO'. "
                    "Repeatable.")
 @click.option("--single", help="Explicit single-stream teacher: a BLIP ITM hub id or directory, or KIND:NAME "
                                 "of a registered kind (mcad_cache/teachers/single.py).")
-@click.option("--tokenizer", help="The student's tokenizer (hub id or directory) for the stored caption tokens.")
-@click.option("--views", type=int, help="Augmented views per image (view 0 is the whole image).")
+@click.option("--tokenizer", help="The student's tokenizer (hub id or directory) for the stored caption tokens "
+                                   "[default: the teachers directory's tokenizer/].")
+@click.option("--views", type=int,
+              help=f"Augmented views per image (view 0 is the whole image).  {_default(CacheConfig.views)}")
 @click.option("--single-itc-views", type=click.Choice(["first", "all"]),
-              help="Views of the single-stream teacher's ITC image embeddings to store [default: first; nothing "
-                   "downstream reads more, and each extra view costs a vision pass of that teacher].")
-@click.option("-k", "--k", "k", type=int, help="Candidates per anchor in the fused top-k lists.")
-@click.option("--block-shards", type=int, help="Shards per candidate-search block.")
-@click.option("--fusion", "fusion_rule", type=FUSION, metavar="RULE",
-              help="Fusion rule (mcad_cache/fusion.py): dual_only, itm_topk or reconstruction.")
-@click.option("--fusion-a", type=float, help="The fusion rule's weight a.")
+              help="Views of the single-stream teacher's ITC image embeddings to store (nothing downstream reads "
+                   "more than the first, and each extra view costs a vision pass of that teacher).  "
+                   f"{_default(CacheConfig.single_itc_views)}")
+@click.option("-k", "--k", "k", type=int,
+              help=f"Candidates per anchor in the fused top-k lists.  {_default(CacheConfig.k)}")
+@click.option("--block-shards", type=int,
+              help="Shards per candidate-search block (stage 2 draws each batch from one block).  "
+                   f"{_default(CacheConfig.block_shards)}")
+@click.option("--fusion", "fusion_rule", type=FUSION,
+              help=f"Fusion rule (mcad_cache/fusion.py FUSION_RULES).  {_default(CacheConfig.fusion_rule)}")
+@click.option("--fusion-a", type=float, help=f"The fusion rule's weight a.  {_default(CacheConfig.fusion_a)}")
 @click.option("--passes", default=",".join(("embed", "search", "rescore", "fuse", "integrate")), show_default=True,
               help="Comma-separated passes to run; done work is skipped.")
 @click.option("--rank", type=int, help="This task's rank (default: from torchrun or Slurm environment variables).")
 @click.option("--world-size", type=int, help="Number of tasks (with --rank).")
 @click.option("--on-error", type=click.Choice(["warn", "raise"]),
-              help="Bad samples: warn skips, counts and records them in the store; raise stops.")
-@click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
-@click.option("--device", help="Teacher device: auto (cuda:$LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
+              help="Bad samples: warn skips, counts and records them in the store; raise stops.  "
+                   f"{_default(CacheConfig.on_error)}")
+@click.option("--max-image-pixels", type=int,
+              help="Images with more pixels are bad samples (see --on-error), refused from their header without "
+                   f"being decoded.  {_default(f'{CacheConfig.max_image_pixels:,}')}")
+@click.option("--threads", type=int, help=f"torch CPU threads (0: torch's default).  {_default(CacheConfig.threads)}")
+@click.option("--device", help="Teacher device: auto (cuda:$LOCAL_RANK if available, else cpu), cpu, cuda:0, ...  "
+                               f"{_default(CacheConfig.device)}")
+@click.option("--precision", type=click.Choice(TEACHER_PRECISIONS),
+              help="The teachers' forwards in float32, or under autocast to bfloat16 or float16 (amp-fp16: CUDA "
+                   "only); embeddings are stored as float16 either way, and a store keeps the precision it was "
+                   f"begun with.  {_default(CacheConfig.precision)}")
+@click.option("--workers", type=int,
+              help="Processes that decode and tokenize shards ahead while the teachers run (0: one reader "
+                   f"thread); the store is the same.  {_default(CacheConfig.workers)}")
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None,
               help="Also write this run's summary here: seconds per pass, time inside teacher forwards, the "
                    "overhead ratios, the config and which of its settings are not the defaults (what `make "
@@ -329,7 +476,7 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
     A store made with other teachers, shards, k or schema is refused with the differences.
     """
     from mcad_cache.store import CacheIncompleteError, CacheMismatchError
-    from mcad_cache.job import run_cache
+    from mcad_cache.job import run_cache, store_log_path
     from mcad_cache.config import CacheConfig
     from mcad_core.config import load_config_file
     from mcad_core.dist import PlacementError, explicit_place, task_place
@@ -356,6 +503,7 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     click.echo("\n".join(summary.lines()))
+    click.echo(f"  log: {store_log_path(cfg.store, place.rank)}")
     if summary_json is not None:
         from mcad_core.atomic import atomic_write_json
 
@@ -369,7 +517,7 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
 
 
 @main.command("cache-info")
-@click.argument("store", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("store", type=click.Path(path_type=Path))  # a missing store is named by describe (exit 3)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def cache_info(store: Path, as_json: bool) -> None:
     """Describe a cache store: manifest, array sizes, bytes per sample per view, and what is missing."""
@@ -383,53 +531,74 @@ def cache_info(store: Path, as_json: bool) -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A JSON or TOML file of DistillConfig fields (nested tables for student and loss); "
                    "command-line options override it.")
-@click.option("--store", type=click.Path(path_type=Path), help="The cache store written by `mcad cache`.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Run directory: checkpoint.pt, metrics.csv, tb/, student/, summary.json. Re-running resumes.")
-@click.option("--mode", type=Registered("mcad_student.train:MODES", "mode"), metavar="MODE",
-              help="Targets and loss terms: contrastive, dual_kd, fused_kd, mcad or ammkd [default: fused_kd, itc + kd to the fused top-k targets; mcad adds "
-                   "fd + ia] (see the README's stage-2 table).")
-@click.option("--steps", type=int, help="Optimizer steps in total, at least 1 (a resumed run continues to this count).")
-@click.option("--batch-size", type=int, help="Images per step, at least 2 (the other images are the negatives).")
-@click.option("--lr", type=float, help="Peak learning rate (warmup, then cosine decay to 0).")
-@click.option("--image-lr-scale", type=float, help="LR multiplier of the image tower.")
-@click.option("--warmup", type=int, help="Linear LR warmup steps (then cosine decay).")
-@click.option("--seed", type=int)
-@click.option("--alpha", type=float, help="Weight of the kd term [default: 0.5].")
-@click.option("--beta", type=float, help="Weight of the fd (feature alignment) term.")
-@click.option("--gamma", type=float, help="Weight of the ia (interactive alignment) term.")
-@click.option("--kd-temperature", type=float)
-@click.option("--kd-kind", type=click.Choice(KD_KINDS),
-              help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
-@click.option("--kd-direction", type=click.Choice(KD_DIRECTIONS),
-              help="Which in-batch distributions kd matches: both (MCAD), or image-to-text or text-to-image "
-                   "rows alone (that direction's KL, so --alpha halved keeps its pull as in both) "
-                   "[default: i2t, with --alpha 0.5].")
-@click.option("--ia-direction", type=click.Choice(KD_DIRECTIONS),
-              help="Which target distributions ia matches, as --kd-direction for kd (one direction alone: "
-                   "--gamma halved keeps its pull) [default: both].")
-@click.option("--student", "student_preset", type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"),
-              metavar="PRESET",
-              help="A named student (mcad_student/model.py STUDENT_PRESETS): vit (open_clip ViT + small BERT, "
-                   "1.0M parameters, trains from scratch) or mobilevit (MobileViTv2-050 + TinyBERT-size text, "
-                   "5.9M, for runs from pretrained weights; train it with --image-lr-scale 5).")
-@click.option("--batching", type=click.Choice(BATCHINGS),
-              help="neighbor: each anchor with its cached candidates (hard negatives, the fused targets in-batch); "
-                   "random: plain shuffles within a block.")
-@click.option("--image-model", help="Image tower of the student: 'vit' (open_clip's ViT) or a timm model name.")
-@click.option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
+@distill_option("--store", type=click.Path(path_type=Path), help="The cache store written by `mcad cache`.")
+@distill_option("--out", "out_dir", type=click.Path(path_type=Path),
+                help="Run directory: checkpoint.pt, metrics.csv, log.txt, tb/, student/, summary.json, curves.png. "
+                     "Re-running resumes (log.txt is appended to). "
+                     "An existing file is refused.")
+@distill_option("--mode", type=Registered("mcad_student.train:MODES", "mode"),
+                help="Targets and loss terms (mcad_student/train.py MODE_TERMS): fused_kd is itc + kd to the fused "
+                     "top-k targets, mcad adds fd + ia (see the README's stage-2 table).")
+@distill_option("--steps", type=int,
+                help="Optimizer steps in total, at least 1 (a resumed run continues to this count).")
+@distill_option("--batch-size", type=int,
+                help="Images per step, at least 2 (the other images are the negatives) and at most the images of "
+                     "the store's largest block (a batch is drawn from one block).")
+@distill_option("--lr", type=float, help="Peak learning rate (warmup, then cosine decay to 0).")
+@distill_option("--image-lr-scale", type=float, help="LR multiplier of the image tower.")
+@distill_option("--warmup", type=int, help="Linear LR warmup steps (then cosine decay).")
+@distill_option("--seed", type=int, help="Seed of the initialization and of the batch order.")
+@distill_option("--alpha", type=click.FloatRange(min=0), field="loss.alpha", help="Weight of the kd term.")
+@distill_option("--beta", type=click.FloatRange(min=0), field="loss.beta",
+                help="Weight of the fd (feature alignment) term.")
+@distill_option("--gamma", type=click.FloatRange(min=0), field="loss.gamma",
+                help="Weight of the ia (interactive alignment) term.")
+@distill_option("--kd-temperature", type=float, field="loss.kd_temperature",
+                help="Temperature of kd's target and student logits (and of the ia target); positive.")
+@distill_option("--kd-kind", type=click.Choice(KD_KINDS), field="loss.kd_kind",
+                help="kd over the whole row (MCAD) or over the non-matching pairs only (decoupled KD).")
+@distill_option("--kd-direction", type=click.Choice(KD_DIRECTIONS), field="loss.kd_direction",
+                help="Which in-batch distributions kd matches: both (MCAD), or image-to-text or text-to-image "
+                     "rows alone (that direction's KL, so --alpha halved keeps its pull as in both).")
+@distill_option("--ia-direction", type=click.Choice(KD_DIRECTIONS), field="loss.ia_direction",
+                help="Which target distributions ia matches, as --kd-direction for kd (one direction alone: "
+                     "--gamma halved keeps its pull).")
+@distill_option("--ammkd-weighting", type=click.Choice(AMMKD_WEIGHTINGS), field="loss.ammkd_weighting",
+                help="Mode ammkd's per-step teacher weights: min_norm (AMMKD's) or confidence (softmax of minus "
+                     "each teacher's cross-entropy on the batch's true pairs).")
+@distill_option("--student", "student_preset",
+                type=Registered("mcad_student.model:STUDENT_PRESETS", "student preset"), field="student",
+                shown=_preset_name,
+                help="A named student (mcad_student/model.py STUDENT_PRESETS, where each is described; the MobileViT "
+                     "one trains from scratch only with --image-lr-scale 5).")
+@distill_option("--batching", type=click.Choice(BATCHINGS),
+                help="neighbor: each anchor with its cached candidates (hard negatives, the fused targets "
+                     "in-batch); random: plain shuffles within a block.")
+@distill_option("--batch-neighbors", type=click.IntRange(min=0),
+                help="With --batching neighbor: how many of each anchor's top cached candidates pull their images "
+                     "into its batch (unset: all k; 0: random batches).")
+@distill_option("--image-model", field="student.image_model",
+                help="Image tower of the student: 'vit' (open_clip's ViT) or a timm model name.")
+@distill_option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
 @click.option("--shards", help="Directory that now holds the store's source shards, if they moved since `mcad cache` "
                                "(default: the paths the store records, absolute or relative to the store). Found by "
                                "file name and checked against the store's fingerprints before the first step.")
 @click.option("--tokenizer", help="Directory that now holds the store's tokenizer, if it moved (checked by hash).")
-@click.option("--fusion", "fusion_rule", type=FUSION, metavar="RULE", help="Re-derive the fused targets with this rule (dual_only, itm_topk, "
-                                              "reconstruction) from the cached dual and ITM logits [default: the "
-                                              "cache's rule].")
-@click.option("--fusion-a", type=float, help="The --fusion rule's weight a.")
-@click.option("--eval-every", type=int, help="Evaluate every N steps (0: only at the end).")
-@click.option("--checkpoint-every", type=int)
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
-@click.option("--threads", type=int, help="torch CPU threads (0: torch's default).")
+@click.option("--fusion", "fusion_rule", type=FUSION,
+              help="Re-derive the fused targets with this rule (mcad_cache/fusion.py FUSION_RULES) from the "
+                   "cached dual and ITM logits [default: the cache's rule].")
+@distill_option("--fusion-a", type=float,
+                help="The --fusion rule's weight a (needs --fusion; checked against the rule's range).")
+@distill_option("--eval-every", type=int, help="Evaluate every N steps (0: only at the end).")
+@distill_option("--checkpoint-every", type=int, help="Write checkpoint.pt every N steps.")
+@distill_option("--device", help="Where the student trains: auto (cuda:$LOCAL_RANK when CUDA is available, else "
+                                  "cpu), cpu, cuda (this rank's GPU) or cuda:N; checked before any work. A run may "
+                                  "resume on another device.")
+@distill_option("--precision", type=click.Choice(PRECISIONS),
+                help="fp32, or autocast on the device to bfloat16 (amp-bf16) or float16 with a gradient scaler "
+                     "(amp-fp16, CUDA only).")
+@distill_option("--amp/--no-amp", default=None, help="The old spelling of --precision amp-bf16 / fp32.")
+@distill_option("--threads", type=int, help="torch CPU threads (0: torch's default).")
 @click.option("--teacher-table", type=click.Path(path_type=Path), default=Path("artifacts/eval/teachers.json"),
               show_default=True, help="`mcad eval` output whose rows are printed beside the student's when it "
                                       "was measured on the same shards.")
@@ -446,11 +615,20 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
     from mcad_student.data import CacheJoinError
     from mcad_student.losses import LossWeights
     from mcad_student.model import STUDENT_PRESETS
-    from mcad_student.train import DistillConfig, NonFiniteLossError, ResumeMismatchError, distill as run_distill
+    from mcad_student.parallel import ParallelSetupError
+    from mcad_student.train import DistillConfig, NonFiniteLossError, ResumeMismatchError, check_inputs
+    from mcad_student.train import distill as run_distill
     from mcad_core.config import load_config_file
 
     try:
         cfg = load_config_file(config_file, DistillConfig) if config_file else DistillConfig()
+        amp = options.pop("amp")
+        if amp is not None:  # --amp / --no-amp: precision amp-bf16 / fp32, unless --precision says otherwise
+            implied = "amp-bf16" if amp else "fp32"
+            if options["precision"] not in (None, implied):
+                raise click.UsageError(f"--{'' if amp else 'no-'}amp means --precision {implied}, which contradicts "
+                                       f"--precision {options['precision']}; give one of them")
+            options["precision"] = implied
         loss_keys = {f.name for f in dataclasses.fields(LossWeights)}
         loss = {k: v for k, v in options.items() if k in loss_keys and v is not None}
         student = {"image_model": options["image_model"]} if options.get("image_model") else {}
@@ -460,8 +638,16 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
         cfg = replace(cfg, **top, loss=replace(cfg.loss, **loss), student=replace(base, **student))
     except ValueError as err:
         raise click.UsageError(str(err)) from err
+    problem = distill_config_problem(cfg, fusion_a_given=options.get("fusion_a") is not None)
+    if problem:
+        raise click.UsageError(problem)
     try:
+        if problem := batch_size_problem(Path(cfg.store), cfg.batch_size):
+            check_inputs(cfg)  # a missing or changed input is named first (exit 3), as the run itself would
+            raise click.UsageError(problem)
         summary = run_distill(cfg)
+    except ParallelSetupError as err:  # a device this machine lacks, a batch that does not split over the ranks
+        raise click.UsageError(str(err)) from err
     except (CacheMismatchError, ResumeMismatchError, NonFiniteLossError, FileNotFoundError, TokenizerMismatchError,
             CacheJoinError) as err:
         click.echo(f"error: {err}", err=True)
@@ -487,7 +673,86 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
         best = max((row["mean_recall"] for row in teachers.values()), default=None)
         atomic_write_json(results_json, {"student": student, "teachers": teachers,
                                          "of_best_teacher": round(student["mean_recall"] / best, 4) if best else None})
-    click.echo(f"student saved as {summary['student']}; run directory {cfg.out_dir}")
+    click.echo(f"student saved as {summary['student']}; run directory {cfg.out_dir} (its log.txt, curves.png)")
+
+
+def distill_config_problem(cfg, fusion_a_given: bool = False) -> str | None:
+    """What makes ``cfg`` (a DistillConfig) unusable that it cannot check alone, or None; reads no shard and
+    creates nothing, so `mcad distill` refuses it (exit 2) before the run directory exists.
+
+    Negative loss weights; a --fusion weight outside its rule's range (the rule itself says, on a 1x1 probe)
+    or --fusion-a without --fusion; an --out that is a file. The batch size against the store is
+    ``batch_size_problem``'s, after the input checks.
+    """
+    for field in dataclasses.fields(cfg.loss):
+        value = getattr(cfg.loss, field.name)
+        if "term" in field.metadata and not value >= 0:
+            return f"{field.name} (the weight of {field.metadata['term']}) must be 0 or more, got {value}"
+    if cfg.fusion_rule is None:
+        if fusion_a_given:
+            return ("--fusion-a is the weight of a --fusion rule: name the rule with --fusion (the cache's own "
+                    "rule keeps the cache's weight)")
+    elif problem := _fusion_weight_problem(cfg.fusion_rule, cfg.fusion_a):
+        return f"--fusion {cfg.fusion_rule} --fusion-a {cfg.fusion_a}: {problem}"
+    return _run_directory_problem(Path(cfg.out_dir))
+
+
+def _fusion_weight_problem(rule: str, a: float) -> str | None:
+    """Why fusion ``rule`` refuses weight ``a`` (the rule's own ValueError on 1x1 logits), or None."""
+    import math
+
+    import torch
+
+    from mcad_cache.fusion import fuse
+
+    if not math.isfinite(a):
+        return f"the weight a must be a finite number, got {a}"
+    try:
+        fuse(rule, torch.zeros(1, 1), torch.zeros(1, 1), a)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _run_directory_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be (or become) a run directory: it, or the nearest existing path above it, is no
+    directory. None when it can."""
+    for path in (out, *out.absolute().parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            if path == out:
+                return f"--out {out} is an existing file, not a run directory: name a new or existing directory"
+            return f"--out {out} cannot be created: {path} is a file, not a directory"
+    return None
+
+
+def batch_size_problem(store_path: Path, batch_size: int) -> str | None:
+    """Whether the store can give batches of ``batch_size`` images: a batch is drawn from one block, so it can
+    hold at most the images of the largest block (counted from the shard done markers; no array is read).
+
+    None also when the store is missing, not a store or unfinished: the run's own input checks name those
+    (exit 3).
+    """
+    from mcad_cache.store import CacheStore
+
+    if not (store_path / "zarr.json").exists():
+        return None
+    try:
+        store = CacheStore.open(store_path)
+    except ValueError:  # not an MCAD store, or another schema: check_inputs refuses it by name
+        return None
+    blocks = store.manifest["search"]["blocks"]
+    status = {name: store.shard_status(name) for block in blocks for name in block}
+    if not status or not all(s.get("done") for s in status.values()):
+        return None
+    sizes = [sum(status[name].get("samples", 0) for name in block) for block in blocks]
+    if batch_size <= max(sizes):
+        return None
+    where = (f"at most {max(sizes)} in one of its {len(sizes)} blocks, and a batch is drawn from one block"
+             if len(sizes) > 1 else "all in one block")
+    return (f"batch_size {batch_size} is more than the store {store_path} can give: it holds {sum(sizes)} images "
+            f"({where}); use --batch-size {max(sizes)} or less")
 
 
 def _teacher_rows(path: Path, eval_shards: str) -> dict:
@@ -509,18 +774,22 @@ def _teacher_rows(path: Path, eval_shards: str) -> dict:
 
 @main.command()
 @click.option("--store", type=click.Path(path_type=Path), default=Path("artifacts/cache/default.zarr"),
-              show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/ablation"), show_default=True)
-@click.option("--steps", type=int, default=None,
-              help="Steps of every row (equal steps) [default: `mcad distill`'s].")
+              show_default=True, help="The cache store every row trains from (not read with --report-only).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/ablation"), show_default=True,
+              help="Receives one run directory per row and seed, and ablation.{json,md,png}.")
+@distill_option("--steps", type=int, default=None,
+                help="Steps of every row (equal steps), as `mcad distill --steps`. Not needed with --report-only, "
+                     "which reads each run's steps from its config.json (given, it must match them).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; each row runs once per seed.")
 @click.option("--rows", default="a,b,c,d,e,f", show_default=True, help="Which rows: a..f (see the README).")
 @click.option("--online-seeds", default="0", show_default=True,
               help="Seeds of the online row (f), which runs the teachers every step and is much slower.")
-@click.option("--eval-shards", default="data/default/val", show_default=True)
+@click.option("--eval-shards", default="data/default/val", show_default=True,
+              help="Shards every row's recall is measured on (with --report-only: read from the runs).")
 @click.option("--report-only", is_flag=True,
-              help="Train nothing: the table of the runs already finished (others, e.g. still training in "
-                   "another process, are left out).")
+              help="Train nothing and load no model: the table of the runs already finished under --out (others, "
+                   "e.g. still training in another process, are left out). Steps, batch size and eval shards come "
+                   "from the runs' own config.json, so no training option needs repeating; none finished: exit 3.")
 def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, online_seeds: str,
              eval_shards: str, report_only: bool) -> None:
     """Train every MCAD variant at equal steps from one cache; write a table and a plot.
@@ -529,30 +798,59 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
     (d) full MCAD (+ fd + ia), (e) AMMKD with two CLIPs and adaptive weights,
     (f) full MCAD with the teachers in the loop (online). Finished rows are reused.
     """
-    from mcad_student.train import DistillConfig
-    from mcad_student.train import ResumeMismatchError
-    from pipeline.ablation import StaleRowError, run_ablation, write_report
+    from pipeline.ablation import ROWS, StaleRowError, write_report
 
-    try:
-        base = DistillConfig(store=store, eval_shards=eval_shards, **({"steps": steps} if steps is not None else {}))
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
-    seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
-    online_list = tuple(int(x) for x in online_seeds.split(",") if x.strip())
-    try:
-        results = run_ablation(base, out_dir, seed_list, tuple(r.strip() for r in rows.split(",") if r.strip()),
-                               online_seeds=online_list, report_only=report_only)
-    except (StaleRowError, ResumeMismatchError) as err:
-        raise click.ClickException(str(err)) from err
-    if not results:
-        raise click.ClickException(f"no finished ablation run under {out_dir}")
-    seeds_text = (f"the finished runs of seeds {list(seed_list)} (the seeds column counts them)" if report_only
-                  else f"seeds {list(seed_list)}")
-    note = (f"{base.steps} steps per row, batch {base.batch_size}, {seeds_text} (online row: "
-            f"{list(online_list)}), recalls on {eval_shards} (mean ± sd over seeds).")
+    seed_list, online_list = _int_list(seeds, "--seeds"), _int_list(online_seeds, "--online-seeds")
+    row_list = tuple(r.strip() for r in rows.split(",") if r.strip())
+    if unknown := sorted(set(row_list) - {label for label, _, _ in ROWS}):
+        raise click.BadParameter(f"unknown rows {unknown}; rows are {', '.join(label for label, _, _ in ROWS)}",
+                                 param_hint="--rows")
+    if report_only:  # no torch on this path: the runs' own files say everything the table needs
+        from pipeline.ablation import finished_runs
+
+        try:
+            results, settings = finished_runs(out_dir, seed_list, row_list, online_seeds=online_list)
+        except StaleRowError as err:
+            raise click.ClickException(str(err)) from err
+        if steps is not None and steps != settings["steps"]:
+            raise click.UsageError(f"--steps {steps}: the runs under {out_dir} trained {settings['steps']} steps "
+                                   "(--report-only reads them from the runs; leave --steps out)")
+        row_steps, batch_size, eval_shards = settings["steps"], settings["batch_size"], settings["eval_shards"]
+        seeds_text = f"the finished runs of seeds {list(seed_list)} (the seeds column counts them)"
+    else:
+        from mcad_student.train import DistillConfig, ResumeMismatchError
+        from pipeline.ablation import run_ablation
+
+        try:
+            base = DistillConfig(store=store, eval_shards=eval_shards,
+                                 **({"steps": steps} if steps is not None else {}))
+        except ValueError as err:
+            raise click.UsageError(str(err)) from err
+        try:
+            results = run_ablation(base, out_dir, seed_list, row_list, online_seeds=online_list)
+        except (StaleRowError, ResumeMismatchError) as err:
+            raise click.ClickException(str(err)) from err
+        row_steps, batch_size, seeds_text = base.steps, base.batch_size, f"seeds {list(seed_list)}"
+    note = (f"{row_steps} steps per row, batch {batch_size}, {seeds_text} (online row: "
+            f"{list(online_list)}), recalls on {_relative_to_cwd(eval_shards)} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())
     click.echo(f"wrote {out_dir}/ablation.json, ablation.md, ablation.png ({len(table)} rows)")
+
+
+def _relative_to_cwd(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it (as the report names it: no machine's
+    absolute paths in committed results), else as given."""
+    absolute = Path(path).absolute()
+    return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else path
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """Comma-separated integers (e.g. --seeds 0,1,2); a bad item is a usage error naming the option."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
 
 
 @main.command("export")
@@ -625,10 +923,12 @@ def index_cmd(export_dir: Path, shards: str, out_dir: Path, batch: int, threads:
                    "(lower peak RSS).")
 def search_cmd(index_dir: Path, query: str, k: int, as_json: bool, export_dir: Path | None, scorer: str) -> None:
     """Top-k images for a text query. Loads neither torch nor transformers (tokenizers, onnxruntime, faiss, numpy)."""
-    from pipeline.search import Searcher, SearchIndexError
-
     if k < 1:
         raise click.BadParameter("k must be >= 1", param_hint="-k")
+    if problem := _text_problem(query):
+        raise click.BadParameter(problem, param_hint="--query")
+    from pipeline.search import Searcher, SearchIndexError
+
     try:
         hits = Searcher(index_dir, export_dir=export_dir, scorer=scorer).query(query, k)
     except SearchIndexError as err:
@@ -638,6 +938,21 @@ def search_cmd(index_dir: Path, query: str, k: int, as_json: bool, export_dir: P
         click.echo(json.dumps({"query": query, "results": [{"key": h.key, "score": h.score} for h in hits]}))
     else:
         click.echo("\n".join(f"{rank:>3}  {h.score:.4f}  {h.key}" for rank, h in enumerate(hits, 1)))
+
+
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` is no query text, or None: undecodable bytes (a non-UTF-8 argument reaches Python as
+    surrogate escapes, which no tokenizer or JSON output can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        try:
+            raw = repr(text.encode("utf-8", "surrogateescape"))  # the bytes as they were given
+        except UnicodeEncodeError:
+            raw = ascii(text)
+        return (f"not UTF-8 text: {raw} has undecodable bytes at character {err.start}; pass the query in "
+                "UTF-8 (check the terminal's or the script's encoding)")
+    return None
 
 
 if __name__ == "__main__":
