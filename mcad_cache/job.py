@@ -15,13 +15,17 @@ that depends on the embed array job; see ``jobs/``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import tarfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,21 +33,23 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from mcad_cache import blocks as block_ops
-from mcad_cache.embed import ShardInput, TeacherSet, build_manifest, embed_input, load_teacher_set, read_shard
+from mcad_cache.embed import (READ_ERRORS, ReadFailure, ShardInput, TeacherSet, build_manifest, drop_repeated_keys,
+                              embed_input, load_teacher_set, read_shard, shard_loader, teacher_autocast)
 from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_array, write_shard_group
-from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name
+from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name, writer_locks
 from mcad_cache.config import CacheConfig
 from mcad_cache.teachers.single import TextBatch
 from mcad_core.dist import TaskPlace, partition
+from mcad_core.runlog import RunLog
 from mcad_core.shards import (
     IMAGE_EXTENSIONS,
     DuplicateKeyError,
-    NoShardsError,
-    ShardReadError,
+    NotATarError,
     SplitData,
     list_shards,
     load_split,
+    tar_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +111,37 @@ class CacheSummary:
 
 
 def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progress: bool = True) -> CacheSummary:
+    """Run ``passes`` as this task, under the store's writer locks: a second copy is refused before it does anything.
+
+    The run's milestones are appended to the log beside the store (``store_log_path``).
+    """
+    with writer_locks(cfg.store, place.rank, place.world_size, passes), _store_log(cfg.store, place) as run_log:
+        return _run_cache(cfg, passes, place, progress, run_log)
+
+
+def store_log_path(store: str | os.PathLike, rank: int = 0) -> Path:
+    """The log file of the runs on ``store``: ``<store name>.log`` beside it (a store holds only its own
+    arrays), ``<store name>.rank<R>.log`` for task R > 0 of several, which may run on other machines."""
+    store = Path(os.path.abspath(store))
+    return store.with_name(f"{store.name}.log" if rank == 0 else f"{store.name}.rank{rank}.log")
+
+
+@contextlib.contextmanager
+def _store_log(store: str | os.PathLike, place: TaskPlace) -> Iterator[RunLog]:
+    """The run's ``RunLog`` (opened by ``_run_cache`` once the store exists); a run that leaves no store (refused,
+    or it removed the store it made) leaves no log it made either."""
+    path = store_log_path(store, place.rank)
+    existed = path.exists()
+    try:
+        with RunLog(path) as run_log:
+            yield run_log
+    finally:
+        if not existed and not os.path.lexists(store):
+            path.unlink(missing_ok=True)
+
+
+def _run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progress: bool,
+               run_log: RunLog | None = None) -> CacheSummary:
     started = time.perf_counter()
     unknown = sorted(set(passes) - set(PASSES))
     if unknown:
@@ -116,6 +153,8 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
                          "single-task job (see jobs/README.md).")
     if cfg.fusion_rule not in FUSION_RULES:
         raise ValueError(f"unknown fusion rule {cfg.fusion_rule!r}; known: {sorted(FUSION_RULES)}")
+    check_fusion_a(cfg.fusion_rule, cfg.fusion_a)
+    check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     shards = list_shards(cfg.shards)
@@ -123,16 +162,22 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
     teachers = load_teacher_set(cfg, resolve_device(cfg.device))
     if cfg.source_size is None:
         cfg = replace(cfg, source_size=max(t.image_size for t in [*teachers.duals.values(), teachers.single]))
+    created = not os.path.lexists(cfg.store)
     store = CacheStore.create_or_open(cfg.store, build_manifest(cfg, teachers, shards))
+    if run_log is not None:
+        run_log.open()
+    _log_start(cfg, passes, place, store, created)
     summary = CacheSummary(str(cfg.store), place)
     if "embed" in passes:
         start = time.perf_counter()
         # One task running embed and block passes runs a block's passes as soon as it has embedded the block.
         early = [p for p in block_passes if p != "integrate"] if place.world_size == 1 else []
         blocks = EmbeddedBlocks(store, cfg, teachers, early, summary, progress) if early else None
-        embed_pass(store, cfg, teachers, partition(shards, place), summary, progress,
-                   on_embedded=blocks.add if blocks else None)
+        with _removed_if_nothing_embedded(store, created and place.world_size == 1, summary):
+            embed_pass(store, cfg, teachers, partition(shards, place), summary, progress,
+                       on_embedded=blocks.add if blocks else None)
         summary.seconds["embed"] = time.perf_counter() - start - (blocks.seconds if blocks else 0.0)
+        log.info("pass embed done in %.1fs", time.perf_counter() - start)
     if block_passes:
         missing = [s["name"] for s in store.manifest["shards"] if not store.shard_done(s["name"])]
         if missing:
@@ -145,9 +190,67 @@ def run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progres
             else:
                 blocks_pass(store, cfg, teachers, pass_name, summary, progress)
             summary.seconds[pass_name] = summary.seconds.get(pass_name, 0.0) + time.perf_counter() - start
+            log.info("pass %s done in %.1fs", pass_name, time.perf_counter() - start)
     summary.bytes_on_disk = store.bytes_on_disk()
     summary.wall_seconds = time.perf_counter() - started
+    log.info("cache done in %.1fs: %d shards embedded (%d already done, %d failed), %d samples; store %.1f MiB",
+             summary.wall_seconds, summary.shards_embedded, summary.shards_skipped_done, len(summary.shards_failed),
+             summary.samples, summary.bytes_on_disk / 2**20)
     return summary
+
+
+def _log_start(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, store: CacheStore, created: bool) -> None:
+    """The run log's first lines: passes, task, the whole config, and what the store already holds."""
+    log.info("cache start on %s: passes %s, task %d of %d (%s)", store.path, ",".join(passes), place.rank,
+             place.world_size, place.source)
+    log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+    if created:
+        log.info("created the store")
+    else:
+        names = [s["name"] for s in store.manifest["shards"]]
+        done = sum(store.shard_done(n) for n in names)
+        log.info("resuming the store: %d of %d shards embedded already", done, len(names))
+
+
+def check_fusion_a(rule: str, a: float) -> None:
+    """Refuse a weight ``a`` the fusion rule refuses (e.g. reconstruction's 0 <= a <= 1), before any work.
+
+    The rule itself is asked, on one zero logit, so its own check is the only one.
+    """
+    try:
+        FUSION_RULES[rule](torch.zeros(1, 1), torch.zeros(1, 1), a)
+    except ValueError as err:
+        raise ValueError(f"fusion_a (--fusion-a) does not suit the fusion rule {rule!r}: {err}") from err
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string torch does not know, or a CUDA device this machine lacks, before any work."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:0, ...)") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (use auto or cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+@contextlib.contextmanager
+def _removed_if_nothing_embedded(store: CacheStore, created: bool, summary: CacheSummary) -> Iterator[None]:
+    """On a failure: remove the store again if this run created it and the embed pass stored no shard.
+
+    Such a store holds only its manifest; a store with a stored shard stays, since a re-run resumes it.
+    ``created`` is False for a store of several tasks: another task may be writing it.
+    """
+    try:
+        yield
+    except BaseException:
+        if created and summary.shards_embedded == 0:
+            log.info("removing the store %s: this run created it and stored no shard before it stopped", store.path)
+            shutil.rmtree(store.path, ignore_errors=True)
+        raise
 
 
 def check_k_fits_blocks(shards: Sequence[str], k: int, block_shards: int) -> None:
@@ -167,6 +270,10 @@ def check_k_fits_blocks(shards: Sequence[str], k: int, block_shards: int) -> Non
             images += _count_images(shard, stop_at=k - images)
         if k > images:
             names = ", ".join(os.path.basename(s) for s in block)
+            for shard in block:  # a file that is no tar at all is the input's fault, not k's: name it
+                problem = tar_problem(shard)
+                if problem:
+                    raise NotATarError(shard, problem, f" (candidate block [{names}] has {images} images for k={k})")
             raise ValueError(f"k={k} exceeds the {images} images of the candidate block [{names}] (a block is "
                              f"{block_shards} shard(s)): lower k or raise block_shards")
 
@@ -218,6 +325,10 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
     away), and a failed shard would otherwise stay empty for good. Keys are
     checked against every earlier shard of this task, done ones included; other
     tasks' shards are checked when a block is read (``check_block_keys``).
+
+    With ``cfg.workers`` > 0, worker processes read the shards instead (``shard_loader``: up to
+    ``workers`` shards decoded and tokenized ahead, in order); the key check against earlier shards
+    runs here as each is taken (``drop_repeated_keys``), so the store is the one a reader thread writes.
     """
     widths = teachers.widths()
     previous = {shard: store.shard_status(shard_name(shard)) for shard in shards}
@@ -225,13 +336,16 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
     summary.shards_skipped_done += len(shards) - len(todo)
     seen: dict[str, str] = {}  # key -> the shard it was first read from
     remembered = 0  # shards[:remembered] have their keys in ``seen``
+    items = iter(shard_loader([shards[i] for i in todo], cfg, teachers)) if cfg.workers and todo else None
 
-    def read_next(index: int) -> Future:
+    def read_next(index: int) -> Future | _WorkerRead:
         """Start reading ``shards[index]`` once ``seen`` holds the keys of every shard before it."""
         nonlocal remembered
         for shard in shards[remembered:index]:  # done shards; the todo ones were remembered as they were read
             _remember_keys(seen, store.shard_group(shard_name(shard))["keys"][...], shard)
         remembered = index
+        if items is not None:  # the workers read the todo shards in this order already
+            return _WorkerRead(items, shards[index], seen, cfg, teachers)
         # ``seen`` is not changed again until this read's result is taken, so the thread may read it as it is.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcad-read")
         future = pool.submit(read_shard, shards[index], cfg, teachers, seen)
@@ -240,7 +354,7 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
 
     bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="embed shards", unit="shard",
                disable=not progress)
-    with bar:
+    with bar, _workers_stopped(items):
         pending = read_next(todo[0]) if todo else None
         for position, index in enumerate(todo):
             shard = shards[index]
@@ -250,7 +364,7 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
                 store.shard_group(name).attrs.put({})
             try:
                 shard_input = pending.result()
-            except (ShardReadError, NoShardsError, OSError) as err:
+            except READ_ERRORS as err:
                 if cfg.on_error == "raise":
                     raise
                 shard_input = err
@@ -271,6 +385,7 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
             if previous[shard].get("failed") and (previous[shard].get("samples") or status["samples"]):
                 _forget_block_passes(store, name)
             store.mark_shard(name, status)
+            log.info("shard %s embedded: %d samples", name, status["samples"])
             summary.shards_embedded += 1
             summary.samples += status["samples"]
             summary.skipped_samples += status.get("skipped", 0)
@@ -283,6 +398,32 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
             if on_embedded is not None:
                 on_embedded(shard, shard_input if isinstance(shard_input, ShardInput) and not status.get("failed")
                             else None)
+
+
+class _WorkerRead:
+    """The workers' next shard, taken like a Future: ``result()`` raises its read error, or checks its keys
+    against ``seen`` (as it is when taken: every earlier shard's keys) and returns it."""
+
+    def __init__(self, items: Iterator, shard: str, seen: dict[str, str], cfg: CacheConfig,
+                 teachers: TeacherSet) -> None:
+        self.items, self.shard, self.seen, self.cfg, self.teachers = items, shard, seen, cfg, teachers
+
+    def result(self) -> ShardInput:
+        item = next(self.items)
+        if isinstance(item, ReadFailure):
+            raise item.error
+        return drop_repeated_keys(item, self.shard, self.seen, self.cfg, self.teachers)
+
+
+@contextlib.contextmanager
+def _workers_stopped(items: Iterator | None) -> Iterator[None]:
+    """Stop the loader's worker processes on the way out, at once, even when the pass failed part-way."""
+    try:
+        yield
+    finally:
+        stop = getattr(items, "_shutdown_workers", None)  # torch's multiprocessing loader iterator
+        if stop is not None:
+            stop()
 
 
 def _reader_pool() -> ThreadPoolExecutor:
@@ -418,7 +559,7 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
                                     emb.text_image)
         if rescore_input is None:
             rescore_input = read_rescore_input(cfg, teachers, shards)
-        vision_tokens, itm, clock = _single_stream_scorer(teachers, shards, emb, rescore_input)
+        vision_tokens, itm, clock = _single_stream_scorer(teachers, shards, emb, rescore_input, cfg.precision)
         logits, fused = block_ops.rescore(plan, vision_tokens, itm, max(1, cfg.itm_batch_size // (2 * cfg.k)),
                                           cfg.itm_batch_size, teachers.single.fused_dim, progress)
         arrays = block_ops.rescore_arrays(plan, logits, fused)
@@ -453,7 +594,8 @@ class RescoreInput:
 def read_rescore_input(cfg: CacheConfig, teachers: TeacherSet, shards: Sequence[str]) -> RescoreInput:
     """Decode a block's shards and tokenize their captions for the single-stream teacher (no forward)."""
     paths = {shard_name(path): path for path in list_shards(cfg.shards)}  # this run's, checked against the store
-    data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error)
+    data = load_split([paths[name] for name in shards], image_size=cfg.source_size, policy=cfg.on_error,
+                      max_image_pixels=cfg.max_image_pixels)
     texts = teachers.single.tokenize([text for captions in data.captions for text in captions])
     return RescoreInput(data, texts)
 
@@ -524,8 +666,9 @@ class EmbeddedBlocks:
 
 
 def _single_stream_scorer(teachers: TeacherSet, shards: Sequence[str], emb: block_ops.BlockEmbeddings,
-                          rescore_input: RescoreInput):
-    """Closures giving vision tokens of block image rows and ITM scores of (tokens, image rows, text rows)."""
+                          rescore_input: RescoreInput, precision: str = "fp32"):
+    """Closures giving vision tokens of block image rows and ITM scores of (tokens, image rows, text rows),
+    their forwards under ``precision``'s autocast."""
     from mcad_core.views import FULL_VIEW, render_views
 
     data, texts = rescore_input.data, rescore_input.texts
@@ -535,12 +678,14 @@ def _single_stream_scorer(teachers: TeacherSet, shards: Sequence[str], emb: bloc
     single = teachers.single
     full = torch.tensor(FULL_VIEW).expand(len(data), 4)
     clock = {"seconds": 0.0}  # time inside the teacher's forward passes, for the overhead ratio
+    autocast = teacher_autocast(precision, teachers.device)
 
     @torch.no_grad()
     def vision_tokens(rows: torch.Tensor) -> torch.Tensor:
         pixels = single.pixels_from_uint8(render_views(data.images[rows], full[: len(rows)], single.image_size))
         start = time.perf_counter()
-        tokens = single.vision_tokens(pixels)
+        with autocast():
+            tokens = single.vision_tokens(pixels)
         clock["seconds"] += time.perf_counter() - start
         return tokens
 
@@ -548,7 +693,8 @@ def _single_stream_scorer(teachers: TeacherSet, shards: Sequence[str], emb: bloc
     def itm(tokens: torch.Tensor, image_rows: torch.Tensor, text_rows: torch.Tensor):
         batch = texts.select(text_rows)
         start = time.perf_counter()
-        out = single.itm(tokens, batch, image_rows=image_rows)
+        with autocast():
+            out = single.itm(tokens, batch, image_rows=image_rows)
         clock["seconds"] += time.perf_counter() - start
         return out.logits, out.fused
 

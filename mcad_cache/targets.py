@@ -76,6 +76,40 @@ def rebuild_target_logits(
     return i2t, t2i
 
 
+def rebuild_target_rows(
+    i2t_rows: torch.Tensor,
+    t2i_rows: torch.Tensor,
+    positions: torch.Tensor,
+    batch_images: torch.Tensor,
+    batch_texts: torch.Tensor,
+    text_image: torch.Tensor,
+    i2t_ids: torch.Tensor,
+    i2t_fused: torch.Tensor,
+    t2i_ids: torch.Tensor,
+    t2i_fused: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rebuild_target_logits` for some batch positions only (one data-parallel rank's share).
+
+    ``i2t_rows`` (b, B) are the dual logits of batch images ``positions`` against every batch text,
+    ``t2i_rows`` (b, B) those of batch texts ``positions`` against every batch image; the result is
+    those rows of the full rebuild's (i2t, t2i).
+    """
+    b = len(positions)
+    if i2t_rows.shape != (b, len(batch_texts)) or t2i_rows.shape != (b, len(batch_images)):
+        raise ValueError(f"row logits {tuple(i2t_rows.shape)}, {tuple(t2i_rows.shape)} do not match {b} positions "
+                         f"of a batch of {len(batch_images)} images and {len(batch_texts)} texts")
+    if not torch.equal(_rows(text_image, batch_texts, batch_images.device), batch_images):
+        raise ValueError("batch_texts are not captions of batch_images (text_image[batch_texts] != batch_images)")
+    device = i2t_rows.device
+    images, texts = batch_images.to(device), batch_texts.to(device)
+    mine = positions.to(device)
+    i2t = _overwrite(i2t_rows.float(), _rows(i2t_ids, images[mine], device), _rows(i2t_fused, images[mine], device),
+                     texts)
+    t2i = _overwrite(t2i_rows.float(), _rows(t2i_ids, texts[mine], device), _rows(t2i_fused, texts[mine], device),
+                     images)
+    return i2t, t2i
+
+
 def candidates_in_batch(
     batch_images: torch.Tensor, batch_texts: torch.Tensor, i2t_ids: torch.Tensor, t2i_ids: torch.Tensor
 ) -> float:

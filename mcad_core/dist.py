@@ -146,6 +146,22 @@ def task_place(env: Mapping[str, str] | None = None) -> TaskPlace:
     return TaskPlace(0, 1, source="single")
 
 
+def local_rank(env: Mapping[str, str] | None = None) -> int:
+    """This task's index among the tasks on its machine, which picks its GPU (``cuda:<local rank>``).
+
+    torchrun's ``LOCAL_RANK``, else Slurm's ``SLURM_LOCALID``, else 0 (one task per machine). A value that is
+    not a non-negative integer is a PlacementError naming the variable.
+    """
+    env = os.environ if env is None else env
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if _get(env, name) is not None:
+            value = _int(env, name)
+            if value < 0:
+                raise PlacementError(f"{name}={value} is negative; a local rank counts from 0")
+            return value
+    return 0
+
+
 def explicit_place(rank: int, world_size: int) -> TaskPlace:
     """A placement given on the command line (``--rank/--world-size``), checked like one from the environment."""
     for name, value in (("rank", rank), ("world_size", world_size)):

@@ -26,10 +26,11 @@ from mcad_cache.fusion import FUSION_RULES, fuse
 from mcad_cache.schema import BLOCK_PASSES, read_block_rows
 from mcad_cache.sources import locate_shards
 from mcad_cache.store import CacheStore, block_name
-from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits
-from mcad_core.shards import ReadStats, load_split
+from mcad_cache.targets import candidates_in_batch, neighbor_batches, rebuild_target_logits, rebuild_target_rows
+from mcad_core.shards import DEFAULT_MAX_IMAGE_PIXELS, ReadStats, load_split
 from mcad_core.views import render_views
 from mcad_student.choices import BATCHINGS
+from mcad_student.parallel import local_rows
 
 
 class CacheJoinError(RuntimeError):
@@ -87,7 +88,8 @@ def read_block(store: CacheStore, index: int, policy: str = "warn", paths: dict[
             dual, itm = (torch.from_numpy(group[f"{side}/{kind}"][...]) for kind in ("dual", "itm"))
             lists[f"{side}/fused"] = fuse(fusion[0], dual, itm, fusion[1]).to(lists[f"{side}/fused"].dtype)
     images, captions, skipped = _join_images([paths[s] for s in shards], keys,
-                                             manifest["preprocessing"]["source_size"], policy)
+                                             manifest["preprocessing"]["source_size"], policy,
+                                             source_pixel_limit(manifest))
     if len(captions) != len(text_image):
         raise CacheJoinError(f"block {name}: shards give {len(captions)} captions, the cache holds {len(text_image)}")
     return Block(
@@ -101,10 +103,18 @@ def read_block(store: CacheStore, index: int, policy: str = "warn", paths: dict[
     )
 
 
-def _join_images(shards: list[str], keys: np.ndarray, size: int, policy: str):
-    """Stream the block's source shards and place each image at its cache row (by key)."""
+def source_pixel_limit(manifest: dict) -> int | None:
+    """The pixel limit stage 1 read the source shards with (``CacheConfig.max_image_pixels``; None: none), so
+    stage 2 decodes the same images: the manifest records it only when it is not the default."""
+    return manifest["preprocessing"].get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def _join_images(shards: list[str], keys: np.ndarray, size: int, policy: str,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """Stream the block's source shards (images over ``max_image_pixels`` are bad samples, as in stage 1) and
+    place each image at its cache row (by key)."""
     stats = ReadStats()
-    data = load_split(shards, image_size=size, policy=policy, stats=stats)
+    data = load_split(shards, image_size=size, policy=policy, stats=stats, max_image_pixels=max_image_pixels)
     row_of = {str(k): i for i, k in enumerate(keys)}
     images = torch.zeros((len(keys), 3, size, size), dtype=torch.uint8)
     found = torch.zeros(len(keys), dtype=torch.bool)
@@ -141,13 +151,17 @@ def target_spec(manifest: dict, fused: bool) -> TargetSpec:
                       tuple(manifest["teachers"][t]["logit_scale"] for t in duals), fused)
 
 
-def batch_targets(block: Block, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor,
-                  spec: TargetSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def batch_targets(block: Block, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor, spec: TargetSpec,
+                  positions: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Target logits per teacher and for the weighted ensemble ("ensemble"): (i2t, t2i), each (B, B).
 
     Teacher logits are rebuilt from the cached embeddings of exactly the views and
     captions in the batch; with ``spec.fused`` the candidate entries take the fused logits.
+    ``positions``: build only the i2t rows of those batch images and the t2i rows of those batch texts, each
+    (len(positions), B), what one data-parallel rank holds (None: every row).
     """
+    if positions is not None:
+        return _target_rows(block, images, texts, views, spec, positions)
     out = {}
     ensemble = None
     for teacher, weight, scale in zip(spec.teachers, spec.weights, spec.scales, strict=True):
@@ -158,6 +172,30 @@ def batch_targets(block: Block, images: torch.Tensor, texts: torch.Tensor, views
         out[teacher] = _overwrite_or_plain(block, logits, images, texts, spec.fused)
     out["ensemble"] = _overwrite_or_plain(block, ensemble, images, texts, spec.fused)
     return out
+
+
+def _target_rows(block: Block, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor, spec: TargetSpec,
+                 positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``batch_targets`` for the rows of ``positions`` only: (b, B) matmuls instead of one (B, B)."""
+    out = {}
+    ensemble = None
+    for teacher, weight, scale in zip(spec.teachers, spec.weights, spec.scales, strict=True):
+        image = block.image_emb[teacher][images, views].float()
+        text = block.text_emb[teacher][texts].float()
+        rows = (scale * image[positions] @ text.t(), scale * text[positions] @ image.t())
+        ensemble = tuple(weight * r for r in rows) if ensemble is None else tuple(
+            e + weight * r for e, r in zip(ensemble, rows, strict=True))
+        out[teacher] = _overwrite_rows_or_plain(block, rows, positions, images, texts, spec.fused)
+    out["ensemble"] = _overwrite_rows_or_plain(block, ensemble, positions, images, texts, spec.fused)
+    return out
+
+
+def _overwrite_rows_or_plain(block: Block, rows: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                             images: torch.Tensor, texts: torch.Tensor, fused: bool):
+    if not fused:
+        return rows
+    return rebuild_target_rows(*rows, positions, images, texts, block.text_image, block.lists["i2t/ids"],
+                               block.lists["i2t/fused"], block.lists["t2i/ids"], block.lists["t2i/fused"])
 
 
 def _overwrite_or_plain(block: Block, logits: torch.Tensor, images: torch.Tensor, texts: torch.Tensor, fused: bool):
@@ -173,18 +211,28 @@ def choose_texts(block: Block, rows: torch.Tensor, gen: torch.Generator) -> torc
     Neighbour batching pulls in the *images* of an anchor's candidate captions; an
     image has several captions, so picking one at random would drop most cached
     candidates from the batch. Where batch image ``j`` is the image of a cached
-    candidate of another batch anchor, ``j`` takes that very caption (best slot first).
+    candidate of another batch anchor, ``j`` takes that very caption (best slot first, then lowest anchor).
+
+    O(B k log B): each candidate's image is looked up among the sorted batch rows and the winner per image is
+    one ``scatter_reduce`` (min over candidate order), where comparing every slot with every batch image built
+    a (B, k, B) tensor (``bench/choose_texts.py`` keeps that formulation; the results are identical).
     """
     texts = block.first[rows] + (torch.rand(len(rows), generator=gen) * block.count[rows]).long()
-    lists = block.lists["i2t/ids"][rows]  # (B, k) candidate caption rows of each anchor
-    owners = block.text_image[lists]  # (B, k) their images
-    match = owners[:, :, None] == rows[None, None, :]  # (B, k, B): anchor a's slot s names batch image j
-    match &= ~torch.eye(len(rows), dtype=torch.bool)[:, None, :]  # an anchor does not pick its own caption
-    flat = match.permute(2, 1, 0).reshape(len(rows), -1)  # (B, k*B): slot-major, so the best slot wins
-    named = flat.any(1)
-    first = flat.to(torch.uint8).argmax(1)
-    slot, anchor = first // len(rows), first % len(rows)
-    return torch.where(named, lists[anchor, slot], texts)
+    n, k = len(rows), block.lists["i2t/ids"].shape[1]
+    if n == 0 or k == 0:
+        return texts
+    named = block.lists["i2t/ids"][rows].t().reshape(-1)  # (k*B,) slot-major: candidate c = slot * B + anchor
+    owners = block.text_image[named]  # their images
+    sorted_rows, order = torch.sort(rows, stable=True)
+    first = torch.searchsorted(sorted_rows, owners)
+    count = torch.searchsorted(sorted_rows, owners, right=True) - first  # batch positions holding that image
+    candidate = torch.repeat_interleave(count)  # one entry per (candidate, batch position) match
+    within = torch.arange(len(candidate)) - (torch.cumsum(count, 0) - count)[candidate]
+    position = order[first[candidate] + within]
+    own = position == candidate % n  # an anchor does not pick its own caption
+    best = torch.full((n,), k * n, dtype=torch.long)
+    best.scatter_reduce_(0, position[~own], candidate[~own], reduce="amin")
+    return torch.where(best < k * n, named[best.clamp(max=k * n - 1)], texts)
 
 
 def trim_padding(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
@@ -215,10 +263,16 @@ class CacheBatches:
     def __init__(self, store_path: str | Path, batch_size: int, image_size: int, seed: int, fused: bool,
                  policy: str = "warn", expected_manifest: dict | None = None, batching: str = "neighbor",
                  shards_dir: str | Path | None = None, fusion: tuple[str, float] | None = None,
-                 paths: dict[str, str] | None = None) -> None:
+                 paths: dict[str, str] | None = None, rank: int = 0, world: int = 1, sources: bool = True,
+                 neighbors: int | None = None) -> None:
+        """``rank``/``world``: under torchrun, every rank plans the same global batches but renders views, tokens
+        and target rows only for its positions ``rank::world`` (see ``make_batch``). ``sources``: batches carry
+        the global batch's source images and caption strings (what the online baseline's teachers read); the
+        cached run leaves them out, a (B, 3, S, S) copy per batch it never reads."""
         if batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
         self.batching = batching
+        self.neighbors = neighbors  # neighbour batching: candidates per anchor pulled in (None: all k)
         if fusion is not None and fusion[0] not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {fusion[0]!r}; known: {sorted(FUSION_RULES)}")
         self.fusion = fusion
@@ -232,6 +286,10 @@ class CacheBatches:
         if incomplete:
             raise CacheJoinError(f"{len(incomplete)} block(s) of {self.store.path} are not complete, e.g. "
                                  f"{incomplete[:3]}: finish `mcad cache` first")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.rank, self.world = rank, world
+        self.sources = sources
         self.batch_size = batch_size
         self.image_size = image_size
         self.seed = seed
@@ -275,7 +333,8 @@ class CacheBatches:
                 block = self.block(index)
                 gen = _generator(self.seed, epoch, index)
                 if self.batching == "neighbor":
-                    plan = neighbor_batches(block.lists["i2t/ids"], block.text_image, self.batch_size, gen)
+                    plan = neighbor_batches(block.lists["i2t/ids"], block.text_image, self.batch_size, gen,
+                                            self.neighbors)
                 else:
                     plan = list(torch.randperm(len(block), generator=gen).split(self.batch_size))
                 for rows in plan:
@@ -288,25 +347,33 @@ class CacheBatches:
             epoch, skip = epoch + 1, 0
 
     def make_batch(self, block: Block, rows: torch.Tensor, gen: torch.Generator) -> dict:
+        """The batch of block ``rows``. The plan (rows, captions, views) is the global batch's on every rank;
+        "pixels", "input_ids" and the "targets" rows are this rank's positions "local" only (every position in
+        one process); the rest (integrated features, boxes, with ``sources`` the source images and caption
+        strings) is the global batch's."""
         texts = choose_texts(block, rows, gen)
         views = torch.randint(0, self.views, (len(rows),), generator=gen)
         boxes = block.view_params[rows, views]
-        pixels = render_views(block.images[rows], boxes, self.image_size)
-        targets = batch_targets(block, rows, texts, views, self.spec)
+        # A batch of one image is skipped by the loop (no in-batch negative), so it need not split over ranks.
+        mine = local_rows(len(rows), self.rank, self.world) if self.world > 1 and len(rows) > 1 else None
+        local = torch.arange(len(rows)) if mine is None else mine
+        pixels = render_views(block.images[rows[local]], boxes[local], self.image_size)
+        targets = batch_targets(block, rows, texts, views, self.spec, mine)
         hits = candidates_in_batch(rows, texts, block.lists["i2t/ids"], block.lists["t2i/ids"])
         self.in_batch_hits.append(hits)
         return {
+            "local": local,
             "pixels": pixels,
-            "input_ids": trim_padding(block.text_tokens[texts]),
+            "input_ids": trim_padding(block.text_tokens[texts[local]]),
             "targets": targets,
             "integrated_image": block.integrated_image[rows].float(),
             "integrated_text": block.integrated_text[texts].float(),
             "block": block.name,
             "rows": rows,
             "texts": texts,
-            "source_images": block.images[rows],
+            "source_images": block.images[rows] if self.sources else None,
             "boxes": boxes,
-            "captions": [block.captions[t] for t in texts.tolist()],
+            "captions": [block.captions[t] for t in texts.tolist()] if self.sources else None,
             "views": views,
             "candidates_in_batch": hits,
         }

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mcad_student.choices import FD_KINDS, KD_DIRECTIONS, KD_KINDS
+from mcad_student.choices import AMMKD_WEIGHTINGS, FD_KINDS, KD_DIRECTIONS, KD_KINDS
 
 __all__ = [
     "LossWeights",
@@ -38,6 +38,7 @@ __all__ = [
     "total_loss",
     "kd_gradients",
     "min_norm_weights",
+    "confidence_weights",
     "ammkd_kd_loss",
 ]
 
@@ -67,12 +68,16 @@ class LossWeights:
     kd_direction: str = field(default="i2t", metadata={"terms": ("kd",)})
     # Which target distributions ia matches, as kd_direction for kd ("both": the paper's FA term).
     ia_direction: str = field(default="both", metadata={"terms": ("ia",)})
+    # Mode ammkd's per-step teacher weights (choices.AMMKD_WEIGHTINGS); other modes ignore it.
+    ammkd_weighting: str = field(default="min_norm", metadata={"terms": ("kd",)})
 
     def __post_init__(self) -> None:
         if self.fd_kind not in FD_KINDS:
             raise ValueError(f"fd_kind must be one of {FD_KINDS}, got {self.fd_kind!r}")
         if self.kd_kind not in KD_KINDS:
             raise ValueError(f"kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}")
+        if self.ammkd_weighting not in AMMKD_WEIGHTINGS:
+            raise ValueError(f"ammkd_weighting must be one of {AMMKD_WEIGHTINGS}, got {self.ammkd_weighting!r}")
         for name in ("kd_direction", "ia_direction"):
             if getattr(self, name) not in KD_DIRECTIONS:
                 raise ValueError(f"{name} must be one of {KD_DIRECTIONS}, got {getattr(self, name)!r}")
@@ -398,15 +403,35 @@ def min_norm_weights(grads: Tensor, iterations: int = 1000) -> Tensor:
     return w.to(device=grads.device, dtype=out_dtype)
 
 
+def confidence_weights(targets: list[tuple[Tensor, Tensor]], temperature: float, direction: str = "both") -> Tensor:
+    """Per-teacher weights ``softmax_t(-CE_t)``: ``CE_t`` is the mean cross-entropy of teacher ``t``'s target
+    rows (softened by ``temperature``) against the batch's true pairs, over the rows ``direction`` names.
+
+    A teacher whose targets put more probability on the truth weighs more (the confidence rule of
+    multi-teacher KD, CA-MKD), unlike min-norm, which favours the teacher whose kd gradient is smallest,
+    i.e. the one the student already agrees with. Row ``i`` of a target is anchor ``i``, whose true pair is
+    column ``i`` (a batch's texts are its images' captions, in order).
+    """
+    if direction not in KD_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KD_DIRECTIONS}, got {direction!r}")
+    losses = []
+    for i2t, t2i in targets:
+        rows = {"i2t": [i2t], "t2i": [t2i], "both": [i2t, t2i]}[direction]
+        losses.append(torch.stack([
+            F.cross_entropy(_float(r) / temperature, torch.arange(r.shape[0], device=r.device)) for r in rows
+        ]).mean())
+    return torch.softmax(-torch.stack(losses), dim=0)
+
+
 def ammkd_kd_loss(
     student_logits: Tensor, targets: list[tuple[Tensor, Tensor]], temperature: float, weights: Tensor | None,
-    direction: str = "both",
+    direction: str = "both", weighting: str = "min_norm",
 ) -> dict[str, Tensor]:
     """Multi-teacher KD with AMMKD's adaptive weights: ``{"kd": sum_t w_t kd_t, "kd/<t>": kd_t, "w/<t>": w_t}``.
 
     ``targets`` holds one ``(target_i2t, target_t2i)`` pair per teacher, ``t = 0, 1, ...``. With ``weights=None``
     the weights are :func:`min_norm_weights` of the closed-form :func:`kd_gradients` (detached, recomputed every
-    step, as AMMKD does); otherwise the given fixed weights ``(n_teachers,)`` are used as they are. ``"kd/<t>"``
+    step, as AMMKD does), or with ``weighting="confidence"`` :func:`confidence_weights`; otherwise the given fixed weights ``(n_teachers,)`` are used as they are. ``"kd/<t>"``
     and ``"w/<t>"`` are detached diagnostics for logging; only ``"kd"`` carries gradient. ``direction``: the rows
     each teacher's kd matches, as in :func:`kd_loss` (the weights come from that same loss's gradients).
     """
@@ -415,7 +440,12 @@ def ammkd_kd_loss(
     per_teacher = [kd_loss(student_logits, i2t, t2i, temperature, direction=direction)["kd"] for i2t, t2i in targets]
     if weights is None:
         with torch.no_grad():
-            weights = min_norm_weights(kd_gradients(student_logits, targets, temperature, direction))
+            if weighting == "confidence":
+                weights = confidence_weights(targets, temperature, direction)
+            elif weighting == "min_norm":
+                weights = min_norm_weights(kd_gradients(student_logits, targets, temperature, direction))
+            else:
+                raise ValueError(f"weighting must be one of {AMMKD_WEIGHTINGS}, got {weighting!r}")
     weights = weights.detach().to(device=per_teacher[0].device, dtype=per_teacher[0].dtype)
     if weights.shape != (len(targets),):
         raise ValueError(f"weights {tuple(weights.shape)} do not match {len(targets)} teachers")

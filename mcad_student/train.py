@@ -32,12 +32,14 @@ from tqdm import tqdm
 
 from mcad_cache.fusion import FUSION_RULES
 from mcad_cache.sources import locate_tokenizer
-from mcad_student.choices import BATCHINGS
+from mcad_student.choices import BATCHINGS, PRECISIONS
 from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import STUDENT_PRESETS, Student, StudentConfig, build_student, save_student
-from mcad_student.parallel import Parallel
+from mcad_student.parallel import DeviceUnavailableError, Parallel, check_split, resolve_device
 from mcad_core.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from mcad_core.lock import main_rank_writer_lock
+from mcad_core.runlog import RunLog
 from mcad_core.config import from_dict
 from mcad_core.optim import adamw_warmup_cosine
 
@@ -87,7 +89,15 @@ class DistillConfig:
     eval_every: int = 0  # 0: only at the end
     eval_shards: str = "data/default/val"
     max_nan_skips: int = 20
-    amp: bool = False  # bf16 autocast; on CUDA it pays, on CPU it is usually slower
+    # Where the student trains: "auto" (cuda:$LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda" (this
+    # rank's GPU) or "cuda:N". A "where", not a "what": a run may resume on another device (RESUMABLE_CHANGES).
+    device: str = "auto"
+    # "fp32", or autocast on the device's type to bfloat16 ("amp-bf16": pays on CUDA, on CPU usually slower) or
+    # float16 ("amp-fp16": CUDA only, with a GradScaler).
+    precision: str = "fp32"
+    # The old spelling of precision "amp-bf16" (configs saved before precision existed, `--amp`): read as it,
+    # then stored as False, so a config says its precision one way only.
+    amp: bool = False
     threads: int = 0
     on_error: str = "warn"
     # Where the store's sources now are, when they moved since `mcad cache` (None: the paths the store
@@ -103,6 +113,9 @@ class DistillConfig:
     # targets pick the true pair only ~22 % of the time (contrast twins the CLIPs cannot tell apart). With
     # neighbour batches the ViT student reached 37.6 test mean recall; with random ones 54.0 (docs/results.md, stage 2).
     batching: str = "random"
+    # With batching "neighbor": how many of each anchor's top cached candidates pull their images into its batch
+    # (None: all k). Few make batches of small confusable groups among random ones; 0 is random batching.
+    batch_neighbors: int | None = None
     online: bool = False  # the baseline: the cache's teachers run in the loop instead of reading its targets
 
     def __post_init__(self) -> None:
@@ -114,6 +127,8 @@ class DistillConfig:
         _require(not self.online or self.mode == "mcad",
                  f"the online baseline runs mode 'mcad' only, got {self.mode!r}")
         _require(self.batching in BATCHINGS, f"batching must be one of {BATCHINGS}, got {self.batching!r}")
+        _require(self.batch_neighbors is None or self.batch_neighbors >= 0,
+                 f"batch_neighbors must be >= 0 (or unset: all k), got {self.batch_neighbors}")
         _require(self.on_error in ("warn", "raise"), f"on_error must be 'warn' or 'raise', got {self.on_error!r}")
         # A batch of one has no in-batch negative, so the loop skips it; with batch_size 1 (or <= 0)
         # every batch is skipped and the run never reaches a step.
@@ -129,6 +144,14 @@ class DistillConfig:
         _require(self.threads >= 0, f"threads must be 0 (torch's default) or more, got {self.threads}")
         _require(self.fusion_rule is None or self.fusion_rule in FUSION_RULES,
                  f"unknown fusion rule {self.fusion_rule!r}; known: {sorted(FUSION_RULES)}")
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.amp:
+            _require(self.precision in ("fp32", "amp-bf16"), f"amp (the old spelling of precision 'amp-bf16') "
+                                                             f"contradicts precision {self.precision!r}; drop amp")
+            object.__setattr__(self, "precision", "amp-bf16")
+            object.__setattr__(self, "amp", False)
+        _require(_device_spec_ok(self.device),
+                 f"device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {self.device!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -142,6 +165,30 @@ class DistillConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise DistillConfigError(message)
+
+
+def _device_spec_ok(spec: str) -> bool:
+    """Is ``spec`` a device this code knows how to train on (whether this machine has it is checked at run time)?"""
+    if not isinstance(spec, str):
+        return False
+    kind, _, index = spec.partition(":")
+    return spec in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit() and index == str(int(index)))
+
+
+AUTOCAST_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: fp32), or a DeviceUnavailableError naming what
+    that device cannot do: float16 autocast is CUDA-only here (CPU float16 matmuls are slow and it needs a
+    GradScaler), and bfloat16 needs a GPU that supports it."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise DeviceUnavailableError(f"precision amp-fp16 needs a CUDA device, the run is on {device}; use "
+                                     "--precision amp-bf16 or fp32 there")
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceUnavailableError(f"{device} does not support bfloat16; use --precision amp-fp16 or fp32")
+    return dtype
 
 
 def check_inputs(cfg: DistillConfig) -> tuple[dict[str, str], str]:
@@ -224,7 +271,7 @@ def loss_term(name: str) -> Callable[[LossTerm], LossTerm]:
 def _kd_term(v: StepView) -> dict:
     if v.mode == "ammkd":
         return ammkd_kd_loss(v.logits, [v.batch["targets"][t] for t in v.teachers], v.weights.kd_temperature, None,
-                             v.weights.kd_direction)
+                             v.weights.kd_direction, v.weights.ammkd_weighting)
     i2t, t2i = v.targets
     return kd_loss(v.logits, i2t, t2i, v.weights.kd_temperature, v.weights.kd_kind,
                    v.weights.kd_direction)
@@ -243,11 +290,28 @@ def _ia_term(v: StepView) -> dict:
 
 def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tuple[str, ...],
                 par: Parallel = Parallel()) -> dict:
-    """Every loss term of one global batch; under torchrun this rank encodes only its rows (see parallel.py)."""
+    """Every loss term of one global batch; under torchrun this rank encodes only its rows (see parallel.py).
+
+    A batch from ``CacheBatches(rank=, world=)`` holds pixels, tokens and target rows of this rank's positions
+    ``batch["local"]`` only; the target rows are gathered here, so every rank sees the global batch's targets.
+    A whole batch (one process, or no "local") holds every position, and this rank encodes its share of them.
+    """
     weights = cfg.effective_loss()
     n = len(batch["rows"])
     mine = par.local_rows(n)
-    local = student(student.pixels_from_uint8(batch["pixels"][mine]), batch["input_ids"][mine])
+    held = batch.get("local")
+    if par.world == 1:
+        pixels, input_ids = batch["pixels"], batch["input_ids"]
+    elif held is None or len(held) == n:  # a whole batch: this rank encodes its share
+        pixels, input_ids = batch["pixels"][mine], batch["input_ids"][mine]
+    elif torch.equal(held.cpu(), mine):  # this rank's rows already: gather the target rows of every rank
+        pixels, input_ids = batch["pixels"], batch["input_ids"]
+        targets = {name: tuple(par.gather(t, n, grad=False) for t in pair) for name, pair in batch["targets"].items()}
+        batch = {**batch, "targets": targets}
+    else:
+        raise ValueError(f"the batch holds positions {held.tolist()[:4]}..., rank {par.rank} of {par.world} encodes "
+                         f"{mine.tolist()[:4]}...: build CacheBatches with this rank and world")
+    local = student(student.pixels_from_uint8(pixels), input_ids)
     out = {k: v if k == "logit_scale" else par.gather(v, n) for k, v in local.items()}
     logits = out["logit_scale"] * out["image"] @ out["text"].t()
     terms = dict(itc_loss(out["image"], out["text"], out["logit_scale"]))
@@ -260,13 +324,26 @@ def batch_terms(student: Student, batch: dict, cfg: DistillConfig, teachers: tup
     return terms
 
 
-def optimizer_step(student: Student, optimizer, scheduler, loss: torch.Tensor, par: Parallel = Parallel()) -> None:
-    """Backward, gradient all-reduce (torchrun), clipping at norm 1, AdamW and LR steps, logit-scale clamp."""
+def optimizer_step(student: Student, optimizer, scheduler, loss: torch.Tensor, par: Parallel = Parallel(),
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, gradient all-reduce (torchrun), clipping at norm 1, AdamW and LR steps, logit-scale clamp.
+
+    ``scaler`` (precision amp-fp16): the loss is scaled before the backward and the gradients unscaled before
+    clipping; a step whose gradients overflowed is skipped by the scaler, which then lowers its scale.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    par.average_gradients(student)
-    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        par.average_gradients(student)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        par.average_gradients(student)  # every rank unscales the same summed gradients, so all skip alike
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
     scheduler.step()
     with torch.no_grad():
         student.clip.logit_scale.clamp_(0, math.log(100))
@@ -275,23 +352,43 @@ def optimizer_step(student: Student, optimizer, scheduler, loss: torch.Tensor, p
 # ---------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+def _rng_state(device: torch.device | None = None) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: RunState, cfg: DistillConfig) -> None:
+def _on_cpu(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied to the CPU: a checkpoint written on a
+    GPU then loads anywhere, with or without ``map_location``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: RunState, cfg: DistillConfig,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Everything a resume needs, tensors on the CPU, written atomically (``scaler``: amp-fp16's loss scale)."""
+    device = next(student.parameters()).device
     payload = {
         "config": cfg.to_dict(),
         "step": state.step,
         "position": [state.position.epoch, state.position.batch],
         "nan_skips": state.nan_skips,
         "seconds": state.seconds,
-        "model": student.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": _on_cpu(student.state_dict()),
+        "optimizer": _on_cpu(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": _rng_state(device),
         "metrics": [dict(row) for row in state.metrics],
     }
+    if scaler is not None:
+        payload["scaler"] = scaler.state_dict()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -299,10 +396,13 @@ def save_checkpoint(path: Path, student: Student, optimizer, scheduler, state: R
 
 # Settings added after runs had been saved, with the value those runs used (not today's default): a saved
 # config without one reads as that value. loss.kd_direction was "both" before it existed.
+# device and precision need no entry: their defaults are what older runs did, and a saved ``amp`` reads as its
+# precision (DistillConfig.__post_init__).
 SETTINGS_BEFORE_THEY_EXISTED = {("loss", "kd_direction"): "both"}
-# May change on resume: a longer run, other intervals, or inputs found at new places (checked by content).
+# May change on resume: a longer run, other intervals, inputs found at new places (checked by content), or
+# another device (checkpoints load onto any).
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "eval_every", "threads", "store", "out_dir", "shards",
-                               "tokenizer"})
+                               "tokenizer", "device"})
 
 
 def config_differences(saved: dict, cfg: DistillConfig, where: str,
@@ -330,7 +430,10 @@ def config_differences(saved: dict, cfg: DistillConfig, where: str,
     return [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
 
 
-def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig) -> RunState:
+def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig,
+                    scaler: torch.amp.GradScaler | None = None) -> RunState:
+    """The run state of ``path``, its weights and optimizer state loaded onto the student's device, whichever device
+    wrote it (tensors are read onto the CPU first, ``map_location``)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     differences = config_differences(payload["config"], cfg, str(path))
     if differences:
@@ -340,6 +443,11 @@ def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: Dis
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["rng"]["torch"])
+    device = next(student.parameters()).device
+    if "cuda" in payload["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(payload["rng"]["cuda"], device)
+    if scaler is not None and "scaler" in payload:
+        scaler.load_state_dict(payload["scaler"])
     step = payload["step"]
     rows = payload["metrics"] if "metrics" in payload else _rows_from_csv(path.parent / "metrics.csv", step)
     return RunState(step, Position(*payload["position"]), payload["nan_skips"], payload["seconds"], rows)
@@ -402,37 +510,62 @@ class MetricsLog:
         atomic_write_bytes(self.path, buffer.getvalue().encode())
 
 
+# Run directory files besides checkpoint.pt, metrics.csv, tb/, student/ and summary.json: the run's milestones
+# (appended across resumes) and its training curves.
+RUN_LOG, CURVES = "log.txt", "curves.png"
+
+
 def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) the student in ``cfg.out_dir``; returns the run summary (also written as summary.json).
 
     ``stop_after`` ends the process-local loop early after that many steps (for tests of resume); steps
-    after the last checkpoint are then not kept, as after a kill.
+    after the last checkpoint are then not kept, as after a kill. The main rank appends the run's milestones
+    to ``log.txt`` in the run directory (``RUN_LOG``: start, resume, evals, checkpoints, the end).
     """
+    with (main_rank_writer_lock(cfg.out_dir, what=f"run directory {cfg.out_dir}"),  # a 2nd run on it: refused first
+          RunLog(Path(cfg.out_dir) / RUN_LOG) as run_log):
+        return _distill(cfg, progress, stop_after, run_log)
+
+
+def _distill(cfg: DistillConfig, progress: bool, stop_after: int | None, run_log: RunLog | None = None) -> dict:
+    # A device this machine lacks, or a precision it cannot run there: named before any other work.
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # what a library allocates on "the current GPU" lands on this rank's too
     paths, tokenizer_dir = check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    par = Parallel.from_env()
+    par = Parallel.from_env(device)
+    stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
+                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching,
+                          neighbors=cfg.batch_neighbors, paths=paths,
+                          fusion=(cfg.fusion_rule, cfg.fusion_a) if cfg.fusion_rule is not None else None,
+                          rank=par.rank, world=par.world, sources=cfg.online)
+    check_split(cfg.batch_size, stream.block_sizes(), par.world)  # every batch splits over the ranks
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if par.main:  # the main rank is this directory's only writer, and it has written nothing yet
+        if run_log is not None:
+            run_log.open()
         for stale in remove_stale_temporaries(out):
             log.warning("removed %s, left by a writer that was killed", stale)
     torch.manual_seed(cfg.seed)
-    stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
-                          fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching,
-                          paths=paths,
-                          fusion=(cfg.fusion_rule, cfg.fusion_a) if cfg.fusion_rule is not None else None)
     manifest = stream.manifest
     integration_dim = int(manifest["integration"]["dim"])
     student_cfg = replace(cfg.student, feature_dims=(integration_dim, integration_dim),
                           context_length=int(manifest["tokenizer"]["context_length"]))
-    student = build_student(student_cfg, tokenizer_dir, out / "student_build" / f"rank{par.rank}")
+    # Built (and seeded) on the CPU, then moved: the same initial weights on every device.
+    student = build_student(student_cfg, tokenizer_dir, out / "student_build" / f"rank{par.rank}").to(device)
     par.broadcast_parameters(student)
     optimizer, scheduler = _optimizer(student, cfg)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
     checkpoint = out / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, student, optimizer, scheduler, cfg) if checkpoint.exists() else RunState()
+    state = (load_checkpoint(checkpoint, student, optimizer, scheduler, cfg, scaler) if checkpoint.exists()
+             else RunState())
     if par.main:
         atomic_write_json(out / "config.json", cfg.to_dict())
+        _log_start(cfg, device, par.world, state.step)
     metrics = MetricsLog(out / "metrics.csv")
     if par.main:
         metrics.write(state.metrics)  # repairs a csv that a kill left behind the checkpoint
@@ -454,11 +587,12 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         state.position = position
         if len(batch["rows"]) < 2:  # a block's last batch can hold a single image: no in-batch negatives
             continue
-        if online is not None:
+        if online is not None:  # the teachers score the global batch; this rank keeps its target rows
             computed = online.targets(batch["source_images"], batch["boxes"], batch["captions"])
-            batch = {**batch, "targets": {"ensemble": computed["ensemble"]},
+            batch = {**batch, "targets": {"ensemble": tuple(t[batch["local"]] for t in computed["ensemble"])},
                      "integrated_image": computed["integrated_image"], "integrated_text": computed["integrated_text"]}
-        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=cfg.amp):
+        batch = batch_to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             terms = batch_terms(student, batch, cfg, teachers, par)
         loss = terms["loss"]
         if not torch.isfinite(loss):
@@ -469,7 +603,7 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
                                          f"by step {state.step}; lower the learning rate or check the cache")
             optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer_step(student, optimizer, scheduler, loss, par)
+        optimizer_step(student, optimizer, scheduler, loss, par, scaler)
         state.step += 1
         steps_here += 1
         row = {"step": state.step, "lr": scheduler.get_last_lr()[0],
@@ -486,31 +620,35 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         if par.main and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
             recalls = evaluate_student(student, tokenizer_dir, cfg)
             row.update({f"val/{k}": v for k, v in recalls.items()})
+            _log_eval(writer, recalls, state.step, cfg.eval_shards)
             student.train()
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             state.seconds += time.perf_counter() - start
             start = time.perf_counter()
             if par.main:
-                save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
+                save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg, scaler)
                 metrics.write(state.metrics)
+                log.info("step %d: checkpoint written (loss %.4f)", state.step, row["loss"])
             par.barrier()
     bar.close()
     state.seconds += time.perf_counter() - start
-    if writer is not None:
-        writer.close()
     if not par.main:
         par.barrier()
         par.close()
         return {"step": state.step, "finished": state.step >= cfg.steps, "rank": par.rank}
     if state.step < cfg.steps:
+        writer.close()
+        log.info("stopped at step %d of %d; a re-run resumes from the last checkpoint", state.step, cfg.steps)
         par.barrier()
         par.close()
         return {"step": state.step, "finished": False}
-    save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg)
+    save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg, scaler)
     metrics.write(state.metrics)
     student.eval()
     spec = save_student(student, tokenizer_dir, out / "student")
     recalls = evaluate_student(student, tokenizer_dir, cfg)
+    _log_eval(writer, recalls, state.step, cfg.eval_shards)
+    writer.close()
     hits = stream.in_batch_hits
     summary = {
         "mode": cfg.mode, "seed": cfg.seed, "steps": state.step, "seconds": round(state.seconds, 2),
@@ -524,15 +662,108 @@ def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = 
         "last_loss": state.metrics[-1]["loss"] if state.metrics else None,
     }
     atomic_write_json(out / "summary.json", summary)
+    write_curves(out / "metrics.csv", out / CURVES, final=(state.step, recalls["mean_recall"]))
+    log.info("finished: %d steps in %.1fs (%.3f steps/s), student saved as %s; wrote summary.json and %s",
+             state.step, state.seconds, summary["steps_per_second"], spec, CURVES)
     par.barrier()
     par.close()
     return summary
+
+
+# The batch tensors a step reads (besides "targets"): moved to the training device by ``batch_to_device``.
+BATCH_TENSORS = ("pixels", "input_ids", "integrated_image", "integrated_text")
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor the loss reads (pixels, token ids, target logits, integrated features) on
+    ``device``; to a GPU from pinned host memory with non-blocking copies. Index tensors (rows, texts, ...) stay."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == device:
+            return tensor
+        if device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
+    out = {**batch, "targets": {name: tuple(move(t) for t in pair) for name, pair in batch["targets"].items()}}
+    out.update({key: move(batch[key]) for key in BATCH_TENSORS})
+    return out
 
 
 def _tensorboard(path: Path):
     from torch.utils.tensorboard import SummaryWriter  # tensorboard is a declared dependency
 
     return SummaryWriter(str(path))
+
+
+def _log_start(cfg: DistillConfig, device: torch.device, world: int, step: int) -> None:
+    """The run log's first lines: what trains where, the whole config, and the step it resumes from."""
+    log.info("distill start in %s: mode %s, %d steps, batch %d, lr %g, seed %d, student %s, device %s (%s), "
+             "%d rank(s); store %s, eval shards %s", cfg.out_dir, cfg.mode, cfg.steps, cfg.batch_size, cfg.lr,
+             cfg.seed, cfg.student.image_model, device, cfg.precision, world, cfg.store, cfg.eval_shards)
+    log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
+    if step:
+        log.info("resuming from step %d of %d", step, cfg.steps)
+
+
+def _log_eval(writer, recalls: dict[str, float], step: int, shards: str) -> None:
+    """One evaluation's recalls: a run log line, and TensorBoard scalars ``eval/<name>`` (``writer``: None on
+    ranks other than the main one, which do not evaluate)."""
+    log.info("step %d: eval on %s: %s", step, shards, ", ".join(f"{k} {v:.2f}" for k, v in recalls.items()))
+    if writer is not None:
+        for key, value in recalls.items():
+            writer.add_scalar(f"eval/{key}", value, step)
+        writer.flush()
+
+
+# metrics.csv columns that are not loss terms (every other column without a "/" is one: loss, itc, kd, ...).
+NOT_LOSS_COLUMNS = frozenset({"step", "lr", "candidates_in_batch"})
+
+
+def write_curves(metrics_csv: Path, out: Path, final: tuple[int, float] | None = None) -> None:
+    """Plot ``metrics_csv`` into the PNG ``out`` (written atomically): each loss term over the steps (thin:
+    every step; bold: a running mean), and beside it the eval mean recall over the steps where the csv holds
+    one (``val/mean_recall``), plus ``final`` (step, mean recall) of the end-of-run evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = list(rows[0]) if rows else []
+    terms = [c for c in columns if c not in NOT_LOSS_COLUMNS and "/" not in c]
+    recall = [(int(r["step"]), float(r["val/mean_recall"])) for r in rows if r.get("val/mean_recall")]
+    if final is not None:
+        recall.append(final)
+    fig = Figure(figsize=(11 if recall else 6.5, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if recall else 1, squeeze=False)[0]
+    steps = [int(r["step"]) for r in rows]
+    window = max(1, len(rows) // 50)
+    for i, term in enumerate(terms):
+        values = [float(r[term]) if r.get(term) else math.nan for r in rows]
+        colour = f"C{i}"
+        axes[0].plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+        axes[0].plot(steps, _running_mean(values, window), color=colour, linewidth=1.6, label=term)
+    axes[0].set(xlabel="step", ylabel="loss",
+                title="loss terms" + (f" (bold: mean of {window} steps)" if window > 1 else ""))
+    if terms:
+        axes[0].legend()
+    if recall:
+        axes[1].plot(*zip(*recall, strict=True), marker="o")
+        axes[1].set(xlabel="step", ylabel="mean recall", title="eval mean recall")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start), NaN (no value) left out."""
+    out = []
+    for i in range(len(values)):
+        known = [v for v in values[max(0, i - window + 1): i + 1] if not math.isnan(v)]
+        out.append(sum(known) / len(known) if known else math.nan)
+    return out
 
 
 class StudentEncoder:
@@ -542,6 +773,7 @@ class StudentEncoder:
         from transformers import AutoTokenizer
 
         self.student = student
+        self.device = next(student.parameters()).device
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.context_length = context_length
         self.image_size = student.image_size
@@ -557,7 +789,7 @@ class StudentEncoder:
     def encode_texts(self, texts) -> torch.Tensor:
         ids = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                              return_tensors="pt")["input_ids"]
-        return self.student.encode_text(ids)
+        return self.student.encode_text(ids.to(self.device))
 
 
 def evaluate_student(student: Student, tokenizer_dir: str, cfg: DistillConfig) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mcad_core.dist import PlacementError, TaskPlace, explicit_place, partition, task_place
+from mcad_core.dist import PlacementError, TaskPlace, explicit_place, local_rank, partition, task_place
 
 
 def test_empty_env_is_single() -> None:
@@ -204,3 +204,18 @@ def test_partition_accepts_tuple_and_range_and_returns_list() -> None:
 def test_partition_from_environment() -> None:
     place = task_place({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
     assert partition(list(range(8)), place) == [1, 4, 7]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, 0), ({"LOCAL_RANK": "3", "RANK": "7", "WORLD_SIZE": "8"}, 3), ({"SLURM_LOCALID": "2"}, 2),
+    ({"LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, 1), ({"LOCAL_RANK": " ", "SLURM_LOCALID": "4"}, 4),
+])
+def test_local_rank_picks_this_machines_index(env: dict[str, str], expected: int) -> None:
+    assert local_rank(env) == expected
+
+
+@pytest.mark.parametrize("env, match", [({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+                                        ({"SLURM_LOCALID": "-1"}, "SLURM_LOCALID=-1 is negative")])
+def test_local_rank_refuses_garbage(env: dict[str, str], match: str) -> None:
+    with pytest.raises(PlacementError, match=match):
+        local_rank(env)

@@ -407,3 +407,39 @@ def test_used_by_zeroes_absent_terms_and_resets_the_settings_only_they_read():
     assert (kd_only.kd_temperature, kd_only.kd_kind, kd_only.kd_direction) == (2.0, "negatives", "both")
     assert (kd_only.ia_temperature, kd_only.fd_kind) == (LossWeights().ia_temperature, LossWeights().fd_kind)
     assert w.used_by(("ia",)).kd_temperature == 2.0  # ia's targets are softened by kd_temperature too
+
+
+def test_confidence_weights_by_hand():
+    """Teacher A puts e^2/(e^2+1) on each true pair, teacher B a uniform 1/2: w = softmax(-CE)."""
+    import math
+
+    from mcad_student.losses import confidence_weights
+
+    a = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    b = torch.zeros(2, 2)
+    ce_a, ce_b = math.log(1 + math.exp(-2.0)), math.log(2.0)
+    w_a = math.exp(-ce_a) / (math.exp(-ce_a) + math.exp(-ce_b))
+    weights = confidence_weights([(a, a), (b, b)], temperature=1.0)
+    torch.testing.assert_close(weights, torch.tensor([w_a, 1 - w_a]), rtol=0, atol=1e-6)
+    assert weights[0] > weights[1]
+    # Temperature 2 halves the logits: CE_a = log(1 + e^-1).
+    ce_a2 = math.log(1 + math.exp(-1.0))
+    w_a2 = math.exp(-ce_a2) / (math.exp(-ce_a2) + math.exp(-ce_b))
+    torch.testing.assert_close(confidence_weights([(a, a), (b, b)], 2.0)[0], torch.tensor(w_a2), rtol=0, atol=1e-6)
+    # One direction only: teacher B good on t2i, bad on i2t; i2t alone must favour A, t2i alone B.
+    swapped = torch.tensor([[0.0, 2.0], [2.0, 0.0]])
+    assert confidence_weights([(a, swapped), (b, a)], 1.0, "i2t")[0] > 0.5
+    assert confidence_weights([(a, swapped), (b, a)], 1.0, "t2i")[1] > 0.5
+
+
+def test_ammkd_confidence_weighting_is_used_and_unknown_rules_refused():
+    from mcad_student.losses import ammkd_kd_loss, confidence_weights
+
+    torch.manual_seed(0)
+    student = torch.randn(4, 4)
+    targets = [(torch.randn(4, 4) * 3, torch.randn(4, 4) * 3), (torch.randn(4, 4), torch.randn(4, 4))]
+    out = ammkd_kd_loss(student, targets, 1.0, None, "both", weighting="confidence")
+    expected = confidence_weights(targets, 1.0, "both")
+    torch.testing.assert_close(torch.stack([out["w/0"], out["w/1"]]), expected)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ammkd_kd_loss(student, targets, 1.0, None, "both", weighting="best")

@@ -148,3 +148,21 @@ def test_overwrite_matches_the_definition_with_repeats(seed):
     assert not torch.equal(expected, base)
     assert torch.equal(_overwrite(base, cand_ids, cand_fused, columns), expected)
     assert torch.equal(_overwrite(base.t().contiguous().t(), cand_ids, cand_fused, columns), expected)
+
+
+def test_neighbor_batches_with_zero_neighbors_is_a_random_permutation_and_one_pulls_the_top_candidate():
+    """By hand: 4 images, one caption each (text j is image j's); image i's top candidate is caption (i + 1) % 4."""
+    import torch
+
+    from mcad_cache.targets import neighbor_batches
+
+    text_image = torch.arange(4)
+    i2t_ids = torch.tensor([[1, 2], [2, 3], [3, 0], [0, 1]])
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    alone = neighbor_batches(i2t_ids, text_image, 2, gen, neighbors=0)
+    assert [b.tolist() for b in alone] == [order[:2], order[2:]]  # anchors in the random order, nothing pulled
+    paired = neighbor_batches(i2t_ids, text_image, 2, torch.Generator().manual_seed(0), neighbors=1)
+    first = order[0]
+    assert paired[0].tolist() == [first, (first + 1) % 4]  # the anchor, then its top candidate's image
+    assert sorted(torch.cat(paired).tolist()) == [0, 1, 2, 3]  # every image exactly once
