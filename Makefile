@@ -1,40 +1,55 @@
 # MCAD: run the teachers once into a cache, distill students from it.
 # Every target works offline on the embedded default world.
+# Runs write under artifacts/ and runs/; bench/results/ (the committed reference figures) changes only
+# through `make publish` and `make bench`.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data/default
-TEACHERS ?= artifacts/teachers
+TEACHER_DATA ?= data/teacher_pool
+TEACHERS ?= teachers/default
 CACHE  ?= artifacts/cache/default.zarr
+RESULTS ?= artifacts/results
+SMOKE  ?= artifacts/smoke
 
 .DEFAULT_GOAL := help
-.PHONY: help install data teachers eval cache distill ablation bench export clip-benchmark test
+.PHONY: help install data teacher-data teachers ship-teachers eval cache distill publish ablation bench export \
+        clip-benchmark smoke test
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 install:  ## Create $(VENV) and install the project with pip (pinned torch/torchvision pair)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e .
 
-data:  ## Generate the default image-text world (22k samples, ~15 s) into $(DATA)
-	$(BIN)/mcad data --out $(DATA)
+data:  ## Generate the default world's distillation set (5k train, 1k val, 1k test; ~5 s) into $(DATA)
+	$(BIN)/mcad data --out $(DATA) --n-train 5000
 
-teachers:  ## Train two CLIPs and a BLIP ITM on the default world (CPU, 12-15 min on 2 cores)
-	$(BIN)/mcad teachers --data $(DATA) --out $(TEACHERS)
+teacher-data:  ## Generate the teachers' own data (100k samples from another seed; ~1 min) into $(TEACHER_DATA)
+	$(BIN)/mcad data --out $(TEACHER_DATA) --seed 1 --n-train 100000
+
+teachers: teacher-data  ## Retrain the shipped teachers from scratch into artifacts/teachers (~80 min on 2 cores)
+	$(BIN)/mcad teachers --config configs/teachers.toml --data $(TEACHER_DATA) --out artifacts/teachers
+
+ship-teachers:  ## Pack artifacts/teachers as float16 into teachers/default (what the repository ships)
+	$(BIN)/python -m mcad_world.ship artifacts/teachers teachers/default
 
 eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/eval/teachers.json
 	$(BIN)/mcad eval --teachers $(TEACHERS) --shards $(DATA)/test --out artifacts/eval/teachers.json
 
-cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE) (~3 min on the default world), then describe it
-	$(BIN)/mcad cache --teachers $(TEACHERS) --shards $(DATA)/train --store $(CACHE) --summary-json bench/results/cache_run.json
+cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE), then describe it
+	$(BIN)/mcad cache --teachers $(TEACHERS) --shards $(DATA)/train --store $(CACHE) --summary-json $(RESULTS)/cache_run.json
 	$(BIN)/mcad cache-info $(CACHE)
 
 distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split
-	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test --results-json bench/results/distill.json
+	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test --results-json $(RESULTS)/distill.json
 
-ablation:  ## Rows (a)-(f) at make distill's steps, 3 seeds (online row 1 seed; ~3.5 h on 2 cores) into runs/ablation
+publish:  ## Copy this machine's run results ($(RESULTS)/*.json) into bench/results/ (the committed figures)
+	cp $(RESULTS)/*.json bench/results/
+
+ablation:  ## Rows (a)-(f) at make distill's steps, 3 seeds (online row 1 seed) into runs/ablation
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --seeds 0,1,2 --online-seeds 0
 
 bench:  ## Benchmarks (~11 min on 2 idle CPU cores; needs make cache distill) -> bench/results/*.{json,md,png}
@@ -49,6 +64,17 @@ export:  ## The default student as open_clip + TorchScript + ONNX (checked with 
 
 clip-benchmark:  ## clip_benchmark (unmodified) vs mcad eval on the test split, exported student -> bench/results/clip_benchmark.*
 	$(BIN)/python bench/clip_benchmark_check.py --export exports/default --shards $(DATA)/test
+
+smoke:  ## The whole chain at toy sizes in a few minutes: data, teachers, eval, cache, distill, export, index, search
+	rm -rf $(SMOKE)
+	$(BIN)/mcad data --out $(SMOKE)/data --n-train 400 --n-val 50 --n-test 100 --samples-per-shard 100
+	$(BIN)/mcad teachers --data $(SMOKE)/data --out $(SMOKE)/teachers --clip-steps 30 --blip-steps 10
+	$(BIN)/mcad eval --teachers $(SMOKE)/teachers --shards $(SMOKE)/data/test --out $(SMOKE)/eval.json
+	$(BIN)/mcad cache --teachers $(SMOKE)/teachers --shards $(SMOKE)/data/train --store $(SMOKE)/cache.zarr --views 2 -k 5 --block-shards 2
+	$(BIN)/mcad distill --store $(SMOKE)/cache.zarr --out $(SMOKE)/run --eval-shards $(SMOKE)/data/test --steps 40 --batch-size 32 --teacher-table $(SMOKE)/eval.json
+	$(BIN)/mcad export --student $(SMOKE)/run/student --out $(SMOKE)/export
+	$(BIN)/mcad index --export $(SMOKE)/export --shards $(SMOKE)/data/test --out $(SMOKE)/index
+	$(BIN)/mcad search --index $(SMOKE)/index --query "a red circle left of a blue square" -k 5
 
 test:  ## Run the test suite (tiny random-init models, tiny generated shards)
 	$(BIN)/python -m pytest -q

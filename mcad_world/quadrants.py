@@ -1,7 +1,9 @@
-"""A small image-text world that ``mcad_world/synth.py`` did not make: the project's "foreign data" check.
+"""The quadrant world: a second image-text world, made unlike ``mcad_world/synth.py`` on purpose.
 
-It is deliberately different from the embedded default world in every way a
-reader could silently depend on, and imports nothing from ``pipeline``:
+``mcad data --world quadrants`` writes it; the tests run every command on it with default
+options (tests/test_other_world.py), and docs/results.md reports the distillation regime on it.
+It shares no code with the default world's generator and differs from it in every way a reader
+could silently depend on:
 
 - images: 96x96 RGB **PNG** (``{key}.png``), not 64px JPEG;
 - vocabulary: other colours (teal, magenta, olive, navy, coral, maroon) and
@@ -114,10 +116,21 @@ def _sample(rng: random.Random) -> tuple[bytes, list[dict]]:
 
 
 def write_other_world(out: str | Path, *, seed: int = 0, n_train: int = 64, n_val: int = 16, n_test: int = 16,
-                      per_shard: int = 16) -> dict[str, list[Path]]:
-    """Write ``out/{train,val,test}/part-NNNN.tar``; returns the shard paths of each split."""
+                      per_shard: int = 16, progress: bool = False) -> dict[str, list[Path]]:
+    """Write ``out/{train,val,test}/part-NNNN.tar``; returns the shard paths of each split.
+
+    Each split is its own random stream of ``seed``, so another seed is another, disjoint
+    stream of the same world (the teachers' own data, apart from the distillation shards).
+    """
+    from tqdm import tqdm
+
+    if min(n_train, n_val, n_test) < 1 or per_shard < 1:
+        raise ValueError(f"every split needs >= 1 sample and shards >= 1 sample, got train {n_train}, "
+                         f"val {n_val}, test {n_test}, {per_shard} per shard")
     out = Path(out)
     written: dict[str, list[Path]] = {}
+    bar = tqdm(total=n_train + n_val + n_test, desc="quadrant world", unit="img", disable=not progress,
+               mininterval=2.0)
     for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         rng = random.Random(seed * 1000 + split_index)
         split_dir = out / split
@@ -134,5 +147,7 @@ def write_other_world(out: str | Path, *, seed: int = 0, n_train: int = 64, n_va
                             "height": IMAGE_SIZE, "status": "success"}
                     sink.write({"__key__": key, "png": png, "txt": captions[0].encode(),
                                 "json": json.dumps(meta).encode()})
+            bar.update(min(start + per_shard, count) - start)
             written[split].append(path)
+    bar.close()
     return written

@@ -1,4 +1,4 @@
-"""The whole `mcad` chain on image-text data the project did not generate (tests/_other_world.py).
+"""The whole `mcad` chain on the quadrant world (mcad_world/quadrants.py), not the default generator's.
 
 96px PNG images, 5 captions per image in another grammar and vocabulary, letter-prefixed keys,
 ``part-NNNN.tar`` shards and no ``world.json``: every command runs with its default options except
@@ -8,7 +8,6 @@ those that only make the run small and fast.
 from __future__ import annotations
 
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest's default import mode does this already
-from _other_world import CAPTIONS_PER_IMAGE, IMAGE_SIZE, write_other_world  # noqa: E402
+from mcad_world.quadrants import CAPTIONS_PER_IMAGE, IMAGE_SIZE, write_other_world
 
 
 @pytest.fixture(scope="module")

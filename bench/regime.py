@@ -1,0 +1,114 @@
+"""The distillation regime of one world: the teachers, the contrastive-only student and the default student.
+
+Reads ``RUNS/<mode>_s<seed>/summary.json`` (``mcad distill --mode MODE --seed SEED --out RUNS/<mode>_s<seed>``)
+and the teachers' `mcad eval` JSON measured on the same split, and writes ``bench/results/distill.json`` (or
+``--out``) with the shape `make distill --results-json` writes, plus the contrastive baseline and the share of
+the teacher-student gap the default student closes, paired per seed:
+
+    python -m bench.regime --runs runs/regime --teachers artifacts/eval/teachers.json --out bench/results/distill.json
+
+Goals (the regime issue): best teacher - contrastive >= +10 mean recall; gap closed >= 0.60.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json
+
+GAP_GOAL = 10.0
+CLOSED_GOAL = 0.60
+
+
+def seed_runs(runs: Path, mode: str) -> dict[int, dict]:
+    """``{seed: summary}`` of the finished runs ``RUNS/<mode>_s<seed>``."""
+    found = {}
+    for summary in sorted(runs.glob(f"{mode}_s*/summary.json")):
+        data = json.loads(summary.read_text())
+        if data.get("mode") != mode:
+            raise ValueError(f"{summary} is a {data.get('mode')} run, not {mode}")
+        found[int(data["seed"])] = data
+    return found
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 2),
+            "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None}
+
+
+def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
+    students, baselines = seed_runs(runs, mode), seed_runs(runs, "contrastive")
+    seeds = sorted(set(students) & set(baselines))
+    if not seeds:
+        raise SystemExit(f"no seed has both a {mode} and a contrastive run under {runs}")
+    saved = json.loads(teachers_json.read_text())
+    teachers = {name: {"mean_recall": round(row["mean_recall"], 2), "params": row.get("parameters")}
+                for name, row in saved["results"].items()}
+    best_name = max(teachers, key=lambda n: teachers[n]["mean_recall"])
+    best = teachers[best_name]["mean_recall"]
+    student = [students[s]["recalls"]["mean_recall"] for s in seeds]
+    contrastive = [baselines[s]["recalls"]["mean_recall"] for s in seeds]
+    gaps = [best - c for c in contrastive]
+    closed = [(st - c) / g if g > 0 else None for st, c, g in zip(student, contrastive, gaps, strict=True)]
+    first = students[seeds[0]]
+    largest_teacher = max((t["params"] or 0) for t in teachers.values())
+    report = {
+        "student": {"mean_recall": _stats(student)["mean"], "mean_recall_sd": _stats(student)["sd"],
+                    "seeds": {str(s): round(v, 2) for s, v in zip(seeds, student, strict=True)},
+                    "mode": mode, "params": first["parameters"], "steps": first["steps"],
+                    "eval_shards": first["eval_shards"],
+                    "candidates_in_batch": _stats([students[s]["candidates_in_batch"] or 0.0 for s in seeds])["mean"]},
+        "teachers": teachers,
+        "best_teacher": best_name,
+        "of_best_teacher": round(_stats(student)["mean"] / best, 4),
+        "contrastive": {"mean_recall": _stats(contrastive)["mean"], "mean_recall_sd": _stats(contrastive)["sd"],
+                        "seeds": {str(s): round(v, 2) for s, v in zip(seeds, contrastive, strict=True)}},
+        "gap": _stats(gaps),
+        "gap_closed": round(statistics.fmean(c for c in closed if c is not None), 3) if any(closed) else None,
+        "gap_closed_per_seed": {str(s): (round(c, 3) if c is not None else None) for s, c in zip(seeds, closed,
+                                                                                                strict=True)},
+        "student_over_largest_teacher_params": round(first["parameters"] / largest_teacher, 3) if largest_teacher else None,
+    }
+    report["goals"] = {
+        "gap >= 10": {"measured": report["gap"]["mean"], "met": min(gaps) >= GAP_GOAL},
+        "gap_closed >= 0.60": {"measured": report["gap_closed"],
+                               "met": report["gap_closed"] is not None and report["gap_closed"] >= CLOSED_GOAL},
+        "student params <= largest teacher / 3": {"measured": report["student_over_largest_teacher_params"],
+                                                 "met": (report["student_over_largest_teacher_params"] or 9) <= 1 / 3},
+    }
+    return report
+
+
+def markdown(report: dict) -> str:
+    s, c = report["student"], report["contrastive"]
+    lines = ["| model | seeds | mean recall | parameters |", "|---|---|---:|---:|"]
+    for name, row in sorted(report["teachers"].items(), key=lambda kv: -kv[1]["mean_recall"]):
+        lines.append(f"| teacher: {name} | - | {row['mean_recall']:.1f} | {row['params'] or '-'} |")
+    sd = lambda v: f" ± {v:.1f}" if v is not None else ""  # noqa: E731
+    lines.append(f"| student ({s['mode']}) | {', '.join(f'{v:.1f}' for v in s['seeds'].values())} | "
+                 f"{s['mean_recall']:.1f}{sd(s['mean_recall_sd'])} | {s['params']} |")
+    lines.append(f"| student (contrastive only) | {', '.join(f'{v:.1f}' for v in c['seeds'].values())} | "
+                 f"{c['mean_recall']:.1f}{sd(c['mean_recall_sd'])} | {s['params']} |")
+    lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+    lines += [f"| {goal} | {v['measured']} | {'yes' if v['met'] else '**no**'} |" for goal, v in report["goals"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/regime"))
+    parser.add_argument("--teachers", type=Path, default=Path("artifacts/eval/teachers.json"))
+    parser.add_argument("--mode", default="fused_kd", help="the default student's mode")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/distill.json"))
+    args = parser.parse_args(argv)
+    report = regime(args.runs, args.teachers, args.mode)
+    atomic_write_json(args.out, report)
+    atomic_write_bytes(args.out.with_suffix(".md"), markdown(report).encode())
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
