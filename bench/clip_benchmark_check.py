@@ -123,6 +123,13 @@ def subprocess_env(threads: int) -> dict[str, str]:
     return env
 
 
+def shown(text: str, root: str | None = None) -> str:
+    """``text`` without the working directory's absolute path (``/repo/x`` -> ``x``, ``local-dir:/repo/x`` ->
+    ``local-dir:x``): how the results record paths and commands, so they name no machine's directories."""
+    root = os.path.abspath(root or os.getcwd())
+    return text if root == os.sep else text.replace(root + os.sep, "")
+
+
 def run_cli(argv: list[str], env: dict[str, str], log: Path) -> float:
     start = time.perf_counter()
     with open(log, "wb") as handle:
@@ -430,9 +437,10 @@ def run(args: argparse.Namespace) -> dict:
         problems.append("clip_benchmark's recall code on the replicated embeddings does not give its CLI's "
                         f"numbers ({cb_replicated} vs {cb_metrics}): the replication is not what the CLI ran")
     result = {
-        "model": spec, "shards": args.shards, "wds_dir": str(wds_dir), "layout": layout,
-        "outputs": {"clip_benchmark": str(cb_json), "mcad_eval": str(mcad_json)},
-        "commands": {"clip_benchmark": shlex.join(cb_argv), "mcad_eval": shlex.join(mcad_argv)},
+        "model": shown(spec), "shards": shown(args.shards), "wds_dir": shown(str(wds_dir)), "layout": layout,
+        "outputs": {"clip_benchmark": shown(str(cb_json)), "mcad_eval": shown(str(mcad_json))},
+        "commands": {name: shlex.join(shown(arg) for arg in argv)
+                     for name, argv in (("clip_benchmark", cb_argv), ("mcad_eval", mcad_argv))},
         "mcad_eval": mcad_metrics, "clip_benchmark_raw": cb_metrics, "rows": rows,
         "max_abs_diff": max(r["abs_diff"] for r in rows), "score_atol": args.score_atol,
         "clip_benchmark_code_on_replicated_embeddings": cb_replicated,

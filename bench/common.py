@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mcad_core.atomic import atomic_write_bytes, atomic_write_json
+from mcad_core.atomic import atomic_write_bytes
 
 DEFAULT_STORE = Path("artifacts/cache/default.zarr")
 DEFAULT_SHARDS = Path("data/default/train")
@@ -164,10 +164,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def without_machine_paths(text: str, root: str | None = None) -> str:
+    """``text`` with the working directory's absolute path removed (``/repo/data/x`` -> ``data/x``), so the
+    committed results name no machine's directories."""
+    import os
+
+    root = os.path.abspath(root or os.getcwd())
+    return text if root == os.sep else text.replace(root + os.sep, "")
+
+
 def write_results(out: Path, name: str, payload: dict, markdown: str) -> None:
-    """``out/name.json`` and ``out/name.md``, each written atomically."""
-    atomic_write_json(Path(out) / f"{name}.json", payload)
-    atomic_write_bytes(Path(out) / f"{name}.md", (markdown.rstrip() + "\n").encode())
+    """``out/name.json`` and ``out/name.md``, each written atomically, with repository-relative paths."""
+    import json
+
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(Path(out) / f"{name}.json", without_machine_paths(text).encode())
+    atomic_write_bytes(Path(out) / f"{name}.md", without_machine_paths(markdown.rstrip() + "\n").encode())
 
 
 def publish(out: Path, name: str, results: dict, figures: Callable[[dict], list],
