@@ -20,6 +20,7 @@ import csv
 import functools
 import io
 import json
+import os
 import logging
 import math
 import time
@@ -427,7 +428,20 @@ def config_differences(saved: dict, cfg: DistillConfig, where: str,
     if effective:
         saved_cfg, cfg = (replace(c, loss=c.effective_loss()) for c in (saved_cfg, cfg))
     saved, current = saved_cfg.to_dict(), cfg.to_dict()
+    for key in PATH_FIELDS:  # the same files, however the paths were written (relative here, absolute there)
+        saved[key], current[key] = _place(saved.get(key)), _place(current.get(key))
     return [k for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
+
+
+PATH_FIELDS = ("eval_shards", "store", "shards", "tokenizer")
+
+
+def _place(value):
+    """A local path as its real absolute path (from the working directory); anything else (None, a brace
+    pattern, a URL or ``pipe:`` spec, a hub id that is no local path) unchanged."""
+    if not isinstance(value, str) or any(mark in value for mark in ("{", "://", "pipe:")):
+        return value
+    return os.path.realpath(value) if os.path.exists(value) else value
 
 
 def load_checkpoint(path: Path, student: Student, optimizer, scheduler, cfg: DistillConfig,

@@ -117,3 +117,18 @@ def test_cli_names_a_missing_input_and_creates_nothing(tiny_cache, tiny_world, t
     assert result.exit_code == 3, result.output  # a missing input, like `mcad cache` without teachers
     assert ("no cache store" if missing == "store" else "no shard file or directory") in result.output
     assert not out.exists()
+
+
+def test_resume_check_treats_relative_and_absolute_paths_to_the_same_files_alike(tiny_cache, tiny_world, tmp_path,
+                                                                                 monkeypatch):
+    """A run whose eval shards were written relative resumes when they are given absolute now (and back)."""
+    import dataclasses
+
+    from mcad_student.train import config_differences
+
+    monkeypatch.chdir(tiny_world)
+    relative = _cfg(tiny_cache, "val", tmp_path / "run")
+    absolute = dataclasses.replace(relative, eval_shards=str(tiny_world / "val"))
+    assert "eval_shards" not in config_differences(relative.to_dict(), absolute, "test")
+    elsewhere = dataclasses.replace(relative, eval_shards=str(tiny_world / "test"))
+    assert "eval_shards" in config_differences(relative.to_dict(), elsewhere, "test")
