@@ -30,7 +30,7 @@ data:  ## Generate the default world's distillation set (5k train, 1k val, 1k te
 teacher-data:  ## Generate the teachers' own data (100k samples from another seed; ~1 min) into $(TEACHER_DATA)
 	$(BIN)/mcad data --out $(TEACHER_DATA) --seed 1 --n-train 100000
 
-teachers: teacher-data  ## Retrain the shipped teachers from scratch into artifacts/teachers (~80 min on 2 cores)
+teachers: teacher-data  ## Retrain the shipped teachers from scratch into artifacts/teachers (92 min on 2 shared cores)
 	$(BIN)/mcad teachers --config configs/teachers.toml --data $(TEACHER_DATA) --out artifacts/teachers
 
 ship-teachers:  ## Pack artifacts/teachers as float16 into teachers/default (what the repository ships)
@@ -65,7 +65,7 @@ export:  ## The default student as open_clip + TorchScript + ONNX (checked with 
 clip-benchmark:  ## clip_benchmark (unmodified) vs mcad eval on the test split, exported student -> bench/results/clip_benchmark.*
 	$(BIN)/python bench/clip_benchmark_check.py --export exports/default --shards $(DATA)/test
 
-smoke:  ## The whole chain at toy sizes in a few minutes: data, teachers, eval, cache, distill, export, index, search
+smoke:  ## The whole chain at toy sizes (~1.5 min): data, teachers, eval, cache, distill, export, index, search
 	rm -rf $(SMOKE)
 	$(BIN)/mcad data --out $(SMOKE)/data --n-train 400 --n-val 50 --n-test 100 --samples-per-shard 100
 	$(BIN)/mcad teachers --data $(SMOKE)/data --out $(SMOKE)/teachers --clip-steps 30 --blip-steps 10
