@@ -46,8 +46,8 @@ cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE), then describe it
 distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split
 	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test --results-json $(RESULTS)/distill.json
 
-publish:  ## Copy this machine's run results ($(RESULTS)/*.json) into bench/results/ (the committed figures)
-	cp $(RESULTS)/*.json bench/results/
+publish:  ## Copy this machine's make cache summary into bench/results/ (distill.json: python -m bench.regime, 3 seeds)
+	cp $(RESULTS)/cache_run.json bench/results/
 
 ablation:  ## Rows (a)-(f) at make distill's steps, 3 seeds (online row 1 seed) into runs/ablation
 	$(BIN)/mcad ablation --store $(CACHE) --out runs/ablation --eval-shards $(DATA)/val --seeds 0,1,2 --online-seeds 0
