@@ -66,14 +66,9 @@ def rebuild_target_logits(
     if dual_logits.shape != (len(batch_images), len(batch_texts)):
         raise ValueError(f"dual logits {tuple(dual_logits.shape)} do not match a batch of "
                          f"{len(batch_images)} images and {len(batch_texts)} texts")
-    if not torch.equal(_rows(text_image, batch_texts, batch_images.device), batch_images):
-        raise ValueError("batch_texts are not captions of batch_images (text_image[batch_texts] != batch_images)")
-    device = dual_logits.device
-    base = dual_logits.float()
-    images, texts = batch_images.to(device), batch_texts.to(device)
-    i2t = _overwrite(base, _rows(i2t_ids, batch_images, device), _rows(i2t_fused, batch_images, device), texts)
-    t2i = _overwrite(base.t(), _rows(t2i_ids, batch_texts, device), _rows(t2i_fused, batch_texts, device), images)
-    return i2t, t2i
+    every = torch.arange(len(batch_images), device=dual_logits.device)
+    return rebuild_target_rows(dual_logits, dual_logits.t(), every, batch_images, batch_texts, text_image,
+                               i2t_ids, i2t_fused, t2i_ids, t2i_fused)
 
 
 def rebuild_target_rows(
