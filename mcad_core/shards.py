@@ -441,15 +441,17 @@ def _lacks_end_marker(url: str) -> bool:
         return f.read(_END_MARKER).count(0) != _END_MARKER
 
 
-def field_decoders(max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Callable[[str, bytes], Any]]:
-    """One handler per used field: images to RGB PIL (at most ``max_image_pixels``), ``txt`` to str, ``json`` parsed.
+def field_decoders(max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                   decode_images: bool = True) -> list[Callable[[str, bytes], Any]]:
+    """One handler per used field: images to RGB PIL (at most ``max_image_pixels``; with ``decode_images`` False
+    only checked and kept as ``(extension, bytes)``), ``txt`` to str, ``json`` parsed.
 
     Passed with ``pre=[]``/``post=[]``: webdataset's default pre (gunzip, then
     decode again) and post handlers (pickle, torch.load, numpy, msgpack, ...)
     are never installed.
     """
     return [
-        ImageDecoder(max_image_pixels),
+        ImageDecoder(max_image_pixels, keep_encoded=not decode_images),
         wds.handle_extension("txt", _utf8),
         wds.handle_extension("json", json.loads),
     ]
@@ -465,13 +467,17 @@ class ImageDecoder:
     A class, not a closure, so the pipeline stays picklable for DataLoader workers.
     """
 
-    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, keep_encoded: bool = False) -> None:
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_image_pixels must be >= 1 (or None: no limit), got {max_pixels}")
         self.max_pixels = max_pixels
+        # Checked from the header as above, then kept undecoded as ``(extension, bytes)`` (stage 2 decodes a
+        # block's images only when a batch takes their rows).
+        self.keep_encoded = keep_encoded
 
-    def __call__(self, key: str, data: bytes) -> Image.Image | None:
-        if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+    def __call__(self, key: str, data: bytes) -> Image.Image | tuple[str, bytes] | None:
+        extension = key.rsplit(".", 1)[-1].lower()
+        if extension not in IMAGE_EXTENSIONS:
             return None
         with io.BytesIO(data) as stream:
             with warnings.catch_warnings():
@@ -484,6 +490,8 @@ class ImageDecoder:
             if self.max_pixels is not None and width * height > self.max_pixels:
                 raise ImageTooLargeError(f"{width}x{height} is {width * height:,} pixels, over the limit of "
                                          f"{self.max_pixels:,} (--max-image-pixels); it was not decoded")
+            if self.keep_encoded:
+                return extension, data
             image.load()
             return image.convert("RGB")
 
@@ -499,8 +507,11 @@ def build_pipeline(
     split_by_node: bool = False,
     split_by_worker: bool = False,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_images: bool = True,
 ) -> wds.DataPipeline:
-    """The webdataset pipeline yielding ``Sample``s from ``shards``; larger images than ``max_image_pixels`` are bad samples."""
+    """The webdataset pipeline yielding ``Sample``s from ``shards``; larger images than ``max_image_pixels`` are bad
+    samples. With ``decode_images`` False each ``Sample.image`` is its member's ``(extension, bytes)``, checked
+    from the header only (the same limit and error policy)."""
     if not shards:
         raise NoShardsError("empty shard list")
     ctx = _ReadContext(policy, stats if stats is not None else ReadStats())
@@ -511,7 +522,8 @@ def build_pipeline(
         wds.split_by_worker if split_by_worker else None,
         ctx.follow_shards,
         ctx.tar_samples,
-        wds.decode(*field_decoders(max_image_pixels), pre=[], post=[], only=USED_FIELDS, handler=ctx.handle),
+        wds.decode(*field_decoders(max_image_pixels, decode_images), pre=[], post=[], only=USED_FIELDS,
+                   handler=ctx.handle),
         wds.map(ctx.to_sample, handler=ctx.handle),
     )
 
@@ -523,9 +535,11 @@ def iter_samples(
     split_by_node: bool = False,
     split_by_worker: bool = False,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_images: bool = True,
 ) -> Iterator[Sample]:
-    """Iterate the good samples of ``shards``, handling bad ones by ``policy``."""
-    return iter(build_pipeline(shards, policy, stats, split_by_node, split_by_worker, max_image_pixels))
+    """Iterate the good samples of ``shards``, handling bad ones by ``policy`` (see ``build_pipeline``)."""
+    return iter(build_pipeline(shards, policy, stats, split_by_node, split_by_worker, max_image_pixels,
+                               decode_images))
 
 
 # -------------------------------------------------------------- whole splits

@@ -32,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 from mcad_cache.fusion import FUSION_RULES
-from mcad_cache.sources import locate_tokenizer
+from mcad_cache.sources import locate_shards, locate_tokenizer
+from mcad_cache.store import CacheStore
 from mcad_student.choices import BATCHINGS, PRECISIONS
 from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
@@ -192,7 +193,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
-def check_inputs(cfg: DistillConfig) -> tuple[dict[str, str], str]:
+@dataclass(frozen=True)
+class DistillInputs:
+    """What ``check_inputs`` found, handed down so that nothing is opened or looked up twice: the store (opened and
+    validated once), its source shards' current paths by name (fingerprints checked) and the tokenizer directory."""
+
+    store: CacheStore
+    paths: dict[str, str]
+    tokenizer_dir: str
+
+
+def check_inputs(cfg: DistillConfig) -> DistillInputs:
     """Fail in seconds, and before the run directory exists, when an input the run needs is missing.
 
     Without this a missing --eval-shards surfaced only after training, at the final evaluation. Every
@@ -200,17 +211,15 @@ def check_inputs(cfg: DistillConfig) -> tuple[dict[str, str], str]:
     found and checked against their fingerprints, and its tokenizer against its hash, so data changed or
     moved since `mcad cache` is named here, not part-way through training. Raises FileNotFoundError (a
     ``NoShardsError`` or ``SourceShardsError``) or ``TokenizerMismatchError``; creates nothing.
-    Returns what it found, (source shard paths by name, tokenizer directory), so nothing is looked up twice.
+    Returns what it found (the open store, source shard paths, tokenizer directory) for the run to use.
     """
-    from mcad_cache.sources import locate_shards
-    from mcad_cache.store import CacheStore
     from mcad_core.shards import list_shards
 
     store = CacheStore.open(cfg.store)  # "no cache store at ... (run `mcad cache` first)" when absent
     paths = locate_shards(store.manifest, store.path, cfg.shards)  # missing or changed shards: SourceShardsError
     tokenizer_dir = locate_tokenizer(store.manifest, store.path, cfg.tokenizer)
     list_shards(cfg.eval_shards)
-    return paths, tokenizer_dir
+    return DistillInputs(store, paths, tokenizer_dir)
 
 
 @dataclass
@@ -529,31 +538,37 @@ class MetricsLog:
 RUN_LOG, CURVES = "log.txt", "curves.png"
 
 
-def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+def distill(cfg: DistillConfig, progress: bool = True, stop_after: int | None = None,
+            inputs: DistillInputs | None = None) -> dict:
     """Train (or resume) the student in ``cfg.out_dir``; returns the run summary (also written as summary.json).
 
     ``stop_after`` ends the process-local loop early after that many steps (for tests of resume); steps
     after the last checkpoint are then not kept, as after a kill. The main rank appends the run's milestones
     to ``log.txt`` in the run directory (``RUN_LOG``: start, resume, evals, checkpoints, the end).
+    ``inputs``: ``check_inputs(cfg)`` already made by the caller (`mcad distill`), so the store is opened and its
+    sources are looked up once (None: this checks them).
     """
     with (main_rank_writer_lock(cfg.out_dir, what=f"run directory {cfg.out_dir}"),  # a 2nd run on it: refused first
           RunLog(Path(cfg.out_dir) / RUN_LOG) as run_log):
-        return _distill(cfg, progress, stop_after, run_log)
+        return _distill(cfg, progress, stop_after, run_log, inputs)
 
 
-def _distill(cfg: DistillConfig, progress: bool, stop_after: int | None, run_log: RunLog | None = None) -> dict:
+def _distill(cfg: DistillConfig, progress: bool, stop_after: int | None, run_log: RunLog | None = None,
+             inputs: DistillInputs | None = None) -> dict:
     # A device this machine lacks, or a precision it cannot run there: named before any other work.
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # what a library allocates on "the current GPU" lands on this rank's too
-    paths, tokenizer_dir = check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
+    if inputs is None:
+        inputs = check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
+    tokenizer_dir = inputs.tokenizer_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     par = Parallel.from_env(device)
-    stream = CacheBatches(cfg.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
+    stream = CacheBatches(inputs.store, cfg.batch_size, cfg.student.image_size, cfg.seed,
                           fused=cfg.mode in ("fused_kd", "mcad"), policy=cfg.on_error, batching=cfg.batching,
-                          neighbors=cfg.batch_neighbors, paths=paths,
+                          neighbors=cfg.batch_neighbors, paths=inputs.paths,
                           fusion=(cfg.fusion_rule, cfg.fusion_a) if cfg.fusion_rule is not None else None,
                           rank=par.rank, world=par.world, sources=cfg.online)
     check_split(cfg.batch_size, stream.block_sizes(), par.world)  # every batch splits over the ranks
@@ -596,54 +611,59 @@ def _distill(cfg: DistillConfig, progress: bool, stop_after: int | None, run_log
                mininterval=2.0)
     steps_here = 0
     start = time.perf_counter()
-    while state.step < cfg.steps and (stop_after is None or steps_here < stop_after):
-        position, batch = next(batches)
-        state.position = position
-        if len(batch["rows"]) < 2:  # a block's last batch can hold a single image: no in-batch negatives
-            continue
-        if online is not None:  # the teachers score the global batch; this rank keeps its target rows
-            computed = online.targets(batch["source_images"], batch["boxes"], batch["captions"])
-            batch = {**batch, "targets": {"ensemble": tuple(t[batch["local"]] for t in computed["ensemble"])},
-                     "integrated_image": computed["integrated_image"], "integrated_text": computed["integrated_text"]}
-        batch = batch_to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            terms = batch_terms(student, batch, cfg, teachers, par)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            state.nan_skips += 1
-            log.warning("step %d: non-finite loss %s, skipped (%d so far)", state.step, loss.item(), state.nan_skips)
-            if state.nan_skips > cfg.max_nan_skips:
-                raise NonFiniteLossError(f"{state.nan_skips} non-finite losses (limit {cfg.max_nan_skips}) "
-                                         f"by step {state.step}; lower the learning rate or check the cache")
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer_step(student, optimizer, scheduler, loss, par, scaler)
-        state.step += 1
-        steps_here += 1
-        row = {"step": state.step, "lr": scheduler.get_last_lr()[0],
-               "candidates_in_batch": batch["candidates_in_batch"],
-               **{k: float(v.detach()) for k, v in terms.items()}}
-        state.metrics.append(row)
-        if writer is not None:
-            for key, value in row.items():
-                if key != "step":
-                    writer.add_scalar(key, value, state.step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-        # Evaluate before checkpointing, so a checkpoint of this step holds the row with its val/ recalls.
-        if par.main and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-            recalls = evaluate_student(student, tokenizer_dir, cfg)
-            row.update({f"val/{k}": v for k, v in recalls.items()})
-            _log_eval(writer, recalls, state.step, cfg.eval_shards)
-            student.train()
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            state.seconds += time.perf_counter() - start
-            start = time.perf_counter()
-            if par.main:
-                save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg, scaler)
-                metrics.write(state.metrics)
-                log.info("step %d: checkpoint written (loss %.4f)", state.step, row["loss"])
-            par.barrier()
+    try:  # the stream reads the next block in a thread: closed however the loop ends
+        while state.step < cfg.steps and (stop_after is None or steps_here < stop_after):
+            position, batch = next(batches)
+            state.position = position
+            if len(batch["rows"]) < 2:  # a block's last batch can hold a single image: no in-batch negatives
+                continue
+            if online is not None:  # the teachers score the global batch; this rank keeps its target rows
+                computed = online.targets(batch["source_images"], batch["boxes"], batch["captions"])
+                batch = {**batch, "targets": {"ensemble": tuple(t[batch["local"]] for t in computed["ensemble"])},
+                         "integrated_image": computed["integrated_image"],
+                         "integrated_text": computed["integrated_text"]}
+            batch = batch_to_device(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = batch_terms(student, batch, cfg, teachers, par)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                state.nan_skips += 1
+                log.warning("step %d: non-finite loss %s, skipped (%d so far)", state.step, loss.item(),
+                            state.nan_skips)
+                if state.nan_skips > cfg.max_nan_skips:
+                    raise NonFiniteLossError(f"{state.nan_skips} non-finite losses (limit {cfg.max_nan_skips}) "
+                                             f"by step {state.step}; lower the learning rate or check the cache")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer_step(student, optimizer, scheduler, loss, par, scaler)
+            state.step += 1
+            steps_here += 1
+            row = {"step": state.step, "lr": scheduler.get_last_lr()[0],
+                   "candidates_in_batch": batch["candidates_in_batch"],
+                   **{k: float(v.detach()) for k, v in terms.items()}}
+            state.metrics.append(row)
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, state.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            # Evaluate before checkpointing, so a checkpoint of this step holds the row with its val/ recalls.
+            if par.main and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                recalls = evaluate_student(student, tokenizer_dir, cfg)
+                row.update({f"val/{k}": v for k, v in recalls.items()})
+                _log_eval(writer, recalls, state.step, cfg.eval_shards)
+                student.train()
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                state.seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                if par.main:
+                    save_checkpoint(checkpoint, student, optimizer, scheduler, state, cfg, scaler)
+                    metrics.write(state.metrics)
+                    log.info("step %d: checkpoint written (loss %.4f)", state.step, row["loss"])
+                par.barrier()
+    finally:
+        batches.close()
     bar.close()
     state.seconds += time.perf_counter() - start
     if not par.main:

@@ -642,10 +642,10 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
     if problem:
         raise click.UsageError(problem)
     try:
-        if problem := batch_size_problem(Path(cfg.store), cfg.batch_size):
-            check_inputs(cfg)  # a missing or changed input is named first (exit 3), as the run itself would
+        inputs = check_inputs(cfg)  # a missing or changed input is named first (exit 3); the store is opened once
+        if problem := batch_size_problem(inputs.store, cfg.batch_size):
             raise click.UsageError(problem)
-        summary = run_distill(cfg)
+        summary = run_distill(cfg, inputs=inputs)
     except ParallelSetupError as err:  # a device this machine lacks, a batch that does not split over the ranks
         raise click.UsageError(str(err)) from err
     except (CacheMismatchError, ResumeMismatchError, NonFiniteLossError, FileNotFoundError, TokenizerMismatchError,
@@ -727,21 +727,26 @@ def _run_directory_problem(out: Path) -> str | None:
     return None
 
 
-def batch_size_problem(store_path: Path, batch_size: int) -> str | None:
-    """Whether the store can give batches of ``batch_size`` images: a batch is drawn from one block, so it can
-    hold at most the images of the largest block (counted from the shard done markers; no array is read).
+def batch_size_problem(store, batch_size: int) -> str | None:
+    """Whether the store (a ``CacheStore`` already open, or its path) can give batches of ``batch_size`` images: a
+    batch is drawn from one block, so it can hold at most the images of the largest block (counted from the shard
+    done markers; no array is read).
 
     None also when the store is missing, not a store or unfinished: the run's own input checks name those
     (exit 3).
     """
     from mcad_cache.store import CacheStore
 
-    if not (store_path / "zarr.json").exists():
-        return None
-    try:
-        store = CacheStore.open(store_path)
-    except ValueError:  # not an MCAD store, or another schema: check_inputs refuses it by name
-        return None
+    if isinstance(store, CacheStore):
+        store_path = store.path
+    else:
+        store_path = Path(store)
+        if not (store_path / "zarr.json").exists():
+            return None
+        try:
+            store = CacheStore.open(store_path)
+        except ValueError:  # not an MCAD store, or another schema: check_inputs refuses it by name
+            return None
     blocks = store.manifest["search"]["blocks"]
     status = {name: store.shard_status(name) for block in blocks for name in block}
     if not status or not all(s.get("done") for s in status.values()):

@@ -209,13 +209,13 @@ def _store_with_limit(tiny_cache, tmp_path, limit: int | None):
 
 def _spy_limits(monkeypatch) -> list:
     limits = []
-    real = stage2_data.load_split
+    real = stage2_data.encoded_samples
 
     def spy(*args, **kwargs):
         limits.append(kwargs.get("max_image_pixels", "not given"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage2_data, "load_split", spy)
+    monkeypatch.setattr(stage2_data, "encoded_samples", spy)
     return limits
 
 
