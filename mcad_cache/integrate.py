@@ -5,13 +5,21 @@ single-stream teacher's cross-attention saw. The module is small, so stage 1 tra
 the cached features (minutes, no teacher in the loop) with a contrastive loss on ground truth
 plus a KL loss towards the fused target distribution, then writes its outputs (the
 *integrated features*) to the store for stage 2's feature alignment terms.
+
+A store's features need not fit in memory: a feature table may be a ``RowFile`` on disk, of which each
+training step reads its batch's rows, and ``integrated_spans`` hands the integrated features out one
+block's rows at a time.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +31,58 @@ FEATURE_KEYS = (
     "dual_image", "single_image", "dual_text", "single_text", "text_image", "first", "count",
     "i2t_ids", "i2t_fused", "t2i_ids", "t2i_fused", "dual_scale",
 )
+
+
+class RowFile:
+    """A float32 feature table on disk: rows appended block by block, read back by a slice or a row index tensor.
+
+    Indexed like the (rows, dim) tensor it stands for. A read copies exactly the rows asked for out of the
+    file (``os.preadv``; a memory map would make neighbouring pages resident too), so the table never
+    becomes memory of the process, whatever its size.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | Path, dim: int) -> None:
+        self.path, self.dim, self.rows = Path(path), dim, 0
+        self.path.write_bytes(b"")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.dim)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def append(self, rows: torch.Tensor) -> None:
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"{self.path.name}: rows of shape {tuple(rows.shape)}, the table has width {self.dim}")
+        with open(self.path, "ab") as handle:
+            handle.write(memoryview(rows.detach().float().contiguous().numpy()).cast("B"))
+        self.rows += len(rows)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        width = 4 * self.dim
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(self.rows)
+            if step != 1:
+                raise ValueError("a RowFile is read by contiguous slices or by row indices")
+            spans = [(lo, max(0, hi - lo))]
+        else:
+            rows = index.cpu().long()
+            if len(rows) and not bool(((rows >= 0) & (rows < self.rows)).all()):
+                raise IndexError(f"a row index is outside the {self.rows} rows")
+            spans = [(row, 1) for row in rows.tolist()]
+        out = bytearray(width * sum(count for _, count in spans))
+        view = memoryview(out)
+        with open(self.path, "rb", buffering=0) as handle:
+            at = 0
+            for row, count in spans:
+                size = width * count
+                if size and os.preadv(handle.fileno(), [view[at : at + size]], width * row) != size:
+                    raise OSError(f"{self.path}: short read at row {row}")
+                at += size
+        return torch.from_numpy(np.frombuffer(out, dtype=np.float32).reshape(-1, self.dim))
 
 
 @dataclass(frozen=True)
@@ -123,20 +183,22 @@ def train_integration(
     """Train the integration module on cached features; returns (model in eval mode, summary).
 
     ``features`` may concatenate several blocks, provided the id tables (``i2t_ids``,
-    ``t2i_ids``, ``text_image``, ``first``) index the concatenated rows. Training runs on the
-    device of ``dual_image``; the summary holds first_loss, last_loss (single-step values; NaN
-    for 0 steps), steps and seconds. ``steps=0`` returns the seeded initial module.
+    ``t2i_ids``, ``text_image``, ``first``) index the concatenated rows. The four feature tables
+    may be ``RowFile``s, from which each step reads its batch's rows (the same numbers as from
+    tensors). Training runs on the device of ``dual_image``; the summary holds first_loss,
+    last_loss (single-step values; NaN for 0 steps), steps and seconds. ``steps=0`` returns the
+    seeded initial module.
     """
     missing = [key for key in FEATURE_KEYS if key not in features]
     if missing:
         raise KeyError(f"integration features lack {missing}")
     device = features["dual_image"].device
-    dual_image, dual_text = features["dual_image"].float(), features["dual_text"].float()
-    single_image, single_text = features["single_image"].to(device).float(), features["single_text"].to(device).float()
+    tables = {key: features[key] if isinstance(features[key], RowFile) else features[key].to(device).float()
+              for key in ("dual_image", "single_image", "dual_text", "single_text")}
     dual_scale = float(features["dual_scale"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = IntegrationModule(dual_image.shape[1], single_image.shape[1], cfg.dim).to(device)
+        model = IntegrationModule(tables["dual_image"].shape[1], tables["single_image"].shape[1], cfg.dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = _epochs(features, cfg.batch_size, generator)
@@ -148,17 +210,14 @@ def train_integration(
         images = next(batches)
         texts = pick_texts(images, features["first"], features["count"], generator)
         img, txt = images.to(device), texts.to(device)
+        rows = {key: table[img if key.endswith("image") else txt].to(device) for key, table in tables.items()}
         with torch.no_grad():
-            dual_logits = dual_scale * dual_image[img] @ dual_text[txt].t()
+            dual_logits = dual_scale * rows["dual_image"] @ rows["dual_text"].t()
             i2t_target, t2i_target = rebuild_target_logits(
                 dual_logits, images, texts, features["text_image"],
                 features["i2t_ids"], features["i2t_fused"], features["t2i_ids"], features["t2i_fused"],
             )
-        batch = {
-            "dual_image": dual_image[img], "single_image": single_image[img],
-            "dual_text": dual_text[txt], "single_text": single_text[txt],
-            "i2t_target": i2t_target, "t2i_target": t2i_target,
-        }
+        batch = {**rows, "i2t_target": i2t_target, "t2i_target": t2i_target}
         loss = integration_losses(model, batch, cfg.temperature, cfg.kl_weight, cfg.kl_temperature)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,13 +245,41 @@ def integrated_features(
     batch: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, dim), texts (t, dim)) float32 on the inputs' device, computed in chunks of ``batch`` rows."""
+
+    def run(side: str, dual: torch.Tensor, single: torch.Tensor) -> torch.Tensor:
+        return next(integrated_spans(model, side, dual, single, [(0, len(dual))], batch))
+
+    return run("image", dual_image, single_image), run("text", dual_text, single_text)
+
+
+@torch.no_grad()
+def integrated_spans(
+    model: IntegrationModule,
+    side: str,
+    dual: torch.Tensor | RowFile,
+    single: torch.Tensor | RowFile,
+    spans: Sequence[tuple[int, int]],
+    batch: int = 4096,
+) -> Iterator[torch.Tensor]:
+    """The ``side`` ("image" or "text") branch's features of rows ``[lo, hi)`` for each span in turn.
+
+    ``spans`` are consecutive from row 0 (one block's rows each). The rows are computed in the chunks of
+    ``batch`` rows from row 0 that :func:`integrated_features` uses, so they are the same bit for bit,
+    with no more than a span and a chunk of features in memory.
+    """
+    if len(dual) != len(single):
+        raise ValueError(f"{len(dual)} dual rows but {len(single)} single-stream rows")
+    branch = model.images if side == "image" else model.texts
     device = next(model.parameters()).device
-
-    def run(branch, dual: torch.Tensor, single: torch.Tensor) -> torch.Tensor:
-        if len(dual) != len(single):
-            raise ValueError(f"{len(dual)} dual rows but {len(single)} single-stream rows")
-        chunks = [branch(dual[i : i + batch].to(device), single[i : i + batch].to(device)).to(dual.device)
-                  for i in range(0, len(dual), batch)]
-        return torch.cat(chunks) if chunks else torch.zeros((0, model.dim), device=dual.device)
-
-    return run(model.images, dual_image, single_image), run(model.texts, dual_text, single_text)
+    done, computed = 0, []  # rows [done, done + rows in ``computed``) are computed, not yet handed out
+    for lo, hi in spans:
+        if lo != done or hi > len(dual):
+            raise ValueError(f"span {(lo, hi)} does not follow row {done} within {len(dual)} rows")
+        end = done + sum(len(c) for c in computed)
+        while end < hi:
+            chunk = branch(dual[end : end + batch].to(device), single[end : end + batch].to(device)).to(dual.device)
+            computed.append(chunk)
+            end += len(chunk)
+        rows = torch.cat(computed) if computed else torch.zeros((0, model.dim), device=dual.device)
+        yield rows[: hi - lo]
+        computed, done = [rows[hi - lo :].clone()], hi

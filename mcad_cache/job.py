@@ -9,8 +9,11 @@ simply run again):
 4. ``fuse``       per block: the fusion rule on (dual, ITM) logits
 5. ``integrate``  all blocks: train the integration module, write integrated features
 
-Passes 2-5 need every shard embedded and run as one task (on Slurm: a job
-that depends on the embed array job; see ``jobs/``).
+Passes 2-5 need every shard embedded: with several tasks they run in a job of
+their own after the embed tasks (on Slurm: a job that depends on the embed
+array job; see ``jobs/``). Passes 2-4 split the blocks over that job's tasks as
+the embed pass splits the shards; integrate runs once, in the task that finds
+every block fused (``integrate_when_fused``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_
 from mcad_cache.config import CacheConfig
 from mcad_cache.teachers.single import TextBatch
 from mcad_core.dist import TaskPlace, partition
+from mcad_core.lock import WriterBusyError, WriterLock
 from mcad_core.runlog import RunLog
 from mcad_core.shards import (
     IMAGE_EXTENSIONS,
@@ -55,6 +59,7 @@ from mcad_core.shards import (
 log = logging.getLogger(__name__)
 
 PASSES = ("embed", "search", "rescore", "fuse", "integrate")
+ONE_TASK = TaskPlace(0, 1, "single")
 BLOCK_PASS_ORDER = ("search", "rescore", "fuse", "integrate")
 
 
@@ -147,10 +152,10 @@ def _run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progre
     if unknown:
         raise ValueError(f"unknown passes {unknown}; known: {list(PASSES)}")
     block_passes = [p for p in BLOCK_PASS_ORDER if p in passes]
-    if block_passes and place.world_size > 1:
-        raise ValueError(f"passes {block_passes} run as one task after all embed tasks; this is task "
-                         f"{place.rank} of {place.world_size} ({place.source}). Run them in a separate "
-                         "single-task job (see jobs/README.md).")
+    if block_passes and "embed" in passes and place.world_size > 1:
+        raise ValueError(f"passes {block_passes} run after all embed tasks; this is task {place.rank} of "
+                         f"{place.world_size} ({place.source}). Run them in a separate job: a single-task job, "
+                         "or several tasks that split the blocks (see jobs/README.md).")
     if cfg.fusion_rule not in FUSION_RULES:
         raise ValueError(f"unknown fusion rule {cfg.fusion_rule!r}; known: {sorted(FUSION_RULES)}")
     check_fusion_a(cfg.fusion_rule, cfg.fusion_a)
@@ -185,10 +190,10 @@ def _run_cache(cfg: CacheConfig, passes: Sequence[str], place: TaskPlace, progre
                                        "run the embed pass (all tasks) first")
         for pass_name in block_passes:
             start = time.perf_counter()
-            if pass_name == "integrate":
-                integrate_pass(store, cfg, teachers, progress)
-            else:
-                blocks_pass(store, cfg, teachers, pass_name, summary, progress)
+            if pass_name != "integrate":
+                blocks_pass(store, cfg, teachers, pass_name, summary, progress, place=place)
+            elif not integrate_when_fused(store, cfg, place, progress):
+                continue
             summary.seconds[pass_name] = summary.seconds.get(pass_name, 0.0) + time.perf_counter() - start
             log.info("pass %s done in %.1fs", pass_name, time.perf_counter() - start)
     summary.bytes_on_disk = store.bytes_on_disk()
@@ -503,9 +508,14 @@ def check_block_keys(keys: np.ndarray, shards: Sequence[str], rows_per_shard: Se
 
 
 def blocks_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_name: str,
-                summary: CacheSummary, progress: bool, read_ahead: bool | None = None) -> None:
-    """Run a per-block pass over every block not done yet (in one task's full run, the blocks that
+                summary: CacheSummary, progress: bool, read_ahead: bool | None = None,
+                place: TaskPlace = ONE_TASK) -> None:
+    """Run a per-block pass over this task's blocks not done yet (in one task's full run, the blocks that
     ``EmbeddedBlocks`` did not already run during the embed pass).
+
+    Task ``place.rank`` of ``place.world_size`` takes blocks ``rank, rank + world_size, ...``
+    (``mcad_core.dist.partition``, as the embed pass takes shards), so every pass of a block runs in the
+    same task, and a block's arrays are the ones a single task writes.
 
     With ``read_ahead`` (default: when the teachers run on a GPU) the rescore pass reads the next
     block's images and captions (decoded, tokenized for the single-stream teacher:
@@ -517,8 +527,9 @@ def blocks_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_
     if read_ahead is None:
         read_ahead = torch.device(resolve_device(cfg.device)).type != "cpu"
     blocks = store.manifest["search"]["blocks"]
-    todo = [i for i in range(len(blocks)) if not store.pass_done(block_name(i), pass_name)]
-    bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=pass_name, unit="block",
+    mine = partition(range(len(blocks)), place)
+    todo = [i for i in mine if not store.pass_done(block_name(i), pass_name)]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=pass_name, unit="block",
                disable=not progress)
     with bar, _reader_pool() as pool:
         def read(position: int) -> Future | None:
@@ -701,31 +712,75 @@ def _single_stream_scorer(teachers: TeacherSet, shards: Sequence[str], emb: bloc
     return vision_tokens, itm, clock
 
 
-def integrate_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, progress: bool) -> None:
-    """Train the integration module on every block's cached features, then write its features per block."""
-    from mcad_cache.integrate import IntegrationConfig, integrated_features, train_integration
+def integrate_when_fused(store: CacheStore, cfg: CacheConfig, place: TaskPlace, progress: bool) -> bool:
+    """The integrate pass, run by one task once every block is fused; whether this task ran it.
+
+    Each task of a block job fuses its own blocks and then reads the blocks' done markers (its own
+    are written by then): the task that finds every block fused, i.e. the last to finish, runs
+    integrate, under the store's integrate lock (``.<store>.lock-integrate``). A task that finds a
+    block not fused leaves integrate to the task still fusing it, and one that finds the lock taken
+    leaves it to the holder; a killed task's re-run finishes its blocks and integrates. No process
+    group is needed, so Slurm array tasks synchronize the same way as torchrun workers. A single
+    task must find every block fused.
+    """
+    names = [block_name(i) for i in range(len(store.manifest["search"]["blocks"]))]
+    unfused = [name for name in names if not store.pass_done(name, "fuse")]
+    if unfused:
+        if place.world_size == 1:
+            raise CacheIncompleteError(f"{len(unfused)} block(s) are not fused yet, e.g. {unfused[:5]}: "
+                                       "run the search, rescore and fuse passes first")
+        log.info("integrate left to the task that fuses the last block (%d not fused yet)", len(unfused))
+        return False
+    try:
+        with WriterLock(store.path, "-integrate", what=f"cache store {store.path} (integrate pass)"):
+            integrate_pass(store, cfg, progress)
+    except WriterBusyError as err:
+        log.warning("integrate left to the process running it: %s", err)
+        return False
+    return True
+
+
+def integrate_pass(store: CacheStore, cfg: CacheConfig, progress: bool) -> None:
+    """Train the integration module on every block's cached features, then write its features per block.
+
+    Memory does not grow with the store's features: they go block by block to float32 scratch files
+    beside the store (``integrate.RowFile``, ``.<store>.integrate-scratch/``, removed afterwards and at the
+    next start), each training step reads its batch's rows, and the integrated features are computed and
+    written one block at a time (``integrate.integrated_spans``). Per row, memory keeps only what the
+    batch planner walks: candidate ids, fused logits and the caption-to-image map. The numbers are those of
+    training on every block's features concatenated in memory, bit for bit.
+    """
+    from mcad_cache.integrate import IntegrationConfig, integrated_spans, train_integration
 
     manifest = store.manifest
     names = [block_name(i) for i in range(len(manifest["search"]["blocks"]))]
     if all(store.pass_done(name, "integrate") for name in names) and "integration" in store.root.attrs:
         return
     start = time.perf_counter()
-    features, rows = _integration_features(store, names, manifest)
-    icfg = IntegrationConfig(dim=cfg.integration_dim, steps=cfg.integration_steps, seed=cfg.seed)
-    model, train_summary = train_integration(features, icfg, progress=progress)
-    image_int, text_int = integrated_features(model, features["dual_image"], features["single_image"],
-                                              features["dual_text"], features["single_text"])
-    # The weights live in the store as plain float32 arrays (group "integration"), read back without pickle.
-    weight_group = store.root.require_group("integration")
-    for key, value in model.state_dict().items():
-        weight_group.create_array(key, data=value.detach().float().numpy(), overwrite=True)
-    for name, (n0, n1, t0, t1) in zip(names, rows, strict=True):
-        group = store.block_group(name)
-        sizes = {"n": n1 - n0, "t": t1 - t0, "E": cfg.integration_dim}
-        arrays = {"integrated/image": image_int[n0:n1].numpy(), "integrated/text": text_int[t0:t1].numpy()}
-        for spec in BLOCK_PASSES["integrate"]:
-            write_array(group, spec, arrays[spec.path], sizes)
-        store.mark_pass(name, "integrate", {"rows": [n1 - n0, t1 - t0]})
+    scratch = store.path.with_name(f".{store.path.name}.integrate-scratch")
+    shutil.rmtree(scratch, ignore_errors=True)  # a killed run's
+    scratch.mkdir()
+    try:
+        features, rows = _integration_features(store, names, manifest, scratch)
+        icfg = IntegrationConfig(dim=cfg.integration_dim, steps=cfg.integration_steps, seed=cfg.seed)
+        model, train_summary = train_integration(features, icfg, progress=progress)
+        # The weights live in the store as plain float32 arrays (group "integration"), read back without pickle.
+        weight_group = store.root.require_group("integration")
+        for key, value in model.state_dict().items():
+            weight_group.create_array(key, data=value.detach().float().numpy(), overwrite=True)
+        images = integrated_spans(model, "image", features["dual_image"], features["single_image"],
+                                  [(n0, n1) for n0, n1, _, _ in rows])
+        texts = integrated_spans(model, "text", features["dual_text"], features["single_text"],
+                                 [(t0, t1) for _, _, t0, t1 in rows])
+        for name, image_int, text_int in zip(names, images, texts, strict=True):
+            group = store.block_group(name)
+            sizes = {"n": len(image_int), "t": len(text_int), "E": cfg.integration_dim}
+            arrays = {"integrated/image": image_int.numpy(), "integrated/text": text_int.numpy()}
+            for spec in BLOCK_PASSES["integrate"]:
+                write_array(group, spec, arrays[spec.path], sizes)
+            store.mark_pass(name, "integrate", {"rows": [sizes["n"], sizes["t"]]})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     store.root.attrs["integration"] = {
         "config": {k: getattr(icfg, k) for k in icfg.__dataclass_fields__},
         "dual_dim": int(features["dual_image"].shape[1]), "single_dim": int(features["single_image"].shape[1]),
@@ -735,37 +790,51 @@ def integrate_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pr
     }
 
 
-def _integration_features(store: CacheStore, names: list[str], manifest: dict):
-    """Every block's features and lists, concatenated with ids offset to the concatenated rows."""
+def _integration_features(store: CacheStore, names: list[str], manifest: dict, scratch: Path):
+    """Every block's lists, concatenated with ids offset to the concatenated rows, and its features appended to
+    ``RowFile``s in ``scratch`` (the four feature tables of the result), block by block.
+
+    The lists are filled into tables made once at their full size (the rows counted from the shard arrays'
+    shapes): tables that grew block by block would leave a block's worth of freed memory between them.
+    """
+    from mcad_cache.integrate import RowFile
+
     duals = manifest["dual_teachers"]
     weights = manifest["search"]["dual_weights"]
     scales = [manifest["teachers"][name]["logit_scale"] for name in duals]
     # The fused dual vectors have squared norm sum_t w_t s_t; unit vectors times that scale give the same logits.
     dual_scale = float(sum(w * s for w, s in zip(weights, scales, strict=True)))
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in (
-        "dual_image", "dual_text", "single_image", "single_text", "text_image", "i2t_ids", "i2t_fused",
-        "t2i_ids", "t2i_fused")}
+    shards = [store.shard_group(name) for block in manifest["search"]["blocks"] for name in block]
+    n_all, t_all = sum(g["keys"].shape[0] for g in shards), sum(g["text_image"].shape[0] for g in shards)
+    k = manifest["search"]["k"]
+    lists = {"text_image": torch.empty(t_all, dtype=torch.long), "i2t_ids": torch.empty(n_all, k, dtype=torch.long),
+             "i2t_fused": torch.empty(n_all, k), "t2i_ids": torch.empty(t_all, k, dtype=torch.long),
+             "t2i_fused": torch.empty(t_all, k)}
+    tables: dict[str, RowFile] = {}
     rows, n, t = [], 0, 0
-    for name, shards in zip(names, manifest["search"]["blocks"], strict=True):
+    for name, block in zip(names, manifest["search"]["blocks"], strict=True):
         group = store.block_group(name)
-        emb = load_block_embeddings(store, shards, duals)
+        emb = load_block_embeddings(store, block, duals)
         image_vecs, text_vecs = block_ops.dual_logit_embeddings(emb, duals, weights, scales)
         pos = torch.from_numpy(group["pos/feature"][...].astype(np.float32))
         n_b, t_b = len(emb.keys), len(emb.text_image)
         counts = torch.bincount(emb.text_image, minlength=n_b).clamp(min=1).unsqueeze(1)
         single_image = torch.zeros(n_b, pos.shape[1]).index_add_(0, emb.text_image, pos) / counts
-        parts["dual_image"].append(image_vecs / dual_scale**0.5)
-        parts["dual_text"].append(text_vecs / dual_scale**0.5)
-        parts["single_image"].append(single_image)
-        parts["single_text"].append(pos)
-        parts["text_image"].append(emb.text_image + n)
-        parts["i2t_ids"].append(torch.from_numpy(group["i2t/ids"][...].astype(np.int64)) + t)
-        parts["t2i_ids"].append(torch.from_numpy(group["t2i/ids"][...].astype(np.int64)) + n)
-        parts["i2t_fused"].append(torch.from_numpy(group["i2t/fused"][...]))
-        parts["t2i_fused"].append(torch.from_numpy(group["t2i/fused"][...]))
+        block_features = {"dual_image": image_vecs / dual_scale**0.5, "dual_text": text_vecs / dual_scale**0.5,
+                          "single_image": single_image, "single_text": pos}
+        for key, value in block_features.items():
+            if key not in tables:
+                tables[key] = RowFile(scratch / f"{key}.f32", value.shape[1])
+            tables[key].append(value)
+        lists["text_image"][t : t + t_b] = emb.text_image + n
+        lists["i2t_ids"][n : n + n_b] = torch.from_numpy(group["i2t/ids"][...].astype(np.int64)) + t
+        lists["t2i_ids"][t : t + t_b] = torch.from_numpy(group["t2i/ids"][...].astype(np.int64)) + n
+        lists["i2t_fused"][n : n + n_b] = torch.from_numpy(group["i2t/fused"][...])
+        lists["t2i_fused"][t : t + t_b] = torch.from_numpy(group["t2i/fused"][...])
         rows.append((n, n + n_b, t, t + t_b))
         n, t = n + n_b, t + t_b
-    features = {key: torch.cat(value) for key, value in parts.items()}
+        del emb, image_vecs, text_vecs, pos, single_image, block_features  # before the next block's arrays come
+    features = {**tables, **lists}
     count = torch.bincount(features["text_image"], minlength=n)
     features.update(first=torch.cumsum(count, 0) - count, count=count, dual_scale=dual_scale)
     return features, rows

@@ -27,7 +27,8 @@ assumptions the writer did not make. Layout (schema version 1):
 
 Because each shard's writer owns a whole group, two writers never share a
 chunk, which is what lets Slurm array tasks write one store concurrently.
-Block groups are written by the one job that runs the block passes.
+Block groups are split over the tasks that run the block passes, a block to one task
+(its own writer lock), so no two tasks write one block group either.
 """
 
 from __future__ import annotations

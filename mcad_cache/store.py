@@ -11,8 +11,8 @@ What changes as work proceeds lives next to the data it describes, in groups
 that exactly one writer owns:
 
     shards/<shard>.attrs  {"done": true, "samples", "skipped", "errors", "seconds", ...}
-    blocks/<block>.attrs  {"passes": {"search": {...}, "rescore": {...}, ...}}
-    root attrs            {"integration": {...}} written by the single block job
+    blocks/<block>.attrs  {"passes": {"search": {...}, "rescore": {...}, ...}} written by the block's task
+    root attrs            {"integration": {...}} written by the one task that integrates
 
 A done marker is written after the group's arrays, so a killed writer leaves an
 unmarked group that the re-run overwrites.
@@ -430,7 +430,12 @@ class CacheStore:
         group.attrs["passes"] = passes
 
     def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes of the store's files; one that another task's write renames away while it is counted is left out."""
+        total = 0
+        for file in self.path.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size if file.is_file() else 0
+        return total
 
 
 @contextmanager
@@ -439,17 +444,22 @@ def writer_locks(path: str | Path, rank: int, world_size: int, passes: Sequence[
 
     The embed pass (or a run of no pass, which only makes the store) locks per task,
     ``.<store>.lock-r<rank>of<world>`` next to the store, so the ranked tasks of one job still work
-    side by side while a second copy of any task is refused; the block passes, which run as one
-    task, lock ``.<store>.lock-blocks``. Locks are taken before the store is opened or made: a
-    refused run (``mcad_core.lock.WriterBusyError``) has touched nothing.
+    side by side while a second copy of any task is refused; the block passes lock
+    ``.<store>.lock-blocks`` in a single task, ``.<store>.lock-blocks-r<rank>of<world>`` in each task
+    of several (each owns its share of the blocks). Locks are taken before the store is opened or
+    made: a refused run (``mcad_core.lock.WriterBusyError``) has touched nothing. The integrate
+    pass, run by one task of the block job, takes ``.<store>.lock-integrate`` when it starts.
     """
     block_passes = [p for p in passes if p != "embed"]
     with contextlib.ExitStack() as stack:
         if "embed" in passes or not block_passes:
             stack.enter_context(WriterLock(path, f"-r{rank}of{world_size}",
                                            what=f"cache store {path} (embed task {rank} of {world_size})"))
-        if block_passes:
+        if block_passes and world_size == 1:
             stack.enter_context(WriterLock(path, "-blocks", what=f"cache store {path} (block passes)"))
+        elif block_passes:
+            stack.enter_context(WriterLock(path, f"-blocks-r{rank}of{world_size}",
+                                           what=f"cache store {path} (block passes, task {rank} of {world_size})"))
         yield
 
 

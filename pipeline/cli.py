@@ -471,7 +471,8 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
     """Stage 1: run the teachers once over the shards and write the Zarr cache store.
 
     Passes: embed (per shard; split over torchrun/Slurm tasks) -> search -> rescore
-    -> fuse -> integrate (per block, one task, after every shard is embedded).
+    -> fuse -> integrate (per block, split by block over tasks, after every shard is embedded;
+    the task that fuses the last block runs integrate).
     Re-running skips done shards and passes, so a killed job is simply run again.
     A store made with other teachers, shards, k or schema is refused with the differences.
     """
