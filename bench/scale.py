@@ -12,6 +12,10 @@ Figures (bench/results/scale.{json,md}):
   (view 0 only for the single-stream teacher, the default). A tower-by-tower loop renders 2 x 30 + 1.
 - ``bf16_embedding_cosine_min``: the lowest cosine, over every stored embedding row, between stores embedded
   with ``precision`` amp-bf16 and fp32, with tiny random-init teachers (tests/conftest.py's shapes) on the CPU.
+- ``block_pass_2_tasks_identical``, ``block_pass_2_tasks_wall_ratio``, ``integrate_rss_8_blocks_over_2_blocks``:
+  the block passes split over 2 tasks against 1, and integrate's memory (``bench/scale_blocks.py``).
+- ``stage2_batch_after_block_switch_ratio``, ``stage2_rss_block_8_over_block_2``: stage 2's block switch and
+  memory (``bench/scale_stream.py``).
 
     python -m bench.scale [--quick] [--out bench/results]
 """
@@ -30,8 +34,18 @@ from bench.common import Figure, machine, markdown_table, publish, quiet_progres
 
 NAME = "scale"
 GOALS = {"stage1_noop_teacher_speedup_2_workers": 1.8, "stage1_renders_per_sample_30_views_2_teachers": 30,
-         "bf16_embedding_cosine_min": 0.999, "stage2_choose_texts_ms_b1024_k32": 20}
-AT_MOST = ("stage1_renders_per_sample_30_views_2_teachers", "stage2_choose_texts_ms_b1024_k32")  # lower is better
+         "bf16_embedding_cosine_min": 0.999, "stage2_choose_texts_ms_b1024_k32": 20,
+         "block_pass_2_tasks_identical": True, "block_pass_2_tasks_wall_ratio": 0.6,
+         "integrate_rss_8_blocks_over_2_blocks": 1.2, "stage2_batch_after_block_switch_ratio": 1.2,
+         "stage2_rss_block_8_over_block_2": 1.2}
+AT_MOST = ("stage1_renders_per_sample_30_views_2_teachers", "stage2_choose_texts_ms_b1024_k32",
+           "block_pass_2_tasks_wall_ratio", "integrate_rss_8_blocks_over_2_blocks",
+           "stage2_batch_after_block_switch_ratio", "stage2_rss_block_8_over_block_2")  # lower is better
+UNITS = {"stage1_noop_teacher_speedup_2_workers": "x", "stage1_renders_per_sample_30_views_2_teachers": "renders/sample",
+         "bf16_embedding_cosine_min": "cosine", "stage2_choose_texts_ms_b1024_k32": "ms",
+         "block_pass_2_tasks_identical": "bool", "block_pass_2_tasks_wall_ratio": "x",
+         "integrate_rss_8_blocks_over_2_blocks": "x", "stage2_batch_after_block_switch_ratio": "x",
+         "stage2_rss_block_8_over_block_2": "x"}
 
 
 # ---------------------------------------------------------------------- no-op teachers
@@ -293,10 +307,12 @@ def figures(results: dict) -> list[Figure]:
     out = []
     for name, goal in GOALS.items():
         value = results.get(name)
-        met = None if value is None else (value <= goal if name in AT_MOST else value >= goal)
-        unit = {"stage1_noop_teacher_speedup_2_workers": "x", "stage1_renders_per_sample_30_views_2_teachers":
-                "renders/sample", "bf16_embedding_cosine_min": "cosine", "stage2_choose_texts_ms_b1024_k32": "ms"}[name]
-        out.append(Figure(NAME, name, value, unit, ("<= " if name in AT_MOST else ">= ") + str(goal), met))
+        if isinstance(goal, bool):
+            met, target = (None if value is None else value is goal), str(goal).lower()
+        else:
+            met = None if value is None else (value <= goal if name in AT_MOST else value >= goal)
+            target = ("<= " if name in AT_MOST else ">= ") + str(goal)
+        out.append(Figure(NAME, name, value, UNITS[name], target, met))
     return out
 
 
@@ -334,7 +350,30 @@ def markdown(results: dict) -> str:
         f"Lowest cosine per stored array, amp-bf16 against fp32 ({results['details']['bf16']['teachers']}, "
         f"{results['details']['bf16']['rows']} rows): "
         + ", ".join(f"{k} {v:.6f}" for k, v in results["details"]["bf16"]["per_array"].items()) + ".",
+        "## Block passes over tasks, integrate memory (bench/scale_blocks.py)",
+        _blocks_text(results["details"]["block_passes"]),
+        "## Stage-2 input (bench/scale_stream.py)",
+        _stream_text(results["details"]["stage2_stream"]),
     ])
+
+
+def _blocks_text(blocks: dict) -> str:
+    wall = blocks["block_pass_wall_s"]
+    return (f"Search, rescore, fuse and integrate of one store's blocks, median wall: 1 task {wall['1']:.2f} s, "
+            f"2 tasks {wall['2']:.2f} s; the busiest task's "
+            f"CPU time with 2 tasks over 1 task's: {blocks['block_pass_2_tasks_busiest_cpu_ratio']} (the wall ratio's "
+            f"floor where each task has a free core). Integrate's peak RSS, 8 blocks over 2: "
+            f"{blocks['integrate_rss_8_blocks_over_2_blocks']} (above the process's start: "
+            f"{blocks['integrate_rss_8_over_2_above_start']}; the old in-memory integrate: "
+            f"{blocks['integrate_in_memory_rss_8_blocks_over_2_blocks']}).")
+
+
+def _stream_text(stream: dict) -> str:
+    d = stream["details"]
+    return (f"Peak RSS of the stage-2 data path, blocks of 2 shards {d['rss_block_2']['peak_rss_mb']:.0f} MB, of 8 "
+            f"{d['rss_block_8']['peak_rss_mb']:.0f} MB. First batch of a block over a steady one: "
+            f"{stream['stage2_batch_after_block_switch_ratio']} with the next block read ahead, "
+            f"{d['timing_block_2_without_prefetch']['ratio']:.2f} without.")
 
 
 def main() -> None:
@@ -378,16 +417,24 @@ def main() -> None:
     from bench.choose_texts import main as choose_texts_timing
 
     choose = choose_texts_timing(["--repeats", "3"] if args.quick else [])  # B=1024, k=32, one thread
+    from bench import scale_blocks, scale_stream
+
+    blocks = scale_blocks.measure(args.quick)  # block passes over tasks, integrate memory
+    stream = scale_stream.measure(args.quick)  # stage-2 block switch and memory
     results = {
         "stage1_noop_teacher_speedup_2_workers": rounded(speed["speedup_2_over_1"]),
         "stage1_renders_per_sample_30_views_2_teachers": renders["renders_per_sample"],
         "bf16_embedding_cosine_min": rounded(bf16["min_cosine"], 6),
         "stage2_choose_texts_ms_b1024_k32": choose["gather/scatter"],
+        **{name: blocks[name] for name in ("block_pass_2_tasks_identical", "block_pass_2_tasks_wall_ratio",
+                                           "integrate_rss_8_blocks_over_2_blocks")},
+        **{name: stream[name] for name in ("stage2_batch_after_block_switch_ratio", "stage2_rss_block_8_over_block_2")},
         "setup": {"shards": args.shards, "per_shard": args.per_shard, "image_size": args.image_size,
                   "source_size": args.source_size, "repeats": args.repeats, "threads": args.threads,
                   "quick": args.quick, "note": args.note, **machine()},
         "details": {"workers": speed, "workers_no_cpu_normalization": hand_off, "renders": renders,
-                    "renders_other_size": other, "bf16": bf16, "choose_texts_ms": choose},
+                    "renders_other_size": other, "bf16": bf16, "choose_texts_ms": choose,
+                    "block_passes": blocks, "stage2_stream": stream},
     }
     publish(args.out, NAME, results, figures, markdown)
     print(markdown(results))

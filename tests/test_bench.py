@@ -152,3 +152,17 @@ def test_report_only_rebuilds_the_summary_from_the_parts_last_results(tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["report_only"] and written["figures"] == summary["figures"]
     assert "--report-only" in (tmp_path / "summary.md").read_text()
+
+
+def test_scale_figures_judge_each_goal_by_its_direction():
+    from bench.scale import GOALS, figures
+
+    results = {name: None for name in GOALS}
+    results.update({"block_pass_2_tasks_identical": False, "block_pass_2_tasks_wall_ratio": 0.55,
+                    "stage1_noop_teacher_speedup_2_workers": 1.2, "stage2_rss_block_8_over_block_2": 1.3})
+    met = {f.name: f.met for f in figures(results)}
+    assert met["block_pass_2_tasks_identical"] is False  # a bool goal is met only by that value
+    assert met["block_pass_2_tasks_wall_ratio"] is True  # at most 0.6
+    assert met["stage1_noop_teacher_speedup_2_workers"] is False  # at least 1.8
+    assert met["stage2_rss_block_8_over_block_2"] is False
+    assert met["bf16_embedding_cosine_min"] is None  # not measured: neither met nor missed
