@@ -333,7 +333,8 @@ def markdown(results: dict) -> str:
         f"Median samples/s: 1 worker {speed['median_samples_per_s']['1']:.1f}, 2 workers "
         f"{speed['median_samples_per_s']['2']:.1f}, the reader thread {speed['median_samples_per_s']['0']:.1f}; "
         f"2 workers / reader thread {speed['speedup_2_over_thread']:.2f}. The no-op teachers prepare their "
-        "pixels on the CPU as a CPU teacher does (three float32 normalizations per image, in the main process). "
+        "pixels on the CPU as a CPU teacher does (three float32 normalizations per image; with workers, in the "
+        "workers, up to their byte budget: mcad_cache.embed.views_ahead). "
         "Teachers that hand the uint8 renders on unprepared (as a GPU teacher leaves the host CPU): 1 worker "
         f"{hand_off['median_samples_per_s']['1']:.1f}, 2 workers {hand_off['median_samples_per_s']['2']:.1f} "
         f"samples/s, {hand_off['speedup_2_over_1']:.2f}x.",

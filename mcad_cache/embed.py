@@ -8,17 +8,22 @@ group. The caller writes them and then the done marker; ``job.embed_pass`` reads
 the next shard in a thread while this one's forwards run, or, with ``workers``,
 has worker processes read the shards ahead (``shard_loader``). Each view of a
 batch is rendered once per input size and shared by every teacher of that size;
-the forwards run under the configured autocast (``teacher_autocast``).
+the forwards run under the configured autocast (``teacher_autocast``). A worker
+also renders the shard's views, and with the teachers on the CPU prepares their
+pixels, up to a byte budget (``views_ahead``), so the main process is left the
+forwards and the store writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import pickle
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +214,8 @@ class ShardInput:
     teacher_tokens: dict[str, list]  # teacher name -> its tokenizer's output per batch of ``cfg.batch_size`` texts
     seconds: float  # wall time of the read
     read_seconds: float  # of it, decoding and the duplicate-key check
+    # renders and prepared pixels a worker made ahead (``views_ahead``); ``embed_input`` uses them up
+    ahead: ViewsAhead | None = None
 
 
 def read_shard(shard: str, cfg: CacheConfig, teachers: TeacherSet,
@@ -242,6 +249,8 @@ def drop_repeated_keys(shard_input: ShardInput, shard: str, seen: Mapping[str, s
     data = drop_duplicate_keys(shard_input.data, shard, seen, cfg.on_error, shard_input.stats)
     if data is shard_input.data:
         return shard_input
+    if shard_input.ahead is not None:  # rendered from rows that are no longer all there
+        shard_input.ahead.release()
     redone = _prepared(data, shard_input.stats, cfg, teachers, start, shard_input.read_seconds)
     redone.seconds += shard_input.seconds
     return redone
@@ -306,15 +315,20 @@ class ShardReader(torch.utils.data.Dataset):
 
     def __init__(self, shards: Sequence[str], cfg: CacheConfig, teachers: TeacherSet) -> None:
         self.shards, self.cfg, self.teachers = list(shards), cfg, teachers
+        self.view_budget = worker_view_budget(cfg.workers)  # here, in the main process: once for every worker
 
     def __len__(self) -> int:
         return len(self.shards)
 
     def __getitem__(self, index: int) -> ShardInput | ReadFailure:
         try:
-            return read_shard(self.shards[index], self.cfg, self.teachers, drop_repeats=False)
+            shard_input = read_shard(self.shards[index], self.cfg, self.teachers, drop_repeats=False)
         except READ_ERRORS as err:
             return ReadFailure(err)
+        start = time.perf_counter()
+        shard_input.ahead = views_ahead(shard_input, self.cfg, self.teachers, self.view_budget)
+        shard_input.seconds += time.perf_counter() - start
+        return shard_input
 
 
 def _as_is(item):
@@ -326,7 +340,8 @@ def shard_loader(shards: Sequence[str], cfg: CacheConfig, teachers: TeacherSet) 
 
     Workers are forked where the platform can (so the teachers' tokenizers are inherited, not pickled),
     and each has one shard to read at a time (``prefetch_factor`` 1): at most ``workers`` shards are read
-    ahead of the one the teachers embed. Their images come back in shared memory.
+    ahead of the one the teachers embed. Their images, and the views each rendered ahead (``views_ahead``,
+    within ``worker_view_budget``), come back in shared memory.
     """
     import multiprocessing
 
@@ -351,12 +366,11 @@ def embed_input(shard: ShardInput, cfg: CacheConfig, teachers: TeacherSet) -> tu
     clock = {"seconds": 0.0}  # time inside teacher forward passes only, for the overhead ratio
     autocast = teacher_autocast(cfg.precision, teachers.device)
     single = teachers.single
-    towers = [ImageTower(f"emb/{name}/image", t.image_size, t.pixels_from_uint8, t.encode_images, t.embed_dim,
-                         cfg.views) for name, t in teachers.duals.items()]
-    towers.append(ImageTower(f"emb/{teachers.single_name}/image", single.image_size, single.pixels_from_uint8,
-                             lambda px: single.itc_images(single.vision_tokens(px)), single.embed_dim,
-                             cfg.views if cfg.single_itc_views == "all" else 1))
-    arrays.update(_image_embeddings(data.images, boxes, towers, cfg.batch_size, clock, autocast))
+    ahead, shard.ahead = shard.ahead, None  # used up here: a shard kept for its block keeps no renders
+    arrays.update(_image_embeddings(data.images, boxes, image_towers(cfg, teachers), cfg.batch_size, clock, autocast,
+                                    ahead))
+    if ahead is not None:
+        ahead.release()  # every tensor taken from it is gone with _image_embeddings' frame
     for name, teacher in teachers.duals.items():
         arrays[f"emb/{name}/text"] = _text_embeddings(
             shard.teacher_tokens[name], len(texts), teacher.encode_texts, teacher.embed_dim, clock, autocast)
@@ -429,33 +443,208 @@ class ImageTower:
     views: int  # views 0..views-1 are embedded
 
 
+def image_towers(cfg: CacheConfig, teachers: TeacherSet) -> list[ImageTower]:
+    """Every teacher's image tower, in the order the embed pass runs them: the dual-stream ones, then the ITC one."""
+    single = teachers.single
+    towers = [ImageTower(f"emb/{name}/image", t.image_size, t.pixels_from_uint8, t.encode_images, t.embed_dim,
+                         cfg.views) for name, t in teachers.duals.items()]
+    towers.append(ImageTower(f"emb/{teachers.single_name}/image", single.image_size, single.pixels_from_uint8,
+                             lambda px: single.itc_images(single.vision_tokens(px)), single.embed_dim,
+                             cfg.views if cfg.single_itc_views == "all" else 1))
+    return towers
+
+
+def _steps(n: int, towers: Sequence[ImageTower], batch: int) -> Iterator[tuple[int, int, int, list[ImageTower]]]:
+    """``(view, start, stop, towers embedding that view)`` in the order ``_image_embeddings`` embeds them."""
+    for view in range(max((tower.views for tower in towers), default=0)):
+        for start in range(0, n, batch):
+            yield view, start, min(n, start + batch), [tower for tower in towers if view < tower.views]
+
+
+# What the workers may render ahead, in all. Each worker holds two buffers (``_worker_buffer``): the shard it sends
+# next and the one the teachers embed (or the main process is done with, to be filled again), so each shard gets
+# ``WORKER_VIEW_BYTES // (2 * workers)``, and its views beyond that are rendered in the main process as before.
+# The buffers are shared memory: where /dev/shm is small (a container's 64 MB), the budget is half its free space.
+# A shard's renders are rows x views x 3 x size^2 bytes per input size, and prepared pixels (teachers on the CPU)
+# 4x that per distinct preparation: 256 samples, 1 view, 224 px is 38.5 MB of renders or 154 MB of float32 pixels
+# per teacher; 1000 samples x 30 views at 224 px is 4.5 GB of renders, far past the budget.
+WORKER_VIEW_BYTES = 1536 << 20
+_ALIGN = 64  # byte offset of every tensor in a buffer: a float32 (or any dtype) view of it is aligned
+_IN_USE = 0  # a buffer's first byte (of _ALIGN): 1 from its filling until the main process has embedded it
+
+
+def worker_view_budget(workers: int) -> int:
+    """Bytes of one shard's views a worker renders ahead: ``WORKER_VIEW_BYTES``, or half the free shared memory
+    if that is less (writing past a full /dev/shm kills a worker), over the two buffers of each worker."""
+    total = WORKER_VIEW_BYTES
+    with contextlib.suppress(OSError):  # no /dev/shm (not Linux): the default
+        shm = os.statvfs("/dev/shm")
+        total = min(total, shm.f_bavail * shm.f_frsize // 2)
+    return total // (2 * max(workers, 1))
+
+
+@dataclass
+class ViewsAhead:
+    """Tensors ``_image_embeddings`` would make, made before it runs, packed in one flat buffer.
+
+    ``(view, start, tower key)``: that tower's prepared pixels of that view and batch; ``(view, start, size)``:
+    the uint8 render of that view and batch at that size. A worker's buffer is in shared memory (one file
+    descriptor a shard, not one a tensor; sent as it is) and is the worker's to fill again once the main process
+    calls ``release`` (``_worker_buffer``): shared-memory pages are faulted in and freed once per worker, not
+    once per shard (measured: a fresh 154 MB buffer cost the worker 0.36 ms a sample to fill, against 0.06 ms
+    for a filled one, and the main process 0.1 ms a sample to free).
+    """
+
+    buffer: torch.Tensor  # uint8, flat; byte _IN_USE its flag
+    index: dict[tuple, tuple[int, torch.dtype, tuple[int, ...]]]  # key -> (byte offset, dtype, shape)
+
+    def pop(self, key: tuple) -> torch.Tensor | None:
+        entry = self.index.pop(key, None)
+        if entry is None:
+            return None
+        offset, dtype, shape = entry
+        size = math.prod(shape) * dtype.itemsize
+        return self.buffer[offset : offset + size].view(dtype).view(shape)
+
+    def release(self) -> None:
+        """No tensor of this buffer is used any more: its worker may fill it again."""
+        self.index.clear()
+        self.buffer[_IN_USE] = 0
+
+
+_worker_buffers: list[torch.Tensor] = []  # this worker process's buffers, oldest first (empty outside workers)
+
+
+def _worker_buffer(nbytes: int, budget: int) -> torch.Tensor:
+    """A buffer of at least ``nbytes`` for a shard's views, marked in use: a released one, or a new one.
+
+    In a DataLoader worker: a shared-memory buffer of ``budget`` bytes (pages are only allocated as they are
+    written), kept to be filled again once the main process releases it; at most two are kept (the shard sent
+    and the one embedded), so one the main process dropped unreleased is freed with the third. Elsewhere: a
+    plain tensor of ``nbytes``.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    else:
+        buffer = next((b for b in _worker_buffers if int(b[_IN_USE]) == 0 and b.numel() >= nbytes), None)
+        if buffer is None:
+            buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, budget)))
+            _worker_buffers[:] = [*[b for b in _worker_buffers if int(b[_IN_USE])][-1:], buffer]
+    buffer[_IN_USE] = 1
+    return buffer
+
+
+def views_ahead(shard: ShardInput, cfg: CacheConfig, teachers: TeacherSet, budget: int,
+                prepare: bool | None = None) -> ViewsAhead | None:
+    """The first (view, batch) steps of ``shard``'s image loop, rendered and (``prepare``) prepared: what a
+    worker does so that the main process is left the forwards. At most ``budget`` bytes.
+
+    Step by step in ``_image_embeddings``'s order, each view and batch is rendered once per input size (the
+    same ``render_views`` calls). With ``prepare`` (default: the teachers run on the CPU, where their
+    ``pixels_from_uint8`` is plain CPU work a worker may do) every tower's pixels of the step are kept; once a
+    step's pixels no longer fit, only its renders (a quarter of the bytes, or less), and at the first step whose
+    renders would not fit either, the rest is left to ``_image_embeddings``. A step is taken whole or not at all,
+    and not rendered unless its renders fit, so each (view, batch, size) is still rendered once, here or there. Renders and pixels are the very tensors the
+    main process would compute (the same calls on the same rows), copied bit for bit: the store is unchanged.
+
+    Towers of one size that prepare the same bytes (CLIP and BLIP teachers share OpenAI's mean and std) are
+    given one copy: the main process hands them the same tensor, as it hands them one render to prepare
+    (teachers read their inputs, they do not write them). Three such teachers fit three times the steps in the
+    budget, for a comparison that costs about what the copy would (0.06 ms a sample at 224 px).
+    """
+    if prepare is None:
+        prepare = torch.device(teachers.device).type == "cpu"
+    towers = image_towers(cfg, teachers)
+    box_tensor = torch.from_numpy(shard.boxes)
+    images = shard.data.images
+    items: list[tuple[tuple, torch.Tensor | tuple]] = []  # key -> its tensor, or the key of the same bytes
+    used = 0
+    for view, start, stop, active in _steps(len(shard.data), towers, cfg.batch_size):
+        sizes = list(dict.fromkeys(tower.size for tower in active))
+        if used + sum(_aligned((stop - start) * images.shape[1] * size * size) for size in sizes) > budget:
+            break  # not even its renders fit (known before rendering: none is made twice)
+        rendered = {size: render_views(images[start:stop], box_tensor[start:stop, view], size) for size in sizes}
+        step: list[tuple[tuple, torch.Tensor | tuple]] = []
+        if prepare:
+            made: list[tuple[tuple, torch.Tensor]] = []
+            for tower in active:
+                pixels = tower.prepare(rendered[tower.size])
+                if not (isinstance(pixels, torch.Tensor) and pixels.device.type == "cpu"):
+                    break
+                key = (view, start, tower.key)
+                step.append((key, next((k for k, p in made if _same_bytes(p, pixels)), pixels)))
+                made.append((key, pixels))
+            else:
+                if used + _packed_bytes(step) <= budget:
+                    items.extend(step)
+                    used += _packed_bytes(step)
+                    continue
+            prepare = False  # from here on, renders only
+        step = [((view, start, size), render) for size, render in rendered.items()]
+        items.extend(step)
+        used += _packed_bytes(step)
+    if not items:
+        return None
+    buffer = _worker_buffer(_ALIGN + used, _ALIGN + budget)
+    index: dict[tuple, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+    offset = _ALIGN
+    for key, tensor in items:
+        if isinstance(tensor, tuple):  # the same bytes as an earlier tower's
+            index[key] = index[tensor]
+            continue
+        index[key] = (offset, tensor.dtype, tuple(tensor.shape))
+        buffer[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        offset += _aligned(tensor.nbytes)
+    return ViewsAhead(buffer, index)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _packed_bytes(step: Sequence[tuple[tuple, torch.Tensor | tuple]]) -> int:
+    return sum(_aligned(tensor.nbytes) for _, tensor in step if isinstance(tensor, torch.Tensor))
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit the same tensor (not ``torch.equal``'s numbers: it has -0.0 == 0.0 and NaN != NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    if a.numel() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)  # 8 bytes a comparison: 4x faster than bytes
+    return torch.equal(a[:512], b[:512]) and torch.equal(a, b)
+
+
 def _image_embeddings(images: torch.Tensor, boxes: np.ndarray, towers: Sequence[ImageTower], batch: int,
-                      clock: dict, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                      ) -> dict[str, np.ndarray]:
+                      clock: dict, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                      ahead: ViewsAhead | None = None) -> dict[str, np.ndarray]:
     """Every tower's float16 embeddings ``(n, tower.views, dim)`` of ``images`` cut by ``boxes``.
 
     Each (view, batch) is rendered once per input size, as uint8, and that render is shared by every
     tower of that size, each normalizing it its own way: two 224-px teachers render a view once, not twice.
     Per tower the batches and their rows are those of a tower-by-tower loop, so the numbers are the same.
+    What ``ahead`` holds (a worker's renders and prepared pixels, ``views_ahead``) is taken from it instead.
     """
     n = boxes.shape[0]
     out = {tower.key: np.zeros((n, tower.views, tower.dim), dtype=np.float16) for tower in towers}
     box_tensor = torch.from_numpy(boxes)
-    for view in range(max((tower.views for tower in towers), default=0)):
-        for start in range(0, n, batch):
-            stop = min(n, start + batch)
-            rendered: dict[int, torch.Tensor] = {}  # input size -> uint8 renders of this view and batch
-            for tower in towers:
-                if view >= tower.views:
-                    continue
+    take = ahead.pop if ahead is not None else (lambda key: None)
+    for view, start, stop, active in _steps(n, towers, batch):
+        rendered: dict[int, torch.Tensor] = {}  # input size -> uint8 renders of this view and batch
+        for tower in active:
+            pixels = take((view, start, tower.key))
+            if pixels is None:
                 if tower.size not in rendered:
-                    rendered[tower.size] = render_views(images[start:stop], box_tensor[start:stop, view], tower.size)
+                    render = take((view, start, tower.size))
+                    rendered[tower.size] = (render if render is not None else
+                                            render_views(images[start:stop], box_tensor[start:stop, view], tower.size))
                 pixels = tower.prepare(rendered[tower.size])
-                tick = time.perf_counter()
-                with autocast():
-                    embedded = tower.encode(pixels)
-                out[tower.key][start:stop, view] = embedded.float().cpu().numpy()
-                clock["seconds"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            with autocast():
+                embedded = tower.encode(pixels)
+            out[tower.key][start:stop, view] = embedded.float().cpu().numpy()
+            clock["seconds"] += time.perf_counter() - tick
     return out
 
 

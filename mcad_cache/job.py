@@ -332,8 +332,11 @@ def embed_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, shards
     tasks' shards are checked when a block is read (``check_block_keys``).
 
     With ``cfg.workers`` > 0, worker processes read the shards instead (``shard_loader``: up to
-    ``workers`` shards decoded and tokenized ahead, in order); the key check against earlier shards
-    runs here as each is taken (``drop_repeated_keys``), so the store is the one a reader thread writes.
+    ``workers`` shards decoded and tokenized ahead, in order), and render their views and, with the
+    teachers on the CPU, prepare their pixels, up to a byte budget (``views_ahead``): the main process
+    is left the forwards and the store writes, so that it does not bound the rate the workers give. The
+    key check against earlier shards runs here as each is taken (``drop_repeated_keys``: a shard that
+    loses a sample to it is rendered here again), so the store is the one a reader thread writes.
     """
     widths = teachers.widths()
     previous = {shard: store.shard_status(shard_name(shard)) for shard in shards}

@@ -258,3 +258,87 @@ def test_bad_worker_count_is_refused(cfg):
         replace(cfg, workers=-1)
     result = CliRunner().invoke(main, ["cache", "--workers", "-2"])
     assert result.exit_code == 2 and "workers must be >= 0" in result.output
+
+
+# ---------------------------------------------------------------------- 5. views rendered in the workers
+
+
+def test_views_rendered_ahead_give_the_same_arrays_with_one_render_per_view_and_size(cfg, monkeypatch):
+    """A worker's renders and prepared pixels (``views_ahead``), whole, cut short by the byte budget, or renders
+    only: ``embed_input`` gives the arrays it gives without them, bit for bit, and each (view, batch) is still
+    rendered once at the one input size, there or here."""
+    from mcad_core.shards import list_shards
+
+    run = replace(cfg, views=3, batch_size=8)  # 16 samples a shard: 2 batches x 3 views
+    teachers = embed.load_teacher_set(run)
+    shard = list_shards(cfg.shards)[0]
+    rendered = []
+
+    def counting(images, boxes, size):
+        rendered.append(len(images))
+        return render_views(images, boxes, size)
+
+    monkeypatch.setattr(embed, "render_views", counting)
+    reference, _ = embed.embed_input(embed.read_shard(shard, run, teachers), run, teachers)
+    samples = len(reference["keys"])
+    assert sum(rendered) == run.views * samples
+    render_step = 8 * 3 * 32 * 32  # the uint8 render of one (view, batch); a tower's float32 pixels are 4x that
+    for budget in (1 << 30, 12 * render_step, 3 * render_step, 0):
+        for prepare in (True, False):
+            rendered.clear()
+            shard_input = embed.read_shard(shard, run, teachers)
+            ahead = shard_input.ahead = embed.views_ahead(shard_input, run, teachers, budget, prepare)
+            if budget == 0:
+                assert ahead is None
+            else:
+                keys = list(ahead.index)
+                assert keys and ahead.buffer.numel() <= budget + 64
+                pixels = [isinstance(k[2], str) for k in keys]  # (view, start, tower) or (view, start, size)
+                assert pixels == sorted(pixels, reverse=True)  # prepared pixels, then renders only
+                if budget == 1 << 30:  # all of it: batches x (towers of each view, or views)
+                    assert len(keys) == (2 * (3 + 2 + 2) if prepare else 2 * 3) and all(pixels) == prepare
+                    if prepare:  # the two CLIPs share mean and std: one copy of their pixels
+                        assert len({ahead.index[k][0] for k in keys}) < len(keys)
+                if budget == 3 * render_step:  # 3 of the 6 renders, and no pixels
+                    assert len(keys) == 3 and not any(pixels)
+            arrays, _ = embed.embed_input(shard_input, run, teachers)
+            assert shard_input.ahead is None and (ahead is None or not ahead.index)
+            assert sum(rendered) == run.views * samples, (budget, prepare)
+            assert sorted(arrays) == sorted(reference)
+            for name in reference:
+                np.testing.assert_array_equal(arrays[name], reference[name], err_msg=f"{name} {budget} {prepare}")
+
+
+def test_workers_write_the_reader_threads_store_with_their_views_whole_or_cut_by_the_budget(cfg, tmp_path,
+                                                                                             monkeypatch):
+    """0, 1 and 2 workers, and 2 workers whose budget holds part of a shard's views: the same store. One
+    worker over 4 shards fills its first buffer again (shard 3), once the main process has released it."""
+    base = replace(cfg, views=3)
+    stores = {}
+    for workers in (0, 1, 2):
+        stores[workers] = replace(base, store=tmp_path / f"w{workers}.zarr", workers=workers)
+        run_cache(stores[workers], ["embed"], SINGLE, progress=False)
+    # 16 samples x 32 px: a view's pixels are 196,608 bytes a tower and its render 49,152; 250,000 bytes a
+    # shard (2 workers x 2 buffers) holds view 0's pixels (the three teachers' one copy) and view 1's render,
+    # and the main process renders view 2.
+    monkeypatch.setattr(embed, "WORKER_VIEW_BYTES", 4 * 250_000)
+    stores["cut"] = replace(base, store=tmp_path / "cut.zarr", workers=2)
+    run_cache(stores["cut"], ["embed"], SINGLE, progress=False)
+    for other in (1, 2, "cut"):
+        _assert_same_arrays(stores[0].store, stores[other].store)
+        assert CacheStore.open(stores[0].store).manifest == CacheStore.open(stores[other].store).manifest
+
+
+def test_a_workers_view_buffers_are_filled_again_once_released(monkeypatch):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a DataLoader worker
+    monkeypatch.setattr(embed, "_worker_buffers", [])
+    first = embed._worker_buffer(100, 1000)
+    assert first.numel() == 1000 and first.is_shared() and int(first[0]) == 1
+    second = embed._worker_buffer(100, 1000)  # the first is still the main process's
+    assert second.data_ptr() != first.data_ptr()
+    embed.ViewsAhead(first, {}).release()
+    assert embed._worker_buffer(100, 1000).data_ptr() == first.data_ptr()  # filled again
+    assert embed._worker_buffer(2000, 1000).numel() == 2000  # none free: a new one, and of the size needed
+    assert len(embed._worker_buffers) == 2  # the oldest busy one (never released) is let go
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    assert not embed._worker_buffer(100, 1000).is_shared()  # outside a worker: a plain tensor of the size needed
