@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/regime"))
     parser.add_argument("--teachers", type=Path, default=Path("artifacts/eval/teachers.json"))
-    parser.add_argument("--mode", default="fused_kd", help="the default student's mode")
+    parser.add_argument("--mode", default="mcad", help="the default student's mode")
     parser.add_argument("--out", type=Path, default=Path("bench/results/distill.json"))
     args = parser.parse_args(argv)
     report = regime(args.runs, args.teachers, args.mode)

@@ -74,8 +74,8 @@ def test_a_finished_row_with_other_settings_is_refused_before_any_training(tmp_p
 
     monkeypatch.setattr(train, "distill", no_training)
     base = train.DistillConfig()
-    run = tmp_path / "c_fused_kd_s0"  # trained with kd on both directions, the default before
-    _finished(run, replace(base, mode="fused_kd", seed=0, out_dir=run, loss=LossWeights(kd_direction="both")),
+    run = tmp_path / "c_fused_kd_s0"  # trained with kd on image-to-text rows, the default before
+    _finished(run, replace(base, mode="fused_kd", seed=0, out_dir=run, loss=LossWeights(kd_direction="i2t")),
               {"seed": 0, "recalls": {"mean_recall": 50.0}})
     with pytest.raises(StaleRowError, match="loss"):
         run_ablation(base, tmp_path, (0,), ("b", "c"))
