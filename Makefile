@@ -9,12 +9,15 @@ BIN    := $(VENV)/bin
 DATA   ?= data/default
 TEACHER_DATA ?= data/teacher_pool
 TEACHERS ?= teachers/default
+OTHER_DATA ?= data/quadrants
+OTHER_TEACHER_DATA ?= data/quadrants_pool
 CACHE  ?= artifacts/cache/default.zarr
 RESULTS ?= artifacts/results
 SMOKE  ?= artifacts/smoke
 
 .DEFAULT_GOAL := help
-.PHONY: help install data teacher-data teachers ship-teachers eval cache distill publish ablation bench export \
+.PHONY: help install data teacher-data teachers ship-teachers other-world other-teachers eval cache distill publish \
+        ablation bench export \
         clip-benchmark smoke test
 
 help:  ## List the targets
@@ -32,6 +35,13 @@ teacher-data:  ## Generate the teachers' own data (100k samples from another see
 
 teachers: teacher-data  ## Retrain the shipped teachers from scratch into artifacts/teachers (92 min on 2 shared cores)
 	$(BIN)/mcad teachers --config configs/teachers.toml --data $(TEACHER_DATA) --out artifacts/teachers
+
+other-world:  ## The second world (mcad data --world quadrants): a 5k distillation set and its teachers' own 100k
+	$(BIN)/mcad data --world quadrants --out $(OTHER_DATA) --n-train 5000
+	$(BIN)/mcad data --world quadrants --out $(OTHER_TEACHER_DATA) --seed 1 --n-train 100000
+
+other-teachers:  ## The second world's teachers, the default world's recipe on its own data -> artifacts/teachers_quadrants
+	$(BIN)/mcad teachers --config configs/teachers.toml --data $(OTHER_TEACHER_DATA) --out artifacts/teachers_quadrants
 
 ship-teachers:  ## Pack artifacts/teachers as float16 into teachers/default (what the repository ships)
 	$(BIN)/python -m mcad_world.ship artifacts/teachers teachers/default
