@@ -110,13 +110,14 @@ def test_cli_cache_is_refused_before_it_touches_the_store(tmp_path, tiny_world, 
         assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.zarr.lock-blocks", ".cache.zarr.lock-r0of1"]
 
 
-def test_cli_distill_is_refused_before_it_writes_anything(tmp_path, monkeypatch, tiny_cache):
+def test_cli_distill_is_refused_before_it_writes_anything(tmp_path, monkeypatch, tiny_cache, tiny_world):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
     with main_rank_writer_lock(out):  # the inputs are good (a missing one is named first): the lock refuses
         result = CliRunner().invoke(main, ["distill", "--store", str(tiny_cache), "--out", str(out),
-                                           "--batch-size", "8", "--device", "cpu"])
+                                           "--batch-size", "8", "--device", "cpu", "--eval-shards",
+                                           str(tiny_world / "val")])
     assert result.exit_code == 3, result.output
     assert f"error: run directory {out} is being written by pid {os.getpid()}" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
