@@ -221,3 +221,27 @@ def machine() -> dict:
 
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+
+
+def tiny_teachers(tokenizer_dir: Path, root: Path) -> tuple[str, str]:
+    """(dual spec, single spec) names of a random-init open_clip CLIP and BLIP ITM of tests/conftest.py's tiny
+    shapes (32 px), saved under ``root`` as local teachers: what the scale benchmarks build stores with."""
+    import open_clip
+    import torch
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    from mcad_cache.teachers import blip, dual
+    from mcad_world.config import TowerShape
+    from mcad_world.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
+
+    tiny, size, context = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8), 32, 24
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    clip_cfg = clip_model_cfg(tiny, size, len(tok), context, tok.sep_token_id)
+    clip_spec = dual.save_local(open_clip.model.CLIP(**clip_cfg).eval(), clip_cfg, clip_preprocess_cfg(size),
+                                tokenizer_dir, root / "clip")
+    torch.manual_seed(0)
+    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
+    model = BlipForImageTextRetrieval(blip_config(tiny, size, len(tok), context, ids)).eval()
+    blip_spec = blip.save_local(model, tokenizer_dir, size, IMAGE_MEAN, IMAGE_STD, root / "blip")
+    return clip_spec.name, blip_spec.name

@@ -250,34 +250,21 @@ def renders_per_sample(shard: str, teachers, cfg, views: int) -> dict:
 def bf16_cosine(shards_dir: Path, tokenizer_dir: Path, root: Path) -> dict:
     """Lowest cosine between amp-bf16 and fp32 stored embeddings, tiny random-init teachers (as tests use)."""
     import numpy as np
-    import open_clip
-    import torch
-    from transformers import AutoTokenizer, BlipForImageTextRetrieval
 
+    from bench.common import tiny_teachers
     from mcad_cache.config import CacheConfig
     from mcad_cache.job import run_cache
     from mcad_cache.store import CacheStore
-    from mcad_cache.teachers import blip, dual
     from mcad_core.dist import explicit_place
-    from mcad_world.config import TowerShape
-    from mcad_world.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
 
-    tiny, size, context = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8), 32, 24
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(0)
-    clip_cfg = clip_model_cfg(tiny, size, len(tok), context, tok.sep_token_id)
-    clip_spec = dual.save_local(open_clip.model.CLIP(**clip_cfg).eval(), clip_cfg, clip_preprocess_cfg(size),
-                                tokenizer_dir, root / "clip")
-    torch.manual_seed(0)
-    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
-    blip_model = BlipForImageTextRetrieval(blip_config(tiny, size, len(tok), context, ids)).eval()
-    blip_spec = blip.save_local(blip_model, tokenizer_dir, size, IMAGE_MEAN, IMAGE_STD, root / "blip")
+    clip_name, blip_name = tiny_teachers(tokenizer_dir, root)
+    size = 32  # the tiny teachers' input size
     subset = root / "bf16_shards"
     subset.mkdir()
     for shard in sorted(shards_dir.glob("*.tar"))[:2]:
         (subset / shard.name).symlink_to(shard.resolve())
-    base = CacheConfig(shards=str(subset), store=root / "fp32.zarr", teachers_dir=None, dual=(clip_spec.name,),
-                       single=blip_spec.name, tokenizer=str(tokenizer_dir), source_size=size, views=2, k=5,
+    base = CacheConfig(shards=str(subset), store=root / "fp32.zarr", teachers_dir=None, dual=(clip_name,),
+                       single=blip_name, tokenizer=str(tokenizer_dir), source_size=size, views=2, k=5,
                        block_shards=2, batch_size=64, device="cpu")
     stores = {}
     for precision in ("fp32", "amp-bf16"):

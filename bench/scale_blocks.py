@@ -35,7 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import Figure, machine, markdown_table, publish, quiet_progress, rounded
+from bench.common import Figure, machine, markdown_table, publish, quiet_progress, rounded, tiny_teachers
 
 NAME = "scale_blocks"
 GOALS = {"block_pass_2_tasks_wall_ratio": 0.6, "integrate_rss_8_blocks_over_2_blocks": 1.2}  # at most
@@ -191,29 +191,6 @@ def integrate_memory(store: Path, way: str, dim: int, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------- inputs
-
-
-def tiny_teachers(tokenizer_dir: Path, root: Path) -> tuple[str, str]:
-    """Spec names of a random-init open_clip CLIP and BLIP ITM of tests/conftest.py's tiny shapes (32 px)."""
-    import open_clip
-    import torch
-    from transformers import AutoTokenizer, BlipForImageTextRetrieval
-
-    from mcad_cache.teachers import blip, dual
-    from mcad_world.config import TowerShape
-    from mcad_world.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
-
-    tiny, size, context = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8), 32, 24
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(0)
-    clip_cfg = clip_model_cfg(tiny, size, len(tok), context, tok.sep_token_id)
-    clip_spec = dual.save_local(open_clip.model.CLIP(**clip_cfg).eval(), clip_cfg, clip_preprocess_cfg(size),
-                                tokenizer_dir, root / "clip")
-    torch.manual_seed(0)
-    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
-    model = BlipForImageTextRetrieval(blip_config(tiny, size, len(tok), context, ids)).eval()
-    blip_spec = blip.save_local(model, tokenizer_dir, size, IMAGE_MEAN, IMAGE_STD, root / "blip")
-    return clip_spec.name, blip_spec.name
 
 
 def synthetic_store(path: Path, blocks: int, shards_per_block: int, images_per_shard: int, widths=(512, 512),

@@ -31,32 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import tiny_teachers
+
 GOALS = {"stage2_batch_after_block_switch_ratio": 1.2, "stage2_rss_block_8_over_block_2": 1.2}  # at most
 FULL = {"shards": 16, "per_shard": 128, "image_size": 224, "source_size": 224, "batch_size": 64, "step_s": 0.05}
 QUICK = {"shards": 8, "per_shard": 32, "image_size": 96, "source_size": 96, "batch_size": 16, "step_s": 0.03}
-
-
-def tiny_teachers(tokenizer_dir: Path, root: Path) -> tuple[str, str]:
-    """(dual spec, single spec) of a random-init open_clip CLIP and BLIP ITM saved as local teachers (32 px)."""
-    import open_clip
-    import torch
-    from transformers import AutoTokenizer, BlipForImageTextRetrieval
-
-    from mcad_cache.teachers import blip, dual
-    from mcad_world.config import TowerShape
-    from mcad_world.configs import IMAGE_MEAN, IMAGE_STD, blip_config, clip_model_cfg, clip_preprocess_cfg
-
-    tiny, size, context = TowerShape(width=32, layers=1, heads=2, embed_dim=16, patch_size=8), 32, 24
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(0)
-    clip_cfg = clip_model_cfg(tiny, size, len(tok), context, tok.sep_token_id)
-    clip_spec = dual.save_local(open_clip.model.CLIP(**clip_cfg).eval(), clip_cfg, clip_preprocess_cfg(size),
-                                tokenizer_dir, root / "clip")
-    torch.manual_seed(0)
-    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id}
-    blip_model = BlipForImageTextRetrieval(blip_config(tiny, size, len(tok), context, ids)).eval()
-    blip_spec = blip.save_local(blip_model, tokenizer_dir, size, IMAGE_MEAN, IMAGE_STD, root / "blip")
-    return clip_spec.name, blip_spec.name
 
 
 def make_stores(root: Path, setup: dict, block_shards: tuple[int, ...]) -> dict[int, Path]:
