@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from mcad_cache import blocks as block_ops
 from mcad_cache.config import CacheConfig
 from mcad_cache.job import PASSES, run_cache
 from mcad_cache.store import CacheIncompleteError, CacheStore, block_name
 from mcad_core.dist import explicit_place
+from store_arrays import assert_same_store
 
 SINGLE = explicit_place(0, 1)
 BLOCK_PASSES = ["search", "rescore", "fuse", "integrate"]
@@ -34,18 +34,6 @@ def cache_cfg(tmp_path, tiny_world, tokenizer_dir, tiny_clip, tiny_blip) -> Cach
         source_size=32, views=2, k=5, block_shards=1, batch_size=16, itm_batch_size=40,
         integration_dim=8, integration_steps=5,
     )
-
-
-def _store_contents(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    return {name: member[...] for name, member in root.members(max_depth=None) if isinstance(member, zarr.Array)}
-
-
-def _assert_same_store(a: Path, b: Path) -> None:
-    left, right = _store_contents(a), _store_contents(b)
-    assert sorted(left) == sorted(right)
-    for name in left:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
 
 
 def _embedded(cfg: CacheConfig, *stores: Path) -> list[CacheConfig]:
@@ -68,7 +56,7 @@ def test_two_tasks_one_after_the_other_write_the_arrays_of_one_task(cache_cfg, t
     assert "integrate" not in first.seconds and "integration" not in store.root.attrs
     last = run_cache(two, BLOCK_PASSES, explicit_place(0, 2), progress=False)
     assert "integrate" in last.seconds
-    _assert_same_store(one.store, two.store)
+    assert_same_store(one.store, two.store)
     assert not any(p.name.startswith(".two.zarr.") for p in tmp_path.iterdir())  # no lock or scratch left
     again = run_cache(two, BLOCK_PASSES, explicit_place(1, 2), progress=False)  # all done: nothing redone
     assert again.itm_pairs == 0
@@ -113,7 +101,7 @@ def test_a_task_killed_midway_resumes_without_redoing_finished_blocks(cache_cfg,
     resumed = run_cache(killed, BLOCK_PASSES, explicit_place(0, 2), progress=False)
     assert calls["search"] == [] and len(calls["rescore"]) == 1  # block 2 only
     assert "integrate" in resumed.seconds
-    _assert_same_store(clean.store, killed.store)
+    assert_same_store(clean.store, killed.store)
 
 
 # Stores compared across processes are made with one torch thread each (see tests/test_cache.py).
@@ -135,7 +123,7 @@ def test_two_task_processes_side_by_side_write_the_arrays_of_one_task(cache_cfg,
     procs += [subprocess.Popen(_cli(two, *passes), env=dict(ONE_THREAD, WORLD_SIZE="2", RANK=str(r)), **quiet)
               for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
-    _assert_same_store(one.store, two.store)
+    assert_same_store(one.store, two.store)
     info = [dict(CacheStore.open(two.store).root["blocks"][block_name(i)].attrs) for i in range(4)]
     assert all(set(i["passes"]) == set(BLOCK_PASSES) for i in info)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from mcad_cache.schema import BLOCK_PASSES, SHARD_ARRAYS
 from mcad_cache.store import CacheIncompleteError, CacheMismatchError, CacheStore
@@ -23,6 +22,7 @@ from mcad_cache.job import PASSES, run_cache
 from mcad_cache.config import CacheConfig
 from mcad_core.dist import explicit_place
 from mcad_core.shards import ShardReadError
+from store_arrays import assert_same_store
 
 SINGLE = explicit_place(0, 1)
 
@@ -35,19 +35,6 @@ def cache_cfg(tmp_path, tiny_world, tokenizer_dir, tiny_clip, tiny_blip) -> Cach
         source_size=32, views=2, k=5, block_shards=2, batch_size=16, itm_batch_size=40,
         integration_dim=8, integration_steps=5,
     )
-
-
-def _store_contents(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a store by path, for equality checks."""
-    root = zarr.open_group(str(path), mode="r")
-    return {name: member[...] for name, member in root.members(max_depth=None) if isinstance(member, zarr.Array)}
-
-
-def _assert_same_store(a: Path, b: Path) -> None:
-    left, right = _store_contents(a), _store_contents(b)
-    assert sorted(left) == sorted(right)
-    for name in left:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
 
 
 def test_cache_writes_every_array_and_the_lists_are_right(cache_cfg, tiny_clip, tiny_blip):
@@ -161,7 +148,7 @@ def test_two_tasks_then_block_job_equal_one_job(cache_cfg, tmp_path):
     procs = [subprocess.Popen(_cli(two, "--passes", "embed"), env=dict(env, RANK=str(r))) for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     subprocess.run(_cli(two, "--passes", "search,rescore,fuse,integrate"), check=True, timeout=300, env=ONE_THREAD)
-    _assert_same_store(one.store, two.store)
+    assert_same_store(one.store, two.store)
 
 
 @pytest.mark.slow
@@ -185,7 +172,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(cache_cfg, tmp_path, kill_after)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
     subprocess.run(_cli(killed), check=True, timeout=300, env=ONE_THREAD)
-    _assert_same_store(clean.store, killed.store)
+    assert_same_store(clean.store, killed.store)
 
 
 def test_cache_info_reports_sizes_and_missing(cache_cfg):
@@ -251,7 +238,7 @@ def test_block_passes_run_from_the_embed_pass_input_equal_reading_the_shards_aga
     for cfg, source in ((cache_cfg, "embed pass"), (later, "shards")):
         groups = CacheStore.open(cfg.store).root["blocks"]
         assert [groups[block_name(i)].attrs["passes"]["rescore"]["input"] for i in range(2)] == [source] * 2
-    _assert_same_store(cache_cfg.store, later.store)
+    assert_same_store(cache_cfg.store, later.store)
 
 
 def test_a_block_with_a_shard_embedded_before_is_scored_after_the_embed_pass(cache_cfg):
@@ -279,7 +266,7 @@ def test_rescore_read_ahead_equals_reading_each_block_in_turn(cache_cfg, tmp_pat
         assert len(store.manifest["search"]["blocks"]) == 2
         blocks_pass(store, cfg, teachers, "rescore", CacheSummary(str(cfg.store), SINGLE), False, read_ahead=ahead)
         assert all(store.pass_done(block_name(i), "rescore") for i in range(2))
-    _assert_same_store(cache_cfg.store, plain.store)
+    assert_same_store(cache_cfg.store, plain.store)
 
 
 def test_rescore_input_from_joins_token_batches_of_other_widths():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pickle
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from mcad_cache.store import CacheMismatchError, CacheStore
 from mcad_core.dist import explicit_place
 from mcad_core.shards import DuplicateKeyError, NoShardsError, NotATarError, ShardReadError
 from mcad_core.views import render_views, view_boxes
+from store_arrays import assert_same_store
 from pipeline.cli import main
 
 SINGLE = explicit_place(0, 1)
@@ -40,18 +40,6 @@ def cfg(tmp_path, tiny_world, tokenizer_dir, tiny_clip, tiny_clip_b, tiny_blip) 
         source_size=32, views=3, k=5, block_shards=2, batch_size=16, itm_batch_size=40,
         integration_dim=8, integration_steps=5,
     )
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    return {name: member[...] for name, member in root.members(max_depth=None) if isinstance(member, zarr.Array)}
-
-
-def _assert_same_arrays(a: Path, b: Path) -> None:
-    left, right = _arrays(a), _arrays(b)
-    assert sorted(left) == sorted(right)
-    for name in left:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
 
 
 # ---------------------------------------------------------------------- 1. precision
@@ -209,7 +197,7 @@ def test_two_workers_write_the_store_one_reader_thread_writes(cfg, tmp_path):
     workers = replace(thread, store=tmp_path / "workers.zarr", workers=2)
     for c in (thread, workers):
         run_cache(c, PASSES, SINGLE, progress=False)
-    _assert_same_arrays(thread.store, workers.store)
+    assert_same_store(thread.store, workers.store)
     assert CacheStore.open(thread.store).manifest == CacheStore.open(workers.store).manifest
 
 
@@ -223,7 +211,7 @@ def test_workers_skip_and_record_bad_shards_and_repeated_keys_as_the_thread_does
     for n in (0, 2):
         stores[n] = replace(base, store=tmp_path / f"w{n}.zarr", workers=n)
         run_cache(stores[n], ["embed"], SINGLE, progress=False)
-    _assert_same_arrays(stores[0].store, stores[2].store)
+    assert_same_store(stores[0].store, stores[2].store)
     statuses = [{name: {k: v for k, v in CacheStore.open(c.store).shard_status(name).items() if k not in TIMINGS}
                  for name in ("00000", "00001", "00002", "00003")} for c in stores.values()]
     assert statuses[0] == statuses[1]
@@ -325,7 +313,7 @@ def test_workers_write_the_reader_threads_store_with_their_views_whole_or_cut_by
     stores["cut"] = replace(base, store=tmp_path / "cut.zarr", workers=2)
     run_cache(stores["cut"], ["embed"], SINGLE, progress=False)
     for other in (1, 2, "cut"):
-        _assert_same_arrays(stores[0].store, stores[other].store)
+        assert_same_store(stores[0].store, stores[other].store)
         assert CacheStore.open(stores[0].store).manifest == CacheStore.open(stores[other].store).manifest
 
 
