@@ -7,7 +7,11 @@ the teacher-student gap the default student closes, paired per seed:
 
     python -m bench.regime --runs runs/regime --teachers artifacts/eval/teachers.json --out bench/results/distill.json
 
-Goals (the regime issue): best teacher - contrastive >= +10 mean recall; gap closed >= 0.60.
+Runs of the comparison modes (``COMPARED``: dual_kd, fused_kd) found under ``RUNS`` are reported too, at the
+seeds they share with the default student, with the paired goals that name them.
+
+Goals (the regime issue): best teacher - contrastive >= +10 mean recall on every seed; gap closed >= 0.60;
+mcad >= dual_kd + 1.5 (mean of the paired differences); fused_kd >= dual_kd + 1.0 on every seed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 GAP_GOAL = 10.0
 CLOSED_GOAL = 0.60
+COMPARED = ("dual_kd", "fused_kd")  # modes reported beside the default student when their runs exist
+MCAD_OVER_DUAL_GOAL = 1.5  # mean of the paired (per seed) differences
+FUSED_OVER_DUAL_GOAL = 1.0  # on every seed
 
 
 def seed_runs(runs: Path, mode: str) -> dict[int, dict]:
@@ -72,6 +79,15 @@ def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
                                                                                                 strict=True)},
         "student_over_largest_teacher_params": round(first["parameters"] / largest_teacher, 3) if largest_teacher else None,
     }
+    report["modes"] = {}
+    for other in (m for m in COMPARED if m != mode):
+        runs_of = seed_runs(runs, other)
+        if shared := [s for s in seeds if s in runs_of]:
+            values = [runs_of[s]["recalls"]["mean_recall"] for s in shared]
+            report["modes"][other] = {
+                "mean_recall": _stats(values)["mean"], "mean_recall_sd": _stats(values)["sd"],
+                "seeds": {str(s): round(v, 2) for s, v in zip(shared, values, strict=True)},
+                "candidates_in_batch": _stats([runs_of[s]["candidates_in_batch"] or 0.0 for s in shared])["mean"]}
     report["goals"] = {
         "gap >= 10": {"measured": report["gap"]["mean"], "met": min(gaps) >= GAP_GOAL},
         "gap_closed >= 0.60": {"measured": report["gap_closed"],
@@ -79,7 +95,28 @@ def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
         "student params <= largest teacher / 3": {"measured": report["student_over_largest_teacher_params"],
                                                  "met": (report["student_over_largest_teacher_params"] or 9) <= 1 / 3},
     }
+    report["goals"].update(_mode_goals(report, mode))
     return report
+
+
+def _paired(a: dict, b: dict) -> list[float]:
+    """Per-seed differences a - b over the seeds both rows have."""
+    return [a["seeds"][s] - b["seeds"][s] for s in a["seeds"] if s in b["seeds"]]
+
+
+def _mode_goals(report: dict, mode: str) -> dict:
+    """The goals that compare modes, where the runs they name exist."""
+    rows = {**report["modes"], mode: report["student"]}
+    goals = {}
+    if "dual_kd" in rows and "mcad" in rows and (diffs := _paired(rows["mcad"], rows["dual_kd"])):
+        mean = round(statistics.fmean(diffs), 2)
+        goals[f"mcad - dual_kd >= {MCAD_OVER_DUAL_GOAL}"] = {
+            "measured": mean, "per_seed": [round(d, 2) for d in diffs], "met": mean >= MCAD_OVER_DUAL_GOAL}
+    if "dual_kd" in rows and "fused_kd" in rows and (diffs := _paired(rows["fused_kd"], rows["dual_kd"])):
+        goals[f"fused_kd - dual_kd >= {FUSED_OVER_DUAL_GOAL} on every seed"] = {
+            "measured": round(min(diffs), 2), "per_seed": [round(d, 2) for d in diffs],
+            "met": min(diffs) >= FUSED_OVER_DUAL_GOAL}
+    return goals
 
 
 def markdown(report: dict) -> str:
@@ -87,11 +124,14 @@ def markdown(report: dict) -> str:
     lines = ["| model | seeds | mean recall | parameters |", "|---|---|---:|---:|"]
     for name, row in sorted(report["teachers"].items(), key=lambda kv: -kv[1]["mean_recall"]):
         lines.append(f"| teacher: {name} | - | {row['mean_recall']:.1f} | {row['params'] or '-'} |")
-    sd = lambda v: f" ± {v:.1f}" if v is not None else ""  # noqa: E731
+    sd = lambda v: f" ± {v:.1f}" if v is not None else ""
     lines.append(f"| student ({s['mode']}) | {', '.join(f'{v:.1f}' for v in s['seeds'].values())} | "
                  f"{s['mean_recall']:.1f}{sd(s['mean_recall_sd'])} | {s['params']} |")
     lines.append(f"| student (contrastive only) | {', '.join(f'{v:.1f}' for v in c['seeds'].values())} | "
                  f"{c['mean_recall']:.1f}{sd(c['mean_recall_sd'])} | {s['params']} |")
+    for name, row in report["modes"].items():
+        lines.append(f"| student ({name}) | {', '.join(f'{v:.1f}' for v in row['seeds'].values())} | "
+                     f"{row['mean_recall']:.1f}{sd(row['mean_recall_sd'])} | {s['params']} |")
     lines += ["", "| goal | measured | met |", "|---|---:|---|"]
     lines += [f"| {goal} | {v['measured']} | {'yes' if v['met'] else '**no**'} |" for goal, v in report["goals"].items()]
     return "\n".join(lines) + "\n"

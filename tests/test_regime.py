@@ -43,3 +43,35 @@ def test_a_mode_mismatch_is_refused(tmp_path):
     (runs / "contrastive_s0" / "summary.json").write_text(json.dumps({"mode": "dual_kd", "seed": 0}))
     with pytest.raises(ValueError, match="is a dual_kd run, not contrastive"):
         regime(runs, tmp_path / "t.json", "fused_kd")
+
+
+def test_compared_modes_and_their_paired_goals_by_hand(tmp_path):
+    runs = tmp_path / "runs"
+    # seed: (mcad, contrastive, dual_kd, fused_kd); dual_kd has no seed 2, so the pairs are seeds 0 and 1.
+    for seed, (student, base, dual, fused) in enumerate([(60.0, 40.0, 57.0, 58.5), (62.0, 42.0, 61.0, 61.5),
+                                                         (58.0, 41.0, None, 59.0)]):
+        _run(runs, "mcad", seed, student)
+        _run(runs, "contrastive", seed, base)
+        _run(runs, "fused_kd", seed, fused)
+        if dual is not None:
+            _run(runs, "dual_kd", seed, dual)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"results": {"clip_a": {"mean_recall": 70.0, "parameters": 4000}}}))
+    report = regime(runs, teachers, "mcad")
+    assert report["modes"]["dual_kd"]["seeds"] == {"0": 57.0, "1": 61.0}
+    assert report["modes"]["fused_kd"]["mean_recall"] == pytest.approx((58.5 + 61.5 + 59.0) / 3, abs=0.01)
+    mcad_goal = report["goals"]["mcad - dual_kd >= 1.5"]
+    assert mcad_goal["per_seed"] == [3.0, 1.0] and mcad_goal["measured"] == 2.0 and mcad_goal["met"]
+    fused_goal = report["goals"]["fused_kd - dual_kd >= 1.0 on every seed"]
+    assert fused_goal["per_seed"] == [1.5, 0.5] and fused_goal["measured"] == 0.5 and not fused_goal["met"]
+
+
+def test_without_dual_kd_runs_no_mode_goal_is_claimed(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs, "mcad", 0, 60.0)
+    _run(runs, "contrastive", 0, 40.0)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"results": {"clip_a": {"mean_recall": 70.0, "parameters": 4000}}}))
+    report = regime(runs, teachers, "mcad")
+    assert report["modes"] == {}
+    assert not any("dual_kd" in goal for goal in report["goals"])
