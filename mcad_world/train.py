@@ -86,6 +86,30 @@ def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+class NormalizedPixels:
+    """uint8 images (N, 3, H, W) that hand out normalized float32 rows as they are taken (``pixels[rows]``).
+
+    The teachers train on every image of their split many times over; normalizing the rows each batch takes,
+    rather than the whole split once, gives the same values and keeps 4x less in memory: a 100k-image split
+    of 96 px images is 2.8 GB as uint8 and 11 GB as float32, which (with the temporaries of normalizing it
+    whole and BLIP's image-token table) ran a 24 GB machine out of memory.
+    """
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"NormalizedPixels holds uint8 images, got {images.dtype}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return normalize_pixels(self.images[rows])
+
+
+Pixels = torch.Tensor | NormalizedPixels  # what the training functions index: normalized rows either way
+
+
 def schedule_optimizer(model: torch.nn.Module, schedule: Schedule):
     return adamw_warmup_cosine(model, schedule.lr, schedule.weight_decay, schedule.steps, schedule.warmup)
 
@@ -177,7 +201,7 @@ def clip_loss(
 
 def train_clip(
     model: open_clip.model.CLIP,
-    pixels: torch.Tensor,
+    pixels: Pixels,
     table: CaptionTable,
     schedule: Schedule,
     seed: int,
@@ -455,7 +479,7 @@ def recipe_losses(
 
 def train_blip(
     model: BlipForImageTextRetrieval,
-    pixels: torch.Tensor,
+    pixels: Pixels,
     table: CaptionTable,
     recipe: BlipRecipe,
     seed: int,
@@ -512,17 +536,19 @@ def train_blip(
 
 
 @torch.no_grad()
-def image_tokens(model: BlipForImageTextRetrieval, pixels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def image_tokens(model: BlipForImageTextRetrieval, pixels: Pixels, batch_size: int = 500) -> torch.Tensor:
     """The image tower's output tokens for every image, in eval mode (N, tokens, width)."""
     vision = model.vision_model
     was_training = vision.training
     vision.eval()
-    chunks = [
-        vision(pixel_values=pixels[start : start + batch_size]).last_hidden_state
-        for start in tqdm(range(0, len(pixels), batch_size), desc="blip image tokens", mininterval=5.0)
-    ]
+    table = None  # filled in place: a list of chunks and their concatenation would hold the table twice
+    for start in tqdm(range(0, len(pixels), batch_size), desc="blip image tokens", mininterval=5.0):
+        chunk = vision(pixel_values=pixels[start : start + batch_size]).last_hidden_state
+        if table is None:
+            table = chunk.new_empty((len(pixels), *chunk.shape[1:]))
+        table[start : start + len(chunk)] = chunk
     vision.train(was_training)
-    return torch.cat(chunks)
+    return table
 
 
 def init_text_tower(model: BlipForImageTextRetrieval) -> None:
@@ -652,7 +678,7 @@ def train_teachers(cfg: TeachersConfig) -> dict:
         (log.info if edits is not None or not recipe.edit_negatives else log.warning)(
             "BLIP edited negatives %s", report["blip_edit_negatives"])
     table = tokenize_captions(tokenizer, train.captions, cfg.context_length)
-    pixels = normalize_pixels(train.images)
+    pixels = NormalizedPixels(train.images)
 
     for offset, (name, shape) in enumerate((("clip_a", cfg.clip_a), ("clip_b", cfg.clip_b))):
         if name not in todo:
