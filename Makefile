@@ -13,6 +13,8 @@ OTHER_DATA ?= data/quadrants
 OTHER_TEACHER_DATA ?= data/quadrants_pool
 CACHE  ?= artifacts/cache/default.zarr
 RESULTS ?= artifacts/results
+EVAL_JSON ?= artifacts/eval/teachers.json
+RUN    ?= runs/default
 SMOKE  ?= artifacts/smoke
 
 .DEFAULT_GOAL := help
@@ -46,15 +48,15 @@ other-teachers:  ## The second world's teachers, the default world's recipe on i
 ship-teachers:  ## Pack artifacts/teachers as float16 into teachers/default (what the repository ships)
 	$(BIN)/python -m mcad_world.ship artifacts/teachers teachers/default
 
-eval:  ## Recall@1/5/10 of every teacher on the test split, table + artifacts/eval/teachers.json
-	$(BIN)/mcad eval --teachers $(TEACHERS) --shards $(DATA)/test --out artifacts/eval/teachers.json
+eval:  ## Recall@1/5/10 of every teacher on the test split, table + $(EVAL_JSON)
+	$(BIN)/mcad eval --teachers $(TEACHERS) --shards $(DATA)/test --out $(EVAL_JSON)
 
 cache:  ## Stage 1: teachers once -> Zarr cache $(CACHE), then describe it
 	$(BIN)/mcad cache --teachers $(TEACHERS) --shards $(DATA)/train --store $(CACHE) --summary-json $(RESULTS)/cache_run.json
 	$(BIN)/mcad cache-info $(CACHE)
 
 distill:  ## Stage 2: a student from the cache alone (no teacher loaded), then its recalls on the test split
-	$(BIN)/mcad distill --store $(CACHE) --out runs/default --eval-shards $(DATA)/test --results-json $(RESULTS)/distill.json
+	$(BIN)/mcad distill --store $(CACHE) --out $(RUN) --eval-shards $(DATA)/test --teacher-table $(EVAL_JSON) --results-json $(RESULTS)/distill.json
 
 publish:  ## Copy this machine's make cache summary into bench/results/ (distill.json: python -m bench.regime, 3 seeds)
 	cp $(RESULTS)/cache_run.json bench/results/
