@@ -68,7 +68,7 @@ class GpuPoll:
             return self
         self._proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-             f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, text=True)
+             f"--loop-ms={self.interval_ms}"], stdout=subprocess.PIPE, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -96,6 +96,34 @@ class GpuPoll:
         util = [u for u, _ in self.samples]
         return {"gpu_util_mean_pct": round(sum(util) / len(util), 1),
                 "gpu_memory_peak_mib": max(m for _, m in self.samples), "gpu_samples": len(self.samples)}
+
+
+# What the two stages import. On a GPU machine's own python3 (the .venv does not travel) some are missing: named
+# here in seconds, instead of in a stage's log after the inputs are built.
+STAGE_MODULES = ("torch", "open_clip", "transformers", "timm", "webdataset", "zarr", "numcodecs", "safetensors",
+                 "torch.utils.tensorboard", "matplotlib", "click")
+
+
+def preflight(device: str) -> None:
+    """Stop before any work when this Python lacks a module the stages import, or torch cannot use ``device``."""
+    import importlib
+
+    missing = []
+    for name in STAGE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            missing.append(f"{name} ({err})")
+    if missing:
+        raise SystemExit(f"{sys.executable} cannot import {'; '.join(missing)}: install them (pyproject.toml) or "
+                         "point PYTHON at an environment that has them")
+    import torch
+
+    place = torch.device(device)
+    if place.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device {device}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+    if place.type == "cuda" and place.index is not None and place.index >= torch.cuda.device_count():
+        raise SystemExit(f"device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
 
 
 def build_inputs(work: Path, shapes: Shapes, samples: int) -> tuple[Path, Path]:
@@ -147,7 +175,10 @@ def timed(cmd: list[str], log: Path) -> float:
     return seconds
 
 
-def run_check(work: Path, shapes: Shapes, samples: int, steps: int, device: str, workers: int) -> dict:
+def run_check(work: Path, shapes: Shapes, samples: int, steps: int, device: str, workers: int,
+              out: Path | None = None) -> dict:
+    """Both stages' figures; with ``out``, stage 1's are written to ``out/gpu.json`` as soon as it ends, so that a
+    stage 2 that fails or outlasts the check's time limit (which kills it unannounced) leaves them behind."""
     shards, teachers = build_inputs(work, shapes, samples)
     store, run = work / "cache.zarr", work / "run"
     mcad = [sys.executable, "-m", "pipeline.cli"]
@@ -171,6 +202,8 @@ def run_check(work: Path, shapes: Shapes, samples: int, steps: int, device: str,
     result["stage1"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples / seconds, 1),
                         "passes": json.loads((work / "cache_run.json").read_text())["summary"]["seconds"],
                         **poll.figures()}
+    if out is not None:
+        atomic_write_json(out / f"{NAME}.json", result)
     with GpuPoll() as poll:
         seconds = timed(stage2, work / "stage2.log")
     summary = json.loads((run / "summary.json").read_text())
@@ -202,10 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("artifacts/gpu_check"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    preflight(args.device)
     if args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
-    result = run_check(args.work, TINY if args.tiny else REAL, args.samples, args.steps, args.device, args.workers)
+    result = run_check(args.work, TINY if args.tiny else REAL, args.samples, args.steps, args.device, args.workers,
+                       args.out)
     atomic_write_json(args.out / f"{NAME}.json", result)
     atomic_write_bytes(args.out / f"{NAME}.md", markdown(result).encode())
     print(markdown(result))

@@ -43,7 +43,7 @@ from mcad_cache.schema import BLOCK_PASSES, read_array, read_block_rows, write_a
 from mcad_cache.store import CacheIncompleteError, CacheStore, block_name, plan_blocks, shard_name, writer_locks
 from mcad_cache.config import CacheConfig
 from mcad_cache.teachers.single import TextBatch
-from mcad_core.dist import TaskPlace, partition
+from mcad_core.dist import TaskPlace, local_rank, partition
 from mcad_core.lock import WriterBusyError, WriterLock
 from mcad_core.runlog import RunLog
 from mcad_core.shards import (
@@ -303,12 +303,12 @@ def _count_images(shard: str, stop_at: int | None = None) -> int:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` picks this task's GPU (torchrun's LOCAL_RANK) when CUDA is available, else the CPU."""
-    import os
-
+    """``auto`` picks this task's GPU when CUDA is available, else the CPU: ``cuda:<local rank>`` read as stage 2
+    reads it (``mcad_core.dist.local_rank``: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID, a blank one unset),
+    so that several tasks on one machine take one GPU each rather than all the first."""
     if device != "auto":
         return device
-    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------- embed

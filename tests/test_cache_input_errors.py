@@ -118,6 +118,22 @@ def test_a_cuda_device_without_cuda_fails_first(tmp_path, tiny_world, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_auto_gives_each_task_on_a_machine_its_own_gpu(monkeypatch):
+    """``auto`` is ``cuda:<local rank>`` as stage 2 reads it: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cache_job.resolve_device("auto") == "cuda:0" and cache_job.resolve_device("cpu") == "cpu"
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert cache_job.resolve_device("auto") == "cuda:2"
+    monkeypatch.setenv("LOCAL_RANK", "")  # blank: unset, not "cuda:"
+    assert cache_job.resolve_device("auto") == "cuda:2"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cache_job.resolve_device("auto") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cache_job.resolve_device("auto") == "cpu"
+
+
 def test_the_pixel_limit_default_is_the_readers():
     assert CacheConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
     assert not math.isnan(CacheConfig().fusion_a)

@@ -93,6 +93,21 @@ def test_itm_refuses_misaligned_pairs(tiny_blip):
         teacher.itm(vision, teacher.tokenize(["one text"]))
 
 
+@pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")  # weights copied onto meta are dropped
+def test_teachers_loaded_onto_a_device_normalize_and_encode_there(tiny_clip, tiny_blip):
+    """A teacher loaded onto a device keeps its mean/std there, so its CPU inputs (uint8 renders, token ids) are
+    moved to the model's device: with them left on the CPU every stage-1 forward on a GPU failed. The meta device
+    stands in for a GPU, since it too refuses CPU operands. (BLIP's text encoder reads values, which meta tensors
+    do not have, so only its image side runs here.)"""
+    dual_teacher = DualStreamTeacher.load(tiny_clip[1], "meta")
+    assert dual_teacher.mean.device.type == dual_teacher.std.device.type == "meta"
+    assert dual_teacher.encode_images(dual_teacher.pixels_from_uint8(_images())).device.type == "meta"
+    assert dual_teacher.encode_texts(["a red circle"]).device.type == "meta"
+    single = load_single(tiny_blip[1], "meta")
+    assert single.mean.device.type == single.std.device.type == "meta"
+    assert single.itc_images(single.vision_tokens(single.pixels_from_uint8(_images()))).device.type == "meta"
+
+
 def _vision(model) -> torch.Tensor:
     """The image tower's tokens for 3 random 32x32 images (what train_blip hands blip_losses)."""
     return model.vision_model(pixel_values=torch.randn(3, 3, 32, 32)).last_hidden_state

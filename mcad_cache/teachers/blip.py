@@ -44,8 +44,12 @@ class BlipItmTeacher(torch.nn.Module):
         self.context_length = int(model.config.text_config.max_position_embeddings)
         image_processor = processor.image_processor
         self.image_size = int(image_processor.size["height"])
-        self.register_buffer("mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), persistent=False)
+        # On the model's device (``load`` put it there): inputs are moved to ``mean.device`` before a forward.
+        device = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1),
+                             persistent=False)
 
     @classmethod
     def load(cls, spec: SingleTeacherSpec, device: str | torch.device = "cpu") -> "BlipItmTeacher":

@@ -57,8 +57,10 @@ class DualStreamTeacher(torch.nn.Module):
         self.spec = spec
         cfg = model.visual.preprocess_cfg
         self.image_size = square_size(cfg["size"])
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        # On the model's device (``load`` put it there): inputs are moved to ``mean.device`` before a forward.
+        device = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def load(cls, spec: DualTeacherSpec, device: str | torch.device = "cpu") -> "DualStreamTeacher":
