@@ -7,4 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+if [ -d .whl ] && [ "$PY" = python3 ]; then  # the device machine: the wheels bench/gpu_wheels.sh fetched, carried
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mcad-site .whl/*.whl
+  export PYTHONPATH=/tmp/mcad-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 exec timeout 480 "$PY" -m bench.gpu_check "$@"
