@@ -13,9 +13,9 @@ the one-process gradient.
 The backend follows the device: NCCL with each rank bound to its GPU
 (``cuda:LOCAL_RANK`` by default, ``resolve_device``), gloo on CPU.
 
-BatchNorm layers see only the local rows: with a BatchNorm image tower
-(MobileViTv2) the result differs from one process unless they are synced;
-``sync_batchnorm`` converts them where the backend supports it (CUDA).
+BatchNorm layers see only the local rows and are not synced: with a BatchNorm
+image tower (the MobileViTv2 preset) a multi-rank run differs from one process.
+The default ``vit`` student has LayerNorms only, so its runs are unaffected.
 """
 
 from __future__ import annotations
