@@ -42,7 +42,7 @@ other-world:  ## The second world (mcad data --world quadrants): a 5k distillati
 	$(BIN)/mcad data --world quadrants --out $(OTHER_DATA) --n-train 5000
 	$(BIN)/mcad data --world quadrants --out $(OTHER_TEACHER_DATA) --seed 1 --n-train 100000
 
-other-teachers:  ## The second world's teachers, the default world's recipe on its own data -> artifacts/teachers_quadrants
+other-teachers:  ## The second world's teachers, the default world's recipe on its own data (66 min on 2 cores) -> artifacts/teachers_quadrants
 	$(BIN)/mcad teachers --config configs/teachers.toml --data $(OTHER_TEACHER_DATA) --out artifacts/teachers_quadrants
 
 ship-teachers:  ## Pack artifacts/teachers as float16 into teachers/default (what the repository ships)
