@@ -46,6 +46,14 @@ def _stats(values: list[float]) -> dict:
             "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None}
 
 
+def _row(summaries: dict[int, dict], seeds: list[int]) -> dict:
+    """One mode's row over ``seeds``: mean recall, its sd, the per-seed values and candidates_in_batch."""
+    values = [summaries[s]["recalls"]["mean_recall"] for s in seeds]
+    return {"mean_recall": _stats(values)["mean"], "mean_recall_sd": _stats(values)["sd"],
+            "seeds": {str(s): round(v, 2) for s, v in zip(seeds, values, strict=True)},
+            "candidates_in_batch": _stats([summaries[s]["candidates_in_batch"] or 0.0 for s in seeds])["mean"]}
+
+
 def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
     students, baselines = seed_runs(runs, mode), seed_runs(runs, "contrastive")
     seeds = sorted(set(students) & set(baselines))
@@ -62,15 +70,13 @@ def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
     closed = [(st - c) / g if g > 0 else None for st, c, g in zip(student, contrastive, gaps, strict=True)]
     first = students[seeds[0]]
     largest_teacher = max((t["params"] or 0) for t in teachers.values())
+    student_row = _row(students, seeds)
     report = {
-        "student": {"mean_recall": _stats(student)["mean"], "mean_recall_sd": _stats(student)["sd"],
-                    "seeds": {str(s): round(v, 2) for s, v in zip(seeds, student, strict=True)},
-                    "mode": mode, "params": first["parameters"], "steps": first["steps"],
-                    "eval_shards": first["eval_shards"],
-                    "candidates_in_batch": _stats([students[s]["candidates_in_batch"] or 0.0 for s in seeds])["mean"]},
+        "student": {**student_row, "mode": mode, "params": first["parameters"], "steps": first["steps"],
+                    "eval_shards": first["eval_shards"]},
         "teachers": teachers,
         "best_teacher": best_name,
-        "of_best_teacher": round(_stats(student)["mean"] / best, 4),
+        "of_best_teacher": round(student_row["mean_recall"] / best, 4),
         "contrastive": {"mean_recall": _stats(contrastive)["mean"], "mean_recall_sd": _stats(contrastive)["sd"],
                         "seeds": {str(s): round(v, 2) for s, v in zip(seeds, contrastive, strict=True)}},
         "gap": _stats(gaps),
@@ -83,11 +89,7 @@ def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
     for other in (m for m in COMPARED if m != mode):
         runs_of = seed_runs(runs, other)
         if shared := [s for s in seeds if s in runs_of]:
-            values = [runs_of[s]["recalls"]["mean_recall"] for s in shared]
-            report["modes"][other] = {
-                "mean_recall": _stats(values)["mean"], "mean_recall_sd": _stats(values)["sd"],
-                "seeds": {str(s): round(v, 2) for s, v in zip(shared, values, strict=True)},
-                "candidates_in_batch": _stats([runs_of[s]["candidates_in_batch"] or 0.0 for s in shared])["mean"]}
+            report["modes"][other] = _row(runs_of, shared)
     report["goals"] = {
         "gap >= 10": {"measured": report["gap"]["mean"], "met": min(gaps) >= GAP_GOAL},
         "gap_closed >= 0.60": {"measured": report["gap_closed"],
