@@ -6,7 +6,9 @@ Figures (bench/results/scale.{json,md}):
   views, teacher calls, store writes) with 2 worker processes over 1, on generated shards, with no-op teachers
   (two dual-stream teachers and a single-stream one whose forwards return zeros of the right shape), so
   what is measured is everything of stage 1 but the forwards. The reader thread (``workers`` 0) is run
-  beside them for reference. Runs alternate between the worker counts; the median of each is reported.
+  beside them for reference. Runs alternate between the worker counts, one round after another; the figure is
+  the median over rounds of each round's 2-worker rate over its 1-worker rate (paired, side by side; the
+  ratio of the medians is reported too).
 - ``stage1_renders_per_sample_30_views_2_teachers``: image renders (``render_views`` rows) per sample of one
   shard's embed with 30 views, two dual-stream teachers and the single-stream one, all at one input size
   (view 0 only for the single-stream teacher, the default). A tower-by-tower loop renders 2 x 30 + 1.
@@ -216,8 +218,12 @@ def worker_speedup(shards: list[str], teachers, cfg, repeats: int, counts: tuple
         for workers in counts:
             runs.append(embed_rate(shards, teachers, cfg, workers))
     rate = {w: statistics.median(r["samples_per_s"] for r in runs if r["workers"] == w) for w in counts}
+    by_round = [runs[i:i + len(counts)] for i in range(0, len(runs), len(counts))]
+    paired = [next(r["samples_per_s"] for r in round_ if r["workers"] == 2)
+              / next(r["samples_per_s"] for r in round_ if r["workers"] == 1) for round_ in by_round]
     out = {"runs": runs, "median_samples_per_s": {str(w): v for w, v in rate.items()},
-           "speedup_2_over_1": rate[2] / rate[1]}
+           "speedup_2_over_1_per_round": [round(v, 3) for v in paired],
+           "speedup_2_over_1": statistics.median(paired), "speedup_2_over_1_of_medians": rate[2] / rate[1]}
     if 0 in rate:
         out["speedup_2_over_thread"] = rate[2] / rate[0]
     return out
@@ -319,12 +325,14 @@ def markdown(results: dict) -> str:
         "## Embed pass with no-op teachers (everything but the forwards)",
         f"Median samples/s: 1 worker {speed['median_samples_per_s']['1']:.1f}, 2 workers "
         f"{speed['median_samples_per_s']['2']:.1f}, the reader thread {speed['median_samples_per_s']['0']:.1f}; "
-        f"2 workers / reader thread {speed['speedup_2_over_thread']:.2f}. The no-op teachers prepare their "
+        f"2 workers / reader thread {speed['speedup_2_over_thread']:.2f}. 2 workers over 1, per round (the figure "
+        f"is their median): {', '.join(f'{v:.2f}' for v in speed['speedup_2_over_1_per_round'])}; the ratio of "
+        f"the medians: {speed['speedup_2_over_1_of_medians']:.2f}. The no-op teachers prepare their "
         "pixels on the CPU as a CPU teacher does (three float32 normalizations per image; with workers, in the "
         "workers, up to their byte budget: mcad_cache.embed.views_ahead). "
         "Teachers that hand the uint8 renders on unprepared (as a GPU teacher leaves the host CPU): 1 worker "
         f"{hand_off['median_samples_per_s']['1']:.1f}, 2 workers {hand_off['median_samples_per_s']['2']:.1f} "
-        f"samples/s, {hand_off['speedup_2_over_1']:.2f}x.",
+        f"samples/s, {hand_off['speedup_2_over_1']:.2f}x (median of the rounds' ratios).",
         markdown_table(["workers", "samples", "seconds", "samples/s", "main CPU s", "workers' CPU s",
                         "cores busy (ours)", "load average before"], runs),
         "CPU seconds are this process's (the reader thread included) and its joined workers'; cores busy = "
@@ -372,7 +380,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=320, help="generated JPEG side")
     parser.add_argument("--source-size", type=int, default=224, help="teacher input size the images are resized to")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--note", default="", help="a sentence on the machine's state, kept in the results")
     args = parser.parse_args()
