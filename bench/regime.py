@@ -31,12 +31,14 @@ FUSED_OVER_DUAL_GOAL = 1.0  # on every seed
 
 
 def seed_runs(runs: Path, mode: str) -> dict[int, dict]:
-    """``{seed: summary}`` of the finished runs ``RUNS/<mode>_s<seed>``."""
+    """``{seed: summary}`` of the finished runs ``RUNS/<mode>_s<seed>``, each with its run's peak ``lr``."""
     found = {}
     for summary in sorted(runs.glob(f"{mode}_s*/summary.json")):
         data = json.loads(summary.read_text())
         if data.get("mode") != mode:
             raise ValueError(f"{summary} is a {data.get('mode')} run, not {mode}")
+        config = summary.with_name("config.json")
+        data["lr"] = json.loads(config.read_text())["lr"] if config.exists() else None
         found[int(data["seed"])] = data
     return found
 
@@ -51,7 +53,16 @@ def _row(summaries: dict[int, dict], seeds: list[int]) -> dict:
     values = [summaries[s]["recalls"]["mean_recall"] for s in seeds]
     return {"mean_recall": _stats(values)["mean"], "mean_recall_sd": _stats(values)["sd"],
             "seeds": {str(s): round(v, 2) for s, v in zip(seeds, values, strict=True)},
+            "lr": _one_lr(summaries, seeds),
             "candidates_in_batch": _stats([summaries[s]["candidates_in_batch"] or 0.0 for s in seeds])["mean"]}
+
+
+def _one_lr(summaries: dict[int, dict], seeds: list[int]) -> float | None:
+    """The peak lr the row's runs share (a row mixing learning rates is refused)."""
+    lrs = {summaries[s]["lr"] for s in seeds}
+    if len(lrs) > 1:
+        raise ValueError(f"seeds {seeds} of one row ran at different learning rates: {sorted(lrs, key=str)}")
+    return lrs.pop()
 
 
 def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
@@ -78,7 +89,8 @@ def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
         "best_teacher": best_name,
         "of_best_teacher": round(student_row["mean_recall"] / best, 4),
         "contrastive": {"mean_recall": _stats(contrastive)["mean"], "mean_recall_sd": _stats(contrastive)["sd"],
-                        "seeds": {str(s): round(v, 2) for s, v in zip(seeds, contrastive, strict=True)}},
+                        "seeds": {str(s): round(v, 2) for s, v in zip(seeds, contrastive, strict=True)},
+                        "lr": _one_lr(baselines, seeds)},
         "gap": _stats(gaps),
         "gap_closed": round(statistics.fmean(c for c in closed if c is not None), 3) if any(closed) else None,
         "gap_closed_per_seed": {str(s): (round(c, 3) if c is not None else None) for s, c in zip(seeds, closed,
@@ -123,17 +135,13 @@ def _mode_goals(report: dict, mode: str) -> dict:
 
 def markdown(report: dict) -> str:
     s, c = report["student"], report["contrastive"]
-    lines = ["| model | seeds | mean recall | parameters |", "|---|---|---:|---:|"]
+    lines = ["| model | lr | seeds | mean recall | parameters |", "|---|---:|---|---:|---:|"]
     for name, row in sorted(report["teachers"].items(), key=lambda kv: -kv[1]["mean_recall"]):
-        lines.append(f"| teacher: {name} | - | {row['mean_recall']:.1f} | {row['params'] or '-'} |")
+        lines.append(f"| teacher: {name} | - | - | {row['mean_recall']:.1f} | {row['params'] or '-'} |")
     sd = lambda v: f" ± {v:.1f}" if v is not None else ""
-    lines.append(f"| student ({s['mode']}) | {', '.join(f'{v:.1f}' for v in s['seeds'].values())} | "
-                 f"{s['mean_recall']:.1f}{sd(s['mean_recall_sd'])} | {s['params']} |")
-    lines.append(f"| student (contrastive only) | {', '.join(f'{v:.1f}' for v in c['seeds'].values())} | "
-                 f"{c['mean_recall']:.1f}{sd(c['mean_recall_sd'])} | {s['params']} |")
-    for name, row in report["modes"].items():
-        lines.append(f"| student ({name}) | {', '.join(f'{v:.1f}' for v in row['seeds'].values())} | "
-                     f"{row['mean_recall']:.1f}{sd(row['mean_recall_sd'])} | {s['params']} |")
+    students = [(s["mode"], s), ("contrastive only", c), *report["modes"].items()]
+    lines += [f"| student ({name}) | {row.get('lr') or '-'} | {', '.join(f'{v:.1f}' for v in row['seeds'].values())} | "
+              f"{row['mean_recall']:.1f}{sd(row['mean_recall_sd'])} | {s['params']} |" for name, row in students]
     lines += ["", "| goal | measured | met |", "|---|---:|---|"]
     lines += [f"| {goal} | {v['measured']} | {'yes' if v['met'] else '**no**'} |" for goal, v in report["goals"].items()]
     return "\n".join(lines) + "\n"

@@ -9,12 +9,29 @@ import pytest
 from bench.regime import regime
 
 
-def _run(root, mode, seed, mean_recall, params=1000):
+def _run(root, mode, seed, mean_recall, params=1000, lr=None):
     out = root / f"{mode}_s{seed}"
     out.mkdir(parents=True)
     (out / "summary.json").write_text(json.dumps({
         "mode": mode, "seed": seed, "steps": 10, "parameters": params, "eval_shards": "data/default/test",
         "candidates_in_batch": 0.25, "recalls": {"mean_recall": mean_recall}}))
+    if lr is not None:
+        (out / "config.json").write_text(json.dumps({"lr": lr, "mode": mode}))
+
+
+def test_each_row_names_its_runs_lr_and_a_row_mixing_rates_is_refused(tmp_path):
+    runs = tmp_path / "runs"
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"results": {"clip_a": {"mean_recall": 70.0, "parameters": 4000}}}))
+    for seed in (0, 1):
+        _run(runs, "mcad", seed, 60.0, lr=1e-3)
+        _run(runs, "contrastive", seed, 40.0, lr=5e-4)
+    report = regime(runs, teachers, "mcad")
+    assert (report["student"]["lr"], report["contrastive"]["lr"]) == (1e-3, 5e-4)
+    _run(runs, "mcad", 2, 60.0, lr=2e-3)
+    _run(runs, "contrastive", 2, 40.0, lr=5e-4)
+    with pytest.raises(ValueError, match="different learning rates"):
+        regime(runs, teachers, "mcad")
 
 
 def test_gap_and_share_closed_by_hand(tmp_path):
