@@ -44,7 +44,7 @@ class NoAblationRunsError(InputError):
 
 
 # What the report's note states of every row (pipeline/cli.py): runs that differ in these cannot share a table.
-REPORTED_SETTINGS = ("steps", "batch_size", "eval_shards")
+REPORTED_SETTINGS = ("steps", "batch_size", "lr", "eval_shards")
 
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 

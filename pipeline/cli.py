@@ -822,6 +822,7 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
             raise click.UsageError(f"--steps {steps}: the runs under {out_dir} trained {settings['steps']} steps "
                                    "(--report-only reads them from the runs; leave --steps out)")
         row_steps, batch_size, eval_shards = settings["steps"], settings["batch_size"], settings["eval_shards"]
+        lr = settings["lr"]
         seeds_text = f"the finished runs of seeds {list(seed_list)} (the seeds column counts them)"
     else:
         from mcad_student.train import DistillConfig, ResumeMismatchError
@@ -836,8 +837,9 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
             results = run_ablation(base, out_dir, seed_list, row_list, online_seeds=online_list)
         except (StaleRowError, ResumeMismatchError) as err:
             raise click.ClickException(str(err)) from err
-        row_steps, batch_size, seeds_text = base.steps, base.batch_size, f"seeds {list(seed_list)}"
-    note = (f"{row_steps} steps per row, batch {batch_size}, {seeds_text} (online row: "
+        row_steps, batch_size, lr, seeds_text = base.steps, base.batch_size, base.lr, f"seeds {list(seed_list)}"
+    lr_text = f"peak lr {lr:g}, " if lr is not None else ""
+    note = (f"{row_steps} steps per row, batch {batch_size}, {lr_text}{seeds_text} (online row: "
             f"{list(online_list)}), recalls on {_relative_to_cwd(eval_shards)} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())

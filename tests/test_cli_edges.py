@@ -163,7 +163,7 @@ METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "
 def _finished_run(out: Path, name: str, seed: int, steps: int, recall: float) -> None:
     run = out / name
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"steps": steps, "batch_size": 16, "eval_shards": "val",
+    (run / "config.json").write_text(json.dumps({"steps": steps, "batch_size": 16, "lr": 0.001, "eval_shards": "val",
                                                  "seed": seed}))
     (run / "summary.json").write_text(json.dumps({
         "seed": seed, "recalls": {m: recall for m in METRICS}, "seconds": 1.0, "steps_per_second": 7.0,
@@ -187,7 +187,7 @@ def test_report_only_reads_the_steps_from_the_runs_and_imports_no_torch(tmp_path
                                                         "--seeds", "0"], tmp_path)
     assert code == 0, output
     assert not torch_imported
-    assert "7 steps per row, batch 16" in output and "recalls on val" in output
+    assert "7 steps per row, batch 16, peak lr 0.001" in output and "recalls on val" in output
     report = json.loads((out / "ablation.json").read_text())
     assert [row["row"] for row in report["rows"]] == ["a", "b"]
     assert report["paired"][0]["diffs"] == [3.0]
