@@ -38,8 +38,8 @@ teacher-data:  ## Generate the teachers' own data (100k samples from another see
 teachers: teacher-data  ## Retrain the shipped teachers from scratch into artifacts/teachers (92 min on 2 shared cores)
 	$(BIN)/mcad teachers --config configs/teachers.toml --data $(TEACHER_DATA) --out artifacts/teachers
 
-other-world:  ## The second world (mcad data --world quadrants): a 5k distillation set and its teachers' own 100k
-	$(BIN)/mcad data --world quadrants --out $(OTHER_DATA) --n-train 5000
+other-world:  ## The second world (mcad data --world quadrants): a 1k distillation set and its teachers' own 100k
+	$(BIN)/mcad data --world quadrants --out $(OTHER_DATA) --n-train 1000
 	$(BIN)/mcad data --world quadrants --out $(OTHER_TEACHER_DATA) --seed 1 --n-train 100000
 
 other-teachers:  ## The second world's teachers, the default world's recipe on its own data (66 min on 2 cores) -> artifacts/teachers_quadrants
