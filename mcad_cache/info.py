@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import zarr
 
+from mcad_cache import list_quality
 from mcad_cache.schema import BLOCK_PASSES, SchemaError
 from mcad_cache.store import CacheMismatchError, CacheStore, block_name
 from mcad_core.errors import InputError
@@ -42,7 +44,21 @@ def _array_sizes(group: zarr.Group) -> dict[str, tuple[int, int]]:
     return out
 
 
-def describe(path: str | Path) -> dict:
+def _block_list_counts(store: CacheStore, group: zarr.Group, shards: list[str]) -> dict:
+    """One block's list-quality counts (mcad_cache.list_quality) from its lists and its shards' text_image."""
+    text_image, offset = [], 0
+    for shard in shards:
+        local = store.shard_group(shard)["text_image"][...].astype(np.int64)
+        text_image.append(local + offset)
+        offset += store.shard_group(shard)["keys"].shape[0]
+    lists = {f"{d}/{name}": group[f"{d}/{name}"][...] for d in list_quality.DIRECTIONS
+             for name in ("ids", *list_quality.SCORES) if f"{d}/{name}" in group}
+    return list_quality.count_block(lists, np.concatenate(text_image))
+
+
+def describe(path: str | Path, lists: bool = False) -> dict:
+    """The store's report; with ``lists``, also how well each cached score ranks the true pairs in its lists
+    (every searched block is read: n x k and t x k values per block)."""
     store = open_store(path)
     manifest = store.manifest
     shards = {"done": [], "missing": [], "failed": []}
@@ -66,7 +82,7 @@ def describe(path: str | Path) -> dict:
         for array, (stored, raw) in _array_sizes(store.shard_group(source["name"])).items():
             sizes[f"shards/*/{array}"][0] += stored
             sizes[f"shards/*/{array}"][1] += raw
-    blocks = []
+    blocks, list_counts = [], []
     for index, block_shards in enumerate(manifest["search"]["blocks"]):
         name = block_name(index)
         group = store.root["blocks"].get(name)
@@ -77,6 +93,8 @@ def describe(path: str | Path) -> dict:
             for array, (stored, raw) in _array_sizes(group).items():
                 sizes[f"blocks/*/{array}"][0] += stored
                 sizes[f"blocks/*/{array}"][1] += raw
+            if lists and "search" in passes:
+                list_counts.append(_block_list_counts(store, group, block_shards))
     views = manifest["preprocessing"]["views"]
     total = sum(stored for stored, _ in sizes.values())
     return {
@@ -97,6 +115,7 @@ def describe(path: str | Path) -> dict:
         "stored_bytes": total,
         "bytes_per_sample_per_view": round(total / (samples * views), 1) if samples else None,
         "itm_pairs": sum(b["passes"].get("rescore", {}).get("pairs", 0) for b in blocks),
+        **({"list_quality": {"blocks": len(list_counts), **list_quality.summarize(list_counts)}} if lists else {}),
     }
 
 
@@ -140,7 +159,21 @@ def format_report(report: dict) -> str:
     lines.append("arrays (stored / raw MiB):")
     for name, size in report["arrays"].items():
         lines.append(f"  {name:<34} {size['stored_bytes'] / 2**20:8.2f} / {size['raw_bytes'] / 2**20:8.2f}")
+    if "list_quality" in report:
+        lines.extend(_format_list_quality(report["list_quality"]))
     per = report["bytes_per_sample_per_view"]
     lines.append(f"total {report['stored_bytes'] / 2**20:.1f} MiB; "
                  f"{per if per is not None else '-'} bytes per sample per view")
     return "\n".join(lines)
+
+
+def _format_list_quality(quality: dict) -> list[str]:
+    lines = [f"cached lists ({quality['blocks']} searched blocks): share of anchors whose top-scored candidate is a "
+             "true pair, by score; and whose list holds one at all"]
+    for direction in list_quality.DIRECTIONS:
+        if direction not in quality:
+            continue
+        q = quality[direction]
+        tops = "  ".join(f"{name} {q[f'top1_{name}']:.1%}" for name in list_quality.SCORES if f"top1_{name}" in q)
+        lines.append(f"  {direction} ({q['anchors']} anchors): top-1 {tops}; true pair in list {q['in_list']:.1%}")
+    return lines

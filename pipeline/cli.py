@@ -520,11 +520,15 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
 @main.command("cache-info")
 @click.argument("store", type=click.Path(path_type=Path))  # a missing store is named by describe (exit 3)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def cache_info(store: Path, as_json: bool) -> None:
+@click.option("--lists", is_flag=True,
+              help="Also read every block's top-k lists and report, per direction, how often the dual, ITM and "
+                   "fused scores rank a true pair first among an anchor's candidates (an ITM share no higher "
+                   "than the dual one: the fused targets add no ranking signal on this data).")
+def cache_info(store: Path, as_json: bool, lists: bool) -> None:
     """Describe a cache store: manifest, array sizes, bytes per sample per view, and what is missing."""
     from mcad_cache.info import describe, format_report
 
-    report = describe(store)
+    report = describe(store, lists=lists)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_report(report))
 
 
