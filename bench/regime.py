@@ -1,6 +1,7 @@
 """The distillation regime of one world: the teachers, the contrastive-only student and the default student.
 
-Reads ``RUNS/<mode>_s<seed>/summary.json`` (``mcad distill --mode MODE --seed SEED --out RUNS/<mode>_s<seed>``)
+Reads ``RUNS/<mode>_s<seed>/summary.json`` (``mcad distill --mode MODE --seed SEED --out RUNS/<mode>_s<seed>``),
+or the run records ``RUNS/<mode>_s<seed>.json`` that ``python -m bench.records`` keeps in the repository,
 and the teachers' `mcad eval` JSON measured on the same split, and writes ``bench/results/distill.json`` (or
 ``--out``) with the shape `make distill --results-json` writes, plus the contrastive baseline and the share of
 the teacher-student gap the default student closes, paired per seed:
@@ -21,6 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.records import read_record
 from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 GAP_GOAL = 10.0
@@ -31,15 +33,23 @@ FUSED_OVER_DUAL_GOAL = 1.0  # on every seed
 
 
 def seed_runs(runs: Path, mode: str) -> dict[int, dict]:
-    """``{seed: summary}`` of the finished runs ``RUNS/<mode>_s<seed>``, each with its run's peak ``lr``."""
-    found = {}
-    for summary in sorted(runs.glob(f"{mode}_s*/summary.json")):
-        data = json.loads(summary.read_text())
+    """``{seed: summary}`` of the finished runs ``RUNS/<mode>_s<seed>`` (run directories, or the run records of
+    bench/records.py: ``RUNS/<mode>_s<seed>.json``), each with its run's peak ``lr``."""
+    found: dict[int, dict] = {}
+    sources: dict[int, Path] = {}
+    for path in sorted([*runs.glob(f"{mode}_s*/summary.json"), *runs.glob(f"{mode}_s*.json")]):
+        if path.name == "summary.json":
+            data = json.loads(path.read_text())
+            config_file = path.with_name("config.json")
+            config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        else:
+            data, config = read_record(path)
         if data.get("mode") != mode:
-            raise ValueError(f"{summary} is a {data.get('mode')} run, not {mode}")
-        config = summary.with_name("config.json")
-        data["lr"] = json.loads(config.read_text())["lr"] if config.exists() else None
-        found[int(data["seed"])] = data
+            raise ValueError(f"{path} is a {data.get('mode')} run, not {mode}")
+        seed = int(data["seed"])
+        if seed in found:
+            raise ValueError(f"{mode} seed {seed} has two runs under {runs}: {sources[seed]} and {path}")
+        found[seed], sources[seed] = {**data, "lr": config.get("lr")}, path
     return found
 
 
@@ -65,11 +75,14 @@ def _one_lr(summaries: dict[int, dict], seeds: list[int]) -> float | None:
     return lrs.pop()
 
 
-def regime(runs: Path, teachers_json: Path, mode: str) -> dict:
-    students, baselines = seed_runs(runs, mode), seed_runs(runs, "contrastive")
+def regime(runs: Path, teachers_json: Path, mode: str, baseline_runs: Path | None = None) -> dict:
+    """The report; the contrastive baseline's runs are read from ``baseline_runs`` when given (another
+    learning rate's records, say), else from ``runs``."""
+    baseline_runs = baseline_runs or runs
+    students, baselines = seed_runs(runs, mode), seed_runs(baseline_runs, "contrastive")
     seeds = sorted(set(students) & set(baselines))
     if not seeds:
-        raise SystemExit(f"no seed has both a {mode} and a contrastive run under {runs}")
+        raise SystemExit(f"no seed has both a {mode} run under {runs} and a contrastive run under {baseline_runs}")
     saved = json.loads(teachers_json.read_text())
     teachers = {name: {"mean_recall": round(row["mean_recall"], 2), "params": row.get("parameters")}
                 for name, row in saved["results"].items()}
@@ -151,10 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/regime"))
     parser.add_argument("--teachers", type=Path, default=Path("artifacts/eval/teachers.json"))
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="where the contrastive baseline's runs are (default: --runs)")
     parser.add_argument("--mode", default="mcad", help="the default student's mode")
     parser.add_argument("--out", type=Path, default=Path("bench/results/distill.json"))
     args = parser.parse_args(argv)
-    report = regime(args.runs, args.teachers, args.mode)
+    report = regime(args.runs, args.teachers, args.mode, args.baseline)
     atomic_write_json(args.out, report)
     atomic_write_bytes(args.out.with_suffix(".md"), markdown(report).encode())
     print(markdown(report))

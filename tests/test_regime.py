@@ -92,3 +92,41 @@ def test_without_dual_kd_runs_no_mode_goal_is_claimed(tmp_path):
     report = regime(runs, teachers, "mcad")
     assert report["modes"] == {}
     assert not any("dual_kd" in goal for goal in report["goals"])
+
+
+def test_run_records_read_as_run_directories_and_a_seed_twice_is_refused(tmp_path):
+    from bench.records import RecordError, main as record_main
+
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    for seed, (student, base) in enumerate([(60.0, 40.0), (62.0, 42.0)]):
+        _run(runs, "mcad", seed, student, lr=1e-3)
+        _run(runs, "contrastive", seed, base, lr=1e-3)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"results": {"clip_a": {"mean_recall": 70.0, "parameters": 4000}}}))
+    record_main([str(p) for p in sorted(runs.iterdir())] + ["--into", str(records)])
+    assert sorted(p.name for p in records.iterdir()) == ["contrastive_s0.json", "contrastive_s1.json",
+                                                        "mcad_s0.json", "mcad_s1.json"]
+    assert regime(records, teachers, "mcad") == regime(runs, teachers, "mcad")
+    # an unfinished run (no summary) is refused before any record is written
+    (runs / "mcad_s9").mkdir()
+    with pytest.raises(RecordError, match="mcad_s9 has no summary.json"):
+        record_main([str(runs / "mcad_s0"), str(runs / "mcad_s9"), "--into", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()
+    # the same seed as a record and as a run directory in one place is ambiguous
+    (records / "mcad_s0").mkdir()
+    (records / "mcad_s0" / "summary.json").write_text((runs / "mcad_s0" / "summary.json").read_text())
+    with pytest.raises(ValueError, match="mcad seed 0 has two runs"):
+        regime(records, teachers, "mcad")
+
+
+def test_the_baseline_can_come_from_another_directory(tmp_path):
+    runs, other = tmp_path / "runs", tmp_path / "other"
+    _run(runs, "mcad", 0, 60.0, lr=1e-3)
+    _run(runs, "contrastive", 0, 30.0, lr=1e-3)
+    _run(other, "contrastive", 0, 40.0, lr=5e-4)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"results": {"clip_a": {"mean_recall": 70.0, "parameters": 4000}}}))
+    assert regime(runs, teachers, "mcad")["contrastive"]["mean_recall"] == 30.0
+    report = regime(runs, teachers, "mcad", baseline_runs=other)
+    assert (report["contrastive"]["mean_recall"], report["contrastive"]["lr"]) == (40.0, 5e-4)
+    assert report["gap_closed"] == pytest.approx(20 / 30, abs=1e-3)
