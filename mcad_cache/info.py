@@ -44,8 +44,9 @@ def _array_sizes(group: zarr.Group) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _block_list_counts(store: CacheStore, group: zarr.Group, shards: list[str]) -> dict:
-    """One block's list-quality counts (mcad_cache.list_quality) from its lists and its shards' text_image."""
+def block_lists(store: CacheStore, group: zarr.Group, shards: list[str]) -> tuple[dict, np.ndarray]:
+    """A searched block's lists (``"<direction>/<ids|dual|itm|fused>"``, those present) and ``text_image``: every
+    caption's image row in the block, from its shards' local rows (the shape mcad_cache.list_quality reads)."""
     text_image, offset = [], 0
     for shard in shards:
         local = store.shard_group(shard)["text_image"][...].astype(np.int64)
@@ -53,7 +54,7 @@ def _block_list_counts(store: CacheStore, group: zarr.Group, shards: list[str]) 
         offset += store.shard_group(shard)["keys"].shape[0]
     lists = {f"{d}/{name}": group[f"{d}/{name}"][...] for d in list_quality.DIRECTIONS
              for name in ("ids", *list_quality.SCORES) if f"{d}/{name}" in group}
-    return list_quality.count_block(lists, np.concatenate(text_image))
+    return lists, np.concatenate(text_image)
 
 
 def describe(path: str | Path, lists: bool = False) -> dict:
@@ -94,7 +95,7 @@ def describe(path: str | Path, lists: bool = False) -> dict:
                 sizes[f"blocks/*/{array}"][0] += stored
                 sizes[f"blocks/*/{array}"][1] += raw
             if lists and "search" in passes:
-                list_counts.append(_block_list_counts(store, group, block_shards))
+                list_counts.append(list_quality.count_block(*block_lists(store, group, block_shards)))
     views = manifest["preprocessing"]["views"]
     total = sum(stored for stored, _ in sizes.values())
     return {

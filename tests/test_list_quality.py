@@ -79,3 +79,21 @@ def test_cache_info_lists_equals_a_recount_of_the_store(tiny_cache):
         assert set(quality[direction]) == {"anchors", "in_list", "top1_dual", "top1_itm", "top1_fused"}
     assert "list_quality" not in json.loads(CliRunner().invoke(main, ["cache-info", "--json",
                                                                       str(tiny_cache)]).output)
+
+
+def test_fusion_sweep_agrees_with_the_stored_scores(tiny_cache, tmp_path):
+    from bench.fusion_lists import main as sweep_main
+
+    quality = json.loads(CliRunner().invoke(main, ["cache-info", "--lists", "--json", str(tiny_cache)]).output)
+    stored = quality["manifest"]["fusion"]
+    out = tmp_path / "fusion.json"
+    sweep_main(["--store", str(tiny_cache), "--out", str(out)])
+    rows = {(r["rule"], r["a"]): r for r in json.loads(out.read_text())["rows"]}
+    q = quality["list_quality"]
+    for direction in ("i2t", "t2i"):
+        # dual + 0 * itm ranks as the dual scores; 0 * dual + 1 * itm as the ITM scores; the store's own rule
+        # and a as the fused scores it wrote
+        assert rows[("itm_topk", 0.0)][f"{direction}_top1"] == q[direction]["top1_dual"]
+        assert rows[("reconstruction", 0.0)][f"{direction}_top1"] == q[direction]["top1_itm"]
+        assert rows[(stored["rule"], stored["a"])][f"{direction}_top1"] == q[direction]["top1_fused"]
+    assert out.with_suffix(".md").read_text().startswith("# Fusion rules scored on the cached lists")
