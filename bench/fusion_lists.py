@@ -22,6 +22,7 @@ import torch
 from mcad_cache import list_quality
 from mcad_cache.fusion import fuse
 from mcad_cache.info import block_lists, open_store
+from mcad_cache.store import block_name
 from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 
 GRID = {"itm_topk": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0), "reconstruction": (0.0, 0.25, 0.5, 0.75, 1.0)}
@@ -38,9 +39,14 @@ def fused_counts(lists: dict, text_image: np.ndarray, rule: str, a: float) -> di
 
 
 def sweep(store_path: Path, grid: dict[str, tuple[float, ...]] = GRID) -> dict:
+    """Every rule and ``a`` of ``grid`` scored over the store's blocks; a block not yet rescored is refused."""
     store = open_store(store_path)
-    blocks = [(store.root["blocks"][f"b{i:05d}"], shards) for i, shards in enumerate(store.manifest["search"]["blocks"])]
-    loaded = [block_lists(store, group, shards) for group, shards in blocks]
+    loaded = []
+    for index, shards in enumerate(store.manifest["search"]["blocks"]):
+        if not store.pass_done(block_name(index), "rescore"):
+            raise SystemExit(f"{store_path}: block {block_name(index)} has no ITM scores yet (its rescore pass is "
+                             "not done); finish it with `mcad cache` first")
+        loaded.append(block_lists(store, store.block_group(block_name(index)), shards))
     rows = []
     for rule, values in grid.items():
         for a in values:

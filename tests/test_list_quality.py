@@ -97,3 +97,18 @@ def test_fusion_sweep_agrees_with_the_stored_scores(tiny_cache, tmp_path):
         assert rows[("reconstruction", 0.0)][f"{direction}_top1"] == q[direction]["top1_itm"]
         assert rows[(stored["rule"], stored["a"])][f"{direction}_top1"] == q[direction]["top1_fused"]
     assert out.with_suffix(".md").read_text().startswith("# Fusion rules scored on the cached lists")
+
+
+def test_fusion_sweep_refuses_a_block_without_itm_scores(tiny_cache, tmp_path):
+    import shutil
+
+    from bench.fusion_lists import sweep
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_cache, store)
+    block = zarr.open_group(str(store / "blocks" / "b00000"), mode="r+")
+    passes = dict(block.attrs["passes"])
+    del passes["rescore"]
+    block.attrs["passes"] = passes
+    with pytest.raises(SystemExit, match="b00000 has no ITM scores yet"):
+        sweep(store)
