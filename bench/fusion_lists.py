@@ -52,7 +52,7 @@ def sweep(store_path: Path, grid: dict[str, tuple[float, ...]] = GRID) -> dict:
         for a in values:
             pooled = list_quality.summarize([fused_counts(lists, ti, rule, a) for lists, ti in loaded])
             rows.append({"rule": rule, "a": a, **{f"{d}_top1": pooled[d]["top1"] for d in list_quality.DIRECTIONS}})
-    pooled = list_quality.summarize([list_quality.count_block(lists, ti) for lists, ti in loaded])
+    # anchors and in_list do not depend on the fusion: the last row's pooled counts hold them
     return {"store": str(store_path), "blocks": len(loaded), "stored_fusion": store.manifest["fusion"],
             "in_list": {d: pooled[d]["in_list"] for d in list_quality.DIRECTIONS},
             "anchors": {d: pooled[d]["anchors"] for d in list_quality.DIRECTIONS}, "rows": rows}

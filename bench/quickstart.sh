@@ -7,8 +7,9 @@
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 report() {  # times file -> bench/results/quickstart.{json,md}
-  python3 - "$1" "$here/bench/results/quickstart" <<'PY'
-import json, os, sys, tempfile
+  PYTHONPATH="$here" python3 - "$1" "$here/bench/results/quickstart" <<'PY'
+import os, sys
+from mcad_core.atomic import atomic_write_bytes, atomic_write_json
 times, out = sys.argv[1], sys.argv[2]
 lines = open(times).read().split("\n")
 head = lines[0].split(" ", 2)  # "start HH:MM:SS <commit line>"
@@ -22,16 +23,11 @@ ok = len(steps) == 5 and all(s["rc"] == 0 for s in steps)
 result = {"command": "make install data eval cache distill", "commit": head[2].split()[0] if len(head) > 2 else None,
           "steps": steps, "total_seconds": total, "finished": ok, "goal_seconds": 3600,
           "met": ok and total <= 3600, "cpu_count": os.cpu_count()}
-def write(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-write(out + ".json", json.dumps(result, indent=2) + "\n")
+atomic_write_json(out + ".json", result)
 rows = "\n".join(f"| `make {s['target']}` | {s['seconds']} | {s['rc']} |" for s in steps)
-write(out + ".md", f"# Quickstart from a fresh clone\n\n`bench/quickstart.sh` at {result['commit']}, "
+atomic_write_bytes(out + ".md", (f"# Quickstart from a fresh clone\n\n`bench/quickstart.sh` at {result['commit']}, "
       f"{result['cpu_count']} CPU cores, nothing else running, pip's wheel cache warm (packages are not downloaded again).\n\n| step | seconds | exit |\n|---|---:|---:|\n{rows}\n"
-      f"| **total** | **{total}** ({total / 60:.1f} min) | goal <= 3600: {'met' if result['met'] else 'missed'} |\n")
+      f"| **total** | **{total}** ({total / 60:.1f} min) | goal <= 3600: {'met' if result['met'] else 'missed'} |\n").encode())
 print(open(out + ".md").read())
 PY
 }

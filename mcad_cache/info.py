@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from mcad_cache import list_quality
-from mcad_cache.schema import BLOCK_PASSES, SchemaError
+from mcad_cache.schema import BLOCK_PASSES, SchemaError, block_text_image
 from mcad_cache.store import CacheMismatchError, CacheStore, block_name
 from mcad_core.errors import InputError
 
@@ -47,14 +47,11 @@ def _array_sizes(group: zarr.Group) -> dict[str, tuple[int, int]]:
 def block_lists(store: CacheStore, group: zarr.Group, shards: list[str]) -> tuple[dict, np.ndarray]:
     """A searched block's lists (``"<direction>/<ids|dual|itm|fused>"``, those present) and ``text_image``: every
     caption's image row in the block, from its shards' local rows (the shape mcad_cache.list_quality reads)."""
-    text_image, offset = [], 0
-    for shard in shards:
-        local = store.shard_group(shard)["text_image"][...].astype(np.int64)
-        text_image.append(local + offset)
-        offset += store.shard_group(shard)["keys"].shape[0]
+    groups = [store.shard_group(shard) for shard in shards]
+    text_image = block_text_image([g["text_image"][...] for g in groups], [g["keys"].shape[0] for g in groups])
     lists = {f"{d}/{name}": group[f"{d}/{name}"][...] for d in list_quality.DIRECTIONS
              for name in ("ids", *list_quality.SCORES) if f"{d}/{name}" in group}
-    return lists, np.concatenate(text_image)
+    return lists, text_image
 
 
 def describe(path: str | Path, lists: bool = False) -> dict:

@@ -175,11 +175,15 @@ def read_block_rows(root: zarr.Group, shards: list[str], teachers: list[str]) ->
     ``text_image`` is offset to block image rows (int64). Both stages read blocks through this.
     """
     parts = [read_shard_group(root, shard, teachers) for shard in shards]
-    offsets = np.cumsum([0] + [len(part["keys"]) for part in parts[:-1]])
     out = {path: np.concatenate([part[path] for part in parts]) for path in parts[0] if path != "text_image"}
-    out["text_image"] = np.concatenate(
-        [part["text_image"].astype(np.int64) + offset for part, offset in zip(parts, offsets, strict=True)])
+    out["text_image"] = block_text_image([part["text_image"] for part in parts], [len(part["keys"]) for part in parts])
     return out
+
+
+def block_text_image(local: list[np.ndarray], images: list[int]) -> np.ndarray:
+    """One block's ``text_image`` (int64 block image rows) from its shards' local ones and image counts."""
+    offsets = np.cumsum([0] + images[:-1])
+    return np.concatenate([rows.astype(np.int64) + offset for rows, offset in zip(local, offsets, strict=True)])
 
 
 def _sizes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
