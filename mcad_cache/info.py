@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from mcad_cache import list_quality
-from mcad_cache.schema import BLOCK_PASSES, SchemaError, block_text_image
+from mcad_cache.schema import BLOCK_PASSES, SchemaError, block_text_image, read_block_rows
 from mcad_cache.store import CacheMismatchError, CacheStore, block_name
 from mcad_core.errors import InputError
 
@@ -54,9 +54,26 @@ def block_lists(store: CacheStore, group: zarr.Group, shards: list[str]) -> tupl
     return lists, text_image
 
 
-def describe(path: str | Path, lists: bool = False) -> dict:
+def block_weight_counts(store: CacheStore, shards: list[str], grid: list[tuple[float, ...]]):
+    """``weighing.block_top1`` of one block, from its shards' view-0 dual-stream embeddings."""
+    import torch  # only here: cache-info without --weights reads no embedding
+
+    from mcad_cache import weighing
+
+    manifest = store.manifest
+    duals = list(manifest["dual_teachers"])
+    rows = read_block_rows(store.root, shards, duals)
+    images = [torch.from_numpy(rows[f"emb/{t}/image"][:, 0].astype(np.float32)) for t in duals]
+    texts = [torch.from_numpy(rows[f"emb/{t}/text"].astype(np.float32)) for t in duals]
+    scales = [manifest["teachers"][t]["logit_scale"] for t in duals]
+    return weighing.block_top1(images, texts, scales, torch.from_numpy(rows["text_image"]), grid)
+
+
+def describe(path: str | Path, lists: bool = False, weight_steps: int = 0) -> dict:
     """The store's report; with ``lists``, also how well each cached score ranks the true pairs in its lists
-    (every searched block is read: n x k and t x k values per block)."""
+    (every searched block is read: n x k and t x k values per block); with ``weight_steps``, how well each
+    weighting of the dual-stream teachers on a grid of that many steps ranks each block's true pairs
+    (``mcad_cache.weighing``; every embedded block's view-0 embeddings are read)."""
     store = open_store(path)
     manifest = store.manifest
     shards = {"done": [], "missing": [], "failed": []}
@@ -80,8 +97,17 @@ def describe(path: str | Path, lists: bool = False) -> dict:
         for array, (stored, raw) in _array_sizes(store.shard_group(source["name"])).items():
             sizes[f"shards/*/{array}"][0] += stored
             sizes[f"shards/*/{array}"][1] += raw
-    blocks, list_counts = [], []
+    blocks, list_counts, weight_counts = [], [], []
+    grid: list[tuple[float, ...]] = []
+    if weight_steps:
+        from mcad_cache import weighing
+        grid = weighing.simplex_grid(len(manifest["dual_teachers"]), weight_steps)
+    weighed = {"images": 0, "captions": 0}
     for index, block_shards in enumerate(manifest["search"]["blocks"]):
+        if grid and all(store.shard_status(s).get("done") for s in block_shards):
+            weight_counts.append(block_weight_counts(store, list(block_shards), grid))
+            weighed["images"] += sum(store.shard_group(s)["keys"].shape[0] for s in block_shards)
+            weighed["captions"] += sum(store.shard_group(s)["text_image"].shape[0] for s in block_shards)
         name = block_name(index)
         group = store.root["blocks"].get(name)
         passes = dict(group.attrs.get("passes", {})) if group is not None else {}
@@ -114,6 +140,9 @@ def describe(path: str | Path, lists: bool = False) -> dict:
         "bytes_per_sample_per_view": round(total / (samples * views), 1) if samples else None,
         "itm_pairs": sum(b["passes"].get("rescore", {}).get("pairs", 0) for b in blocks),
         **({"list_quality": {"blocks": len(list_counts), **list_quality.summarize(list_counts)}} if lists else {}),
+        **({"dual_weighting": {"blocks": len(weight_counts),
+                               **weighing.summarize(manifest["dual_teachers"], grid, weight_counts, **weighed)}}
+           if grid and weight_counts else {}),
     }
 
 
@@ -159,6 +188,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:<34} {size['stored_bytes'] / 2**20:8.2f} / {size['raw_bytes'] / 2**20:8.2f}")
     if "list_quality" in report:
         lines.extend(_format_list_quality(report["list_quality"]))
+    if "dual_weighting" in report:
+        lines.extend(_format_dual_weighting(report["dual_weighting"], m["search"]["dual_weights"]))
     per = report["bytes_per_sample_per_view"]
     lines.append(f"total {report['stored_bytes'] / 2**20:.1f} MiB; "
                  f"{per if per is not None else '-'} bytes per sample per view")
@@ -174,4 +205,19 @@ def _format_list_quality(quality: dict) -> list[str]:
         q = quality[direction]
         tops = "  ".join(f"{name} {q[f'top1_{name}']:.1%}" for name in list_quality.SCORES if f"top1_{name}" in q)
         lines.append(f"  {direction} ({q['anchors']} anchors): top-1 {tops}; true pair in list {q['in_list']:.1%}")
+    return lines
+
+
+def _format_dual_weighting(weighting: dict, cached: list[float]) -> list[str]:
+    teachers = " / ".join(weighting["teachers"])
+    lines = [f"dual weights ({teachers}) on the embedded pairs ({weighting['blocks']} blocks, {weighting['images']} "
+             f"images, {weighting['captions']} captions): share whose top-scored partner over the block is theirs"]
+    for row in weighting["rows"]:
+        mark = "  <- best" if row["weights"] == weighting["best"] else ""
+        mark += "  (this store's)" if all(abs(a - b) < 1e-6 for a, b in zip(row["weights"], cached)) else ""
+        weights = " / ".join(f"{w:.2f}" for w in row["weights"])
+        lines.append(f"  {weights}: i2t {row['i2t_top1']:.1%}  t2i {row['t2i_top1']:.1%}  "
+                     f"mean {row['mean_top1']:.1%}{mark}")
+    best = ",".join(f"{w:g}" for w in weighting["best"])
+    lines.append(f"  a store with the best: mcad cache --dual-weights {best} (a new --store)")
     return lines

@@ -241,6 +241,16 @@ def _default(value) -> str:
     return f"[default: {value}]"
 
 
+def _float_list(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    """A comma-separated list of numbers ("1,3" -> (1.0, 3.0)), or None when the option is not given."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.3,0.7, got {value!r}") from None
+
+
 def _flag_default(name: str, value: bool) -> str:
     return _default(name if value else f"no-{name}")
 
@@ -442,6 +452,10 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
 @click.option("--fusion", "fusion_rule", type=FUSION,
               help=f"Fusion rule (mcad_cache/fusion.py FUSION_RULES).  {_default(CacheConfig.fusion_rule)}")
 @click.option("--fusion-a", type=float, help=f"The fusion rule's weight a.  {_default(CacheConfig.fusion_a)}")
+@click.option("--dual-weights", callback=_float_list,
+              help="Comma-separated weights of the dual-stream teachers in the kd target, the candidate search and "
+                   "the integrated features, in teacher order (normalized to sum 1); `mcad cache-info --weights` "
+                   "on a store counts which ranks the data best.  [default: equal]")
 @click.option("--passes", default=",".join(("embed", "search", "rescore", "fuse", "integrate")), show_default=True,
               help="Comma-separated passes to run; done work is skipped.")
 @click.option("--rank", type=int, help="This task's rank (default: from torchrun or Slurm environment variables).")
@@ -524,11 +538,16 @@ def cache(config_file: Path | None, passes: str, rank: int | None, world_size: i
               help="Also read every block's top-k lists and report, per direction, how often the dual, ITM and "
                    "fused scores rank a true pair first among an anchor's candidates (an ITM share no higher "
                    "than the dual one: the fused targets add no ranking signal on this data).")
-def cache_info(store: Path, as_json: bool, lists: bool) -> None:
+@click.option("--weights", "weight_steps", type=click.IntRange(min=1), is_flag=False, flag_value=10, default=None,
+              help="Also count, for every weighting of the dual-stream teachers on a grid of 1/N steps (N: this "
+                   "option's value, 10 when given alone), how often their weighted logits rank a true pair first "
+                   "over each block, and name the best weighting (pass it to `mcad cache --dual-weights` for a "
+                   "new store). Reads every embedded block's embeddings.")
+def cache_info(store: Path, as_json: bool, lists: bool, weight_steps: int | None) -> None:
     """Describe a cache store: manifest, array sizes, bytes per sample per view, and what is missing."""
     from mcad_cache.info import describe, format_report
 
-    report = describe(store, lists=lists)
+    report = describe(store, lists=lists, weight_steps=weight_steps or 0)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_report(report))
 
 

@@ -97,6 +97,8 @@ def cfg(tmp_path, tokenizer_dir, tiny_clip, tiny_blip) -> CacheConfig:
     (["--fusion-a", "nan"], "fusion_a must be a finite number"),
     (["--max-image-pixels", "0"], "max_image_pixels must be >= 1"),
     (["--device", "gpu0"], "device 'gpu0' is not a torch device"),
+    (["--dual-weights", "1,-1"], "dual_weights must be >= 0 with a positive sum"),
+    (["--dual-weights", "0.3,x"], "expected comma-separated numbers such as 0.3,0.7, got '0.3,x'"),
 ])
 def test_options_the_run_would_refuse_later_fail_before_anything_is_written(tmp_path, tiny_world, monkeypatch,
                                                                             option, message):

@@ -1,0 +1,91 @@
+"""Dual weights ranked by how often they put a true pair first (mcad_cache.weighing), against counts by hand."""
+
+import pytest
+import torch
+
+from mcad_cache import weighing
+
+# Three images, four captions: captions 0 and 1 are image 0's, caption 2 image 1's, caption 3 image 2's.
+TEXT_IMAGE = torch.tensor([0, 0, 1, 2])
+# Each teacher's (image, caption) logits; with identity image embeddings the caption embeddings are the columns.
+A = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0]])
+B = torch.tensor([[0.0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2]])
+# By hand (ties to the lowest index):
+#   A alone: i2t img0->cap0 yes, img1->cap2 yes, img2->cap1 no: 2;  t2i cap0->img0 yes, cap1->img2 no,
+#            cap2->img1 yes, cap3 (all 0)->img0 no: 2
+#   B alone: i2t img0->cap1 yes, img1 (all 0)->cap0 no, img2->cap3 yes: 2;  t2i cap0 (all 0)->img0 yes,
+#            cap1->img0 yes, cap2 (all 0)->img0 no, cap3->img2 yes: 3
+#   0.5 / 0.5: [[.5, 1, 0, 0], [0, 0, .5, 0], [0, .5, 0, 1]]: i2t 3 of 3, t2i 4 of 4
+GRID = [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+EXPECTED = [[2, 3], [3, 4], [2, 2]]
+
+
+def test_simplex_grid_by_hand():
+    assert weighing.simplex_grid(2, 4) == [(0, 1), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (1, 0)]
+    three = weighing.simplex_grid(3, 2)
+    assert sorted(three) == sorted([(0, 0, 1), (0, 0.5, 0.5), (0, 1, 0), (0.5, 0, 0.5), (0.5, 0.5, 0), (1, 0, 0)])
+    assert all(abs(sum(p) - 1) < 1e-9 for p in weighing.simplex_grid(4, 5)) and len(weighing.simplex_grid(4, 5)) == 56
+    with pytest.raises(ValueError, match="at least one"):
+        weighing.simplex_grid(2, 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1024])  # slabs that split the ties across them must count as one argmax
+def test_block_top1_by_hand(monkeypatch, chunk):
+    monkeypatch.setattr(weighing, "CHUNK", chunk)
+    eye = torch.eye(3)
+    counts = weighing.block_top1([eye, eye], [A.t(), B.t() / 2], [1.0, 2.0], TEXT_IMAGE, GRID)
+    assert counts.tolist() == EXPECTED
+
+
+def test_summarize_names_the_best_and_prefers_equal_weights_on_a_tie():
+    report = weighing.summarize(["a", "b"], GRID, [torch.tensor(EXPECTED)], images=3, captions=4)
+    assert report["best"] == [0.5, 0.5]
+    assert report["rows"][0] == {"weights": [0.0, 1.0], "i2t_top1": round(2 / 3, 4), "t2i_top1": 0.75,
+                                 "mean_top1": round((2 / 3 + 0.75) / 2, 4)}
+    # two blocks add up; a tie between the ends and the middle keeps the middle
+    tied = torch.tensor([[3, 4], [3, 4], [1, 1]])
+    assert weighing.summarize(["a", "b"], GRID, [tied, tied], images=6, captions=8)["best"] == [0.5, 0.5]
+    # a tie between two uneven weightings goes to the one nearer equal
+    grid = [(0.0, 1.0), (0.25, 0.75), (0.5, 0.5)]
+    assert weighing.summarize(["a", "b"], grid, [torch.tensor([[4, 4], [4, 4], [1, 1]])], 6, 8)["best"] == [0.25, 0.75]
+
+
+def test_cache_info_weights_agrees_with_the_stored_search(tiny_cache):
+    """The store's own weighting ranks each block as its search pass did: its top-1 shares equal the share of
+    list anchors whose first (highest dual logit) candidate is a true pair (`--lists`' dual column)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["cache-info", "--weights", "4", "--lists", "--json", str(tiny_cache)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    weighting, lists = report["dual_weighting"], report["list_quality"]
+    assert [row["weights"] for row in weighting["rows"]] == [[0, 1], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1, 0]]
+    assert weighting["images"] == report["samples"] and weighting["captions"] == report["texts"]
+    own = next(row for row in weighting["rows"] if row["weights"] == report["manifest"]["search"]["dual_weights"])
+    assert own["i2t_top1"] == lists["i2t"]["top1_dual"] and own["t2i_top1"] == lists["t2i"]["top1_dual"]
+    assert weighting["best"] in [row["weights"] for row in weighting["rows"]]
+    text = CliRunner().invoke(main, ["cache-info", "--weights", "4", str(tiny_cache)]).output
+    assert "<- best" in text and "(this store's)" in text and "mcad cache --dual-weights" in text
+
+
+def test_cache_dual_weights_reach_the_manifest_normalized(tmp_path, tiny_world, tokenizer_dir, tiny_clip,
+                                                          tiny_clip_b, tiny_blip):
+    from click.testing import CliRunner
+
+    from mcad_cache.store import CacheStore
+    from pipeline.cli import main
+
+    teachers = ["--dual", tiny_clip[1].name, "--dual", tiny_clip_b[1].name, "--single", tiny_blip[1].name,
+                "--tokenizer", str(tokenizer_dir)]
+    base = ["cache", *teachers, "--shards", str(tiny_world / "train"), "-k", "3", "--block-shards", "1",
+            "--passes", "embed"]
+    result = CliRunner().invoke(main, [*base, "--store", str(tmp_path / "a.zarr"), "--dual-weights", "1,3"])
+    assert result.exit_code == 0, result.output
+    assert CacheStore.open(tmp_path / "a.zarr").manifest["search"]["dual_weights"] == [0.25, 0.75]
+    result = CliRunner().invoke(main, [*base, "--store", str(tmp_path / "b.zarr"), "--dual-weights", "1,2,3"])
+    assert result.exit_code == 2 and "dual_weights has 3 entries for 2 dual teachers" in result.output
+    assert not (tmp_path / "b.zarr").exists()
