@@ -172,8 +172,10 @@ def aggregate(results: dict) -> list[dict]:
             values = [r["recalls"][metric] for r in runs]
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        entry["seconds"] = statistics.fmean(r["seconds"] for r in runs)
-        entry["steps_per_second"] = statistics.fmean(r["steps_per_second"] for r in runs)
+        # a run record rebuilt from a published table (bench.records) has no timings: the row then has none
+        timed = all("seconds" in r and "steps_per_second" in r for r in runs)
+        entry["seconds"] = statistics.fmean(r["seconds"] for r in runs) if timed else None
+        entry["steps_per_second"] = statistics.fmean(r["steps_per_second"] for r in runs) if timed else None
         entry["parameters"] = runs[0]["parameters"]
         entry["candidates_in_batch"] = runs[0].get("candidates_in_batch")
         table.append(entry)
@@ -213,7 +215,8 @@ def markdown(table: list[dict], note: str, pairs: list[dict] = ()) -> str:
     for e in table:
         cells = [f"{e[m]:.1f} ± {e[m + '_sd']:.1f}" if e["seeds"] > 1 else f"{e[m]:.1f}" for m in METRICS]
         lines.append(f"| ({e['row']}) | {e['mode']} | " + " | ".join(cells)
-                     + f" | {e['seconds']:.0f} | {e['steps_per_second']:.2f} | {e['parameters'] / 1e6:.2f}M |")
+                     + (f" | {e['seconds']:.0f} | {e['steps_per_second']:.2f}" if e["seconds"] is not None else " | - | -")
+                     + f" | {e['parameters'] / 1e6:.2f}M |")
     if pairs:
         lines += ["", "Paired by seed (mean recall, row minus the row it is compared with):", "",
                   "| row | against | per seed | mean ± sd | wins |", "|---|---|---|---:|---:|"]

@@ -130,3 +130,48 @@ def test_the_baseline_can_come_from_another_directory(tmp_path):
     report = regime(runs, teachers, "mcad", baseline_runs=other)
     assert (report["contrastive"]["mean_recall"], report["contrastive"]["lr"]) == (40.0, 5e-4)
     assert report["gap_closed"] == pytest.approx(20 / 30, abs=1e-3)
+
+
+def _record(root, name, mode, seed, mean_recall, cand=0.1, timed=True, steps=10):
+    summary = {"mode": mode, "seed": seed, "steps": steps, "parameters": 1000, "candidates_in_batch": cand,
+               "recalls": {m: mean_recall for m in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
+                                                    "t2i_R@10", "mean_recall")},
+               **({"seconds": 100.0, "steps_per_second": 0.1} if timed else {})}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}_s{seed}.json").write_text(json.dumps({"name": name, "source": "test", "summary": summary,
+                                                           "config": {"mode": mode}}))
+
+
+def test_ablation_table_from_records_by_hand(tmp_path):
+    from bench.ablation_records import main
+    from bench.records import RecordError
+
+    base, runs = tmp_path / "base", tmp_path / "runs"
+    for seed, (a, d, n) in enumerate([(40.0, 60.0, 61.0), (42.0, 63.0, 62.0), (41.0, 66.0, 66.0)]):
+        _record(base, "contrastive", "contrastive", seed, a, cand=None, timed=False)  # a rebuilt record: no timings
+        _record(runs, "mcad", "mcad", seed, d)
+        _record(runs, "mcad-nb2", "mcad", seed, n, cand=0.18)
+    _record(runs, "mcad-nb2x", "mcad", 0, 99.0)  # another variant whose name starts alike: not row n's
+    out = tmp_path / "out"
+    main(["--row", f"a={base / 'contrastive'}", "--row", f"d={runs / 'mcad'}", "--row", f"n={runs / 'mcad-nb2'}",
+          "--out", str(out), "--note", "by hand"])
+    report = json.loads((out / "ablation.json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert [r["row"] for r in report["rows"]] == ["a", "d", "n"]
+    assert rows["d"]["mean_recall"] == pytest.approx(63.0) and rows["d"]["mean_recall_sd"] == pytest.approx(3.0)
+    assert rows["n"]["mean_recall"] == pytest.approx(63.0) and rows["n"]["seeds"] == 3
+    assert (rows["a"]["candidates_in_batch"], rows["n"]["candidates_in_batch"]) == (None, 0.18)
+    assert rows["a"]["seconds"] is None and rows["d"]["seconds"] == 100.0
+    (pair,) = [p for p in report["paired"] if (p["row"], p["against"]) == ("d", "a")]
+    assert pair["diffs"] == [20.0, 21.0, 25.0] and pair["wins"] == 3
+    text = (out / "ablation.md").read_text()
+    assert text.startswith("by hand") and "| (a) | contrastive |" in text and " | - | - | " in text
+    with pytest.raises(RecordError, match="no run records"):
+        main(["--row", f"a={runs / 'none'}", "--out", str(out), "--note", "x"])
+    _record(runs, "odd", "mcad", 0, 50.0)
+    _record(runs, "odd", "dual_kd", 1, 50.0)
+    with pytest.raises(RecordError, match="mixes modes"):
+        main(["--row", f"a={runs / 'odd'}", "--out", str(out), "--note", "x"])
+    _record(runs, "long", "mcad", 0, 50.0, steps=20)
+    with pytest.raises(RecordError, match="different steps"):
+        main(["--row", f"a={runs / 'mcad'}", "--row", f"b={runs / 'long'}", "--out", str(out), "--note", "x"])
