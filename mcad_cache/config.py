@@ -9,6 +9,10 @@ from pathlib import Path
 from mcad_core.config import jsonable
 
 TEACHER_PRECISIONS = ("fp32", "amp-bf16", "amp-fp16")  # CacheConfig.precision; mcad_cache/embed.py maps them to dtypes
+# CacheConfig.dual_weighting: how the dual-stream teachers are weighed when dual_weights is not given. "equal";
+# or "ranked": the weighting (on a grid of tenths) that ranks the first block's own pairs best
+# (mcad_cache/weighing.py), chosen once, after that block is embedded and before its candidates are searched.
+DUAL_WEIGHTINGS = ("equal", "ranked")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class CacheConfig:
     seed: int = 0
     k: int = 11
     block_shards: int = 4  # shards per candidate-search block (stage 2 shuffles within a block)
-    dual_weights: tuple[float, ...] = ()  # per dual teacher; empty = equal weights summing to 1
+    dual_weights: tuple[float, ...] = ()  # per dual teacher; empty = chosen by dual_weighting
+    dual_weighting: str = "equal"  # DUAL_WEIGHTINGS; ignored when dual_weights is given
     # The ITM logit added to the candidates' dual logit (BLIP's own ITM + ITC ranking). The paper's
     # reconstruction, a * dual + (1 - a) * ITM, mixes logits of different scales: the candidates' dual logits
     # are ~14.6 and their ITM logits ~0, so a=0.5 halves every candidate below the pairs outside the list
@@ -87,6 +92,8 @@ class CacheConfig:
             bad.append(f"view_scale must satisfy 0 < low <= high <= 1, got {tuple(self.view_scale)}")
         if any(w < 0 for w in self.dual_weights) or (self.dual_weights and not sum(self.dual_weights) > 0):
             bad.append(f"dual_weights must be >= 0 with a positive sum, got {tuple(self.dual_weights)}")
+        if self.dual_weighting not in DUAL_WEIGHTINGS:
+            bad.append(f"dual_weighting must be one of {', '.join(DUAL_WEIGHTINGS)}, got {self.dual_weighting!r}")
         if self.single_itc_views not in ("first", "all"):
             bad.append(f"single_itc_views must be 'first' or 'all', got {self.single_itc_views!r}")
         if not math.isfinite(self.fusion_a):

@@ -59,9 +59,12 @@ class TeacherSet:
     def widths(self) -> dict[str, int]:
         return {**{name: t.embed_dim for name, t in self.duals.items()}, self.single_name: self.single.embed_dim}
 
-    def dual_weights(self, cfg: CacheConfig) -> list[float]:
-        """Per-teacher weights of the fused dual-stream similarity, summing to 1."""
+    def dual_weights(self, cfg: CacheConfig) -> list[float] | str:
+        """Per-teacher weights of the fused dual-stream similarity, summing to 1; or ``"ranked"``: chosen from
+        the data once the first block is embedded (``mcad_cache.job.ranked_dual_weights``)."""
         if not cfg.dual_weights:
+            if cfg.dual_weighting == "ranked" and len(self.duals) > 1:
+                return "ranked"
             return [1.0 / len(self.duals)] * len(self.duals)
         if len(cfg.dual_weights) != len(self.duals):
             raise ValueError(f"dual_weights has {len(cfg.dual_weights)} entries for {len(self.duals)} dual teachers")

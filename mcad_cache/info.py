@@ -157,7 +157,8 @@ def format_report(report: dict) -> str:
                      f"sha256 {t['weights_sha256'][:12]}")
     p, s, f = m["preprocessing"], m["search"], m["fusion"]
     lines.append(f"views {p['views']} (source {p['source_size']}px, seed {p['seed']}); k {s['k']}; "
-                 f"{len(s['blocks'])} blocks of {s['block_shards']} shards; dual weights {s['dual_weights']}; "
+                 f"{len(s['blocks'])} blocks of {s['block_shards']} shards; dual weights {s['dual_weights']}"
+                 f"{' (ranked on the first block)' if s.get('dual_weighting') == 'ranked' else ''}; "
                  f"fusion {f['rule']} a={f['a']}")
     sh = report["shards"]
     lines.append(f"shards: {sh['done']} done, {sh['failed']} failed, {sh['missing']} missing "
@@ -214,7 +215,8 @@ def _format_dual_weighting(weighting: dict, cached: list[float]) -> list[str]:
              f"images, {weighting['captions']} captions): share whose top-scored partner over the block is theirs"]
     for row in weighting["rows"]:
         mark = "  <- best" if row["weights"] == weighting["best"] else ""
-        mark += "  (this store's)" if all(abs(a - b) < 1e-6 for a, b in zip(row["weights"], cached)) else ""
+        own = isinstance(cached, list) and all(abs(a - b) < 1e-6 for a, b in zip(row["weights"], cached, strict=True))
+        mark += "  (this store's)" if own else ""
         weights = " / ".join(f"{w:.2f}" for w in row["weights"])
         lines.append(f"  {weights}: i2t {row['i2t_top1']:.1%}  t2i {row['t2i_top1']:.1%}  "
                      f"mean {row['mean_top1']:.1%}{mark}")

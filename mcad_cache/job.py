@@ -36,6 +36,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from mcad_cache import blocks as block_ops
+from mcad_cache import weighing
 from mcad_cache.embed import (READ_ERRORS, ReadFailure, ShardInput, TeacherSet, build_manifest, drop_repeated_keys,
                               embed_input, load_teacher_set, read_shard, shard_loader, teacher_autocast)
 from mcad_cache.fusion import FUSION_RULES
@@ -492,6 +493,32 @@ def load_block_embeddings(store: CacheStore, shards: Sequence[str], teacher_name
     )
 
 
+def search_dual_weights(store: CacheStore) -> list[float]:
+    """The store's dual weights for the candidate search; a "ranked" store's are chosen here the first time.
+
+    "ranked" takes the weighting, on a grid of ``weighing.RANKED_STEPS``, whose weighted logits put a true pair
+    first most often over the first block (``weighing.block_top1``; a tie goes to the weighting nearest equal).
+    The first block is embedded before any block is searched, in a one-task run (which searches each block as
+    soon as it is embedded) and in a run of several tasks alike, so every task and every re-run reads one choice,
+    published once (``CacheStore.publish_dual_weights``).
+    """
+    manifest = store.manifest
+    weights = manifest["search"]["dual_weights"]
+    if weights != "ranked":
+        return weights
+    duals = manifest["dual_teachers"]
+    emb = load_block_embeddings(store, manifest["search"]["blocks"][0], duals)
+    grid = weighing.simplex_grid(len(duals), weighing.RANKED_STEPS)
+    counts = weighing.block_top1([emb.images[t] for t in duals], [emb.texts[t] for t in duals],
+                                 [manifest["teachers"][t]["logit_scale"] for t in duals], emb.text_image, grid)
+    report = weighing.summarize(duals, grid, [counts], images=len(emb.keys), captions=len(emb.text_image))
+    chosen = store.publish_dual_weights({"dual_weights": report["best"], "rule": "ranked", "block": block_name(0),
+                                         "images": report["images"], "captions": report["captions"],
+                                         "rows": report["rows"]})
+    log.info("dual weights ranked on %s: %s %s", block_name(0), duals, chosen["dual_weights"])
+    return chosen["dual_weights"]
+
+
 def check_block_keys(keys: np.ndarray, shards: Sequence[str], rows_per_shard: Sequence[int]) -> None:
     """Refuse a block whose rows repeat a key, naming the key and both shards.
 
@@ -565,7 +592,7 @@ def block_pass(store: CacheStore, cfg: CacheConfig, teachers: TeacherSet, pass_n
     info: dict = {"rows": [sizes["n"], sizes["t"]]}
     if pass_name == "search":
         scales = [manifest["teachers"][name]["logit_scale"] for name in duals]
-        image_vecs, text_vecs = block_ops.dual_logit_embeddings(emb, duals, manifest["search"]["dual_weights"], scales)
+        image_vecs, text_vecs = block_ops.dual_logit_embeddings(emb, duals, search_dual_weights(store), scales)
         arrays = block_ops.search(image_vecs, text_vecs, cfg.k)
     elif pass_name == "rescore":
         lists = {spec.path: read_array(group, spec) for spec in BLOCK_PASSES["search"]}

@@ -24,6 +24,8 @@ assumptions the writer did not make. Layout (schema version 1):
         pos/feature (t, H) float16 the fused (cross-attended) feature of that pair (rescore)
         integrated/image (n, E), integrated/text (t, E) float16                    (integrate)
       integration/<param>              float32  the integration module's weights (its state dict)
+      weighing/                        attrs: the dual weights a "ranked" store chose (its manifest says
+                                       "ranked"), with the counts they were chosen by; written once
 
 Because each shard's writer owns a whole group, two writers never share a
 chunk, which is what lets Slurm array tasks write one store concurrently.

@@ -13,6 +13,11 @@ that exactly one writer owns:
     shards/<shard>.attrs  {"done": true, "samples", "skipped", "errors", "seconds", ...}
     blocks/<block>.attrs  {"passes": {"search": {...}, "rescore": {...}, ...}} written by the block's task
     root attrs            {"integration": {...}} written by the one task that integrates
+    weighing/.attrs       {"dual_weights", ...} of a "ranked" store: the first task to choose them
+                          publishes the group whole by a rename; a task that loses reads the winner's
+
+``CacheStore.manifest`` reads a "ranked" store's manifest with the chosen weights in place of the word, so every
+reader sees numbers once they are chosen; the manifest on disk (``stored_manifest``) never changes.
 
 A done marker is written after the group's arrays, so a killed writer leaves an
 unmarked group that the re-run overwrites.
@@ -38,7 +43,7 @@ from pathlib import Path
 import zarr
 
 from mcad_cache.schema import SCHEMA_VERSION, SchemaError
-from mcad_core.atomic import atomic_write_json
+from mcad_core.atomic import atomic_write_json, fsync_dir
 from mcad_core.errors import NoSpaceError, is_no_space
 from mcad_core.lock import WriterLock
 
@@ -336,8 +341,53 @@ class CacheStore:
     root: zarr.Group
 
     @property
-    def manifest(self) -> dict:
+    def stored_manifest(self) -> dict:
+        """The manifest as it was written at creation (what a re-run is checked against)."""
         return dict(self.root.attrs["manifest"])
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest, with a "ranked" store's chosen dual weights in ``search.dual_weights`` once chosen."""
+        manifest = self.stored_manifest
+        chosen = self.chosen_dual_weights()
+        if chosen is not None:
+            manifest["search"] = {**manifest["search"], "dual_weights": chosen["dual_weights"],
+                                  "dual_weighting": "ranked"}
+        return manifest
+
+    def chosen_dual_weights(self) -> dict | None:
+        """The ``weighing`` group's record of a "ranked" store (None before the weights are chosen, or for a
+        store whose manifest gives the weights)."""
+        if self.stored_manifest["search"].get("dual_weights") != "ranked":
+            return None
+        group = self.root.get("weighing")
+        return dict(group.attrs) if group is not None and "dual_weights" in group.attrs else None
+
+    def publish_dual_weights(self, record: dict) -> dict:
+        """Write the ``weighing`` group with ``record`` unless another task did first; the record that stands.
+
+        The group is made whole under a temporary name and renamed into place: a rename onto an existing
+        group fails, so exactly one task's record is kept and every task returns that one.
+        """
+        final = self.path / "weighing"
+        if not final.exists():
+            tmp = self.path / f".weighing.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                zarr.open_group(str(tmp), mode="w").attrs.update(record)
+                _fsync_tree(tmp)
+                os.rename(tmp, final)
+            except OSError:
+                if not final.exists():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            fsync_dir(self.path)
+        self.root = zarr.open_group(str(self.path), mode="r+")  # see the new member
+        chosen = self.chosen_dual_weights()
+        if chosen is None:
+            raise SchemaError(f"{final} holds no dual weights")
+        return chosen
 
     @classmethod
     def open(cls, path: str | Path, expected: dict | None = None) -> CacheStore:
@@ -353,7 +403,8 @@ class CacheStore:
         if version != SCHEMA_VERSION:
             raise CacheMismatchError(path, [f"schema version: store has {version}, this code reads {SCHEMA_VERSION}"])
         if expected is not None:
-            differences = manifest_differences(store.manifest, in_stored_formats(store.manifest, expected))
+            stored = store.stored_manifest
+            differences = manifest_differences(stored, in_stored_formats(stored, expected))
             if differences:
                 raise CacheMismatchError(path, differences)
         return store

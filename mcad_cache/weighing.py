@@ -7,7 +7,8 @@ every teacher's embeddings of the distillation set and which image each caption 
 quality of any weighting can be counted there, before a student is trained: for every point of a grid over
 the weights, the share of images whose top-scored caption (over the whole block) is one of their own, and of
 captions whose top-scored image is theirs. The teachers never trained on these pairs (they are the student's
-data), so the count is a held-out measure of each weighting.
+data), so the count is a held-out measure of each weighting. `mcad cache --dual-weighting ranked` makes the
+best weighting on the first block the store's own (mcad_cache.job.search_dual_weights).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from itertools import combinations
 import torch
 
 CHUNK = 1024  # image rows per logit slab: (CHUNK, texts) floats per teacher at a time
+RANKED_STEPS = 10  # `mcad cache --dual-weighting ranked` chooses among weights in tenths
 
 
 def simplex_grid(n_teachers: int, steps: int) -> list[tuple[float, ...]]:

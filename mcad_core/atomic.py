@@ -46,7 +46,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -71,10 +71,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -217,7 +218,7 @@ def _swap_in(new: Path, out: Path) -> None:
         if old.exists():
             os.replace(old, out)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     _remove(old)
 
 

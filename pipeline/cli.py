@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mcad_world.config import BLIP_VISION_INITS, TEACHERS, TeachersConfig
-from mcad_cache.config import TEACHER_PRECISIONS, CacheConfig
+from mcad_cache.config import DUAL_WEIGHTINGS, TEACHER_PRECISIONS, CacheConfig
 from mcad_core.config import EvalConfig
 from mcad_core.errors import InputError
 from mcad_core.runlog import MCAD_LOGGERS
@@ -455,7 +455,11 @@ def eval_cmd(shards: str, teachers_dir: Path | None, duals: tuple[str, ...], sin
 @click.option("--dual-weights", callback=_float_list,
               help="Comma-separated weights of the dual-stream teachers in the kd target, the candidate search and "
                    "the integrated features, in teacher order (normalized to sum 1); `mcad cache-info --weights` "
-                   "on a store counts which ranks the data best.  [default: equal]")
+                   "on a store counts which ranks the data best.  [default: --dual-weighting]")
+@click.option("--dual-weighting", type=click.Choice(DUAL_WEIGHTINGS),
+              help="Without --dual-weights: 'equal', or 'ranked': the weighting (in tenths) whose weighted logits "
+                   "rank the first block's own pairs best (`mcad cache-info --weights`'s count), chosen once "
+                   f"before the candidates are searched.  {_default(CacheConfig.dual_weighting)}")
 @click.option("--passes", default=",".join(("embed", "search", "rescore", "fuse", "integrate")), show_default=True,
               help="Comma-separated passes to run; done work is skipped.")
 @click.option("--rank", type=int, help="This task's rank (default: from torchrun or Slurm environment variables).")

@@ -89,3 +89,56 @@ def test_cache_dual_weights_reach_the_manifest_normalized(tmp_path, tiny_world, 
     result = CliRunner().invoke(main, [*base, "--store", str(tmp_path / "b.zarr"), "--dual-weights", "1,2,3"])
     assert result.exit_code == 2 and "dual_weights has 3 entries for 2 dual teachers" in result.output
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_a_ranked_store_searches_with_the_weights_it_chose_and_keeps_them(tmp_path, tiny_world, tokenizer_dir,
+                                                                          tiny_clip, tiny_clip_b, tiny_blip):
+    """`--dual-weighting ranked` chooses on the first block what `cache-info --weights` counts there, searches
+    exactly as a store given those weights by hand, and a re-run opens the store with the same choice."""
+    import json
+
+    import numpy as np
+    import zarr
+    from click.testing import CliRunner
+
+    from mcad_cache.store import CacheStore, block_name
+    from pipeline.cli import main
+
+    teachers = ["--dual", tiny_clip[1].name, "--dual", tiny_clip_b[1].name, "--single", tiny_blip[1].name,
+                "--tokenizer", str(tokenizer_dir)]
+    base = ["cache", *teachers, "--shards", str(tiny_world / "train"), "-k", "3", "--block-shards", "10",
+            "--passes", "embed,search"]
+    ranked = tmp_path / "ranked.zarr"
+    result = CliRunner().invoke(main, [*base, "--store", str(ranked), "--dual-weighting", "ranked"])
+    assert result.exit_code == 0, result.output
+    store = CacheStore.open(ranked)
+    assert store.stored_manifest["search"]["dual_weights"] == "ranked"
+    chosen = store.manifest["search"]["dual_weights"]
+    assert store.manifest["search"]["dual_weighting"] == "ranked" and abs(sum(chosen) - 1) < 1e-6
+    # one block (block_shards 10 holds every shard): cache-info's count over the store is the first block's
+    report = json.loads(CliRunner().invoke(main, ["cache-info", "--weights", "--json", str(ranked)]).output)
+    assert report["dual_weighting"]["blocks"] == 1 and report["dual_weighting"]["best"] == chosen
+    assert store.chosen_dual_weights()["rows"] == report["dual_weighting"]["rows"]
+    by_hand = tmp_path / "by_hand.zarr"
+    weights = ",".join(str(w) for w in chosen)
+    result = CliRunner().invoke(main, [*base, "--store", str(by_hand), "--dual-weights", weights])
+    assert result.exit_code == 0, result.output
+    for path in ("i2t/ids", "t2i/ids", "i2t/dual", "t2i/dual"):
+        a = zarr.open_group(str(ranked), mode="r")[f"blocks/{block_name(0)}/{path}"][...]
+        b = zarr.open_group(str(by_hand), mode="r")[f"blocks/{block_name(0)}/{path}"][...]
+        assert np.array_equal(a, b), path
+    # a re-run of the same command opens the store; one that asks for equal weights is refused
+    assert CliRunner().invoke(main, [*base, "--store", str(ranked), "--dual-weighting", "ranked"]).exit_code == 0
+    result = CliRunner().invoke(main, [*base, "--store", str(ranked)])
+    assert result.exit_code == 3 and "candidate search" in result.output
+    # the first published choice stands: a later one is not written
+    again = store.publish_dual_weights({"dual_weights": [1.0, 0.0], "rule": "ranked"})
+    assert again["dual_weights"] == chosen and CacheStore.open(ranked).manifest["search"]["dual_weights"] == chosen
+    assert not [p for p in ranked.iterdir() if p.name.startswith(".weighing")]
+
+
+def test_an_unknown_dual_weighting_is_refused_by_the_config():
+    from mcad_cache.config import CacheConfig
+
+    with pytest.raises(ValueError, match="dual_weighting must be one of equal, ranked, got 'best'"):
+        CacheConfig(dual_weighting="best")
