@@ -101,7 +101,7 @@ def describe(path: str | Path, lists: bool = False, weight_steps: int = 0) -> di
     grid: list[tuple[float, ...]] = []
     if weight_steps:
         from mcad_cache import weighing
-        grid = weighing.simplex_grid(len(manifest["dual_teachers"]), weight_steps)
+        grid = weighing.weighting_grid(len(manifest["dual_teachers"]), weight_steps)
     weighed = {"images": 0, "captions": 0}
     for index, block_shards in enumerate(manifest["search"]["blocks"]):
         if grid and all(store.shard_status(s).get("done") for s in block_shards):
@@ -220,6 +220,8 @@ def _format_dual_weighting(weighting: dict, cached: list[float]) -> list[str]:
         weights = " / ".join(f"{w:.2f}" for w in row["weights"])
         lines.append(f"  {weights}: i2t {row['i2t_top1']:.1%}  t2i {row['t2i_top1']:.1%}  "
                      f"mean {row['mean_top1']:.1%}{mark}")
-    best = ",".join(f"{w:g}" for w in weighting["best"])
-    lines.append(f"  a store with the best: mcad cache --dual-weights {best} (a new --store)")
+    chosen = ",".join(f"{w:g}" for w in weighting["chosen"])
+    lines.append(f"  best - equal weights: {weighting['gain']:+.1%} of mean top-1 (2 standard errors: "
+                 f"{weighting['margin']:.1%}); `mcad cache --dual-weighting ranked` would take {chosen} "
+                 "(on its first block)")
     return lines

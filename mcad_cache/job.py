@@ -497,7 +497,8 @@ def search_dual_weights(store: CacheStore) -> list[float]:
     """The store's dual weights for the candidate search; a "ranked" store's are chosen here the first time.
 
     "ranked" takes the weighting, on a grid of ``weighing.RANKED_STEPS``, whose weighted logits put a true pair
-    first most often over the first block (``weighing.block_top1``; a tie goes to the weighting nearest equal).
+    first most often over the first block (``weighing.block_top1``), unless it passes equal weights by no more
+    than two standard errors (``weighing.summarize``'s ``chosen``).
     The first block is embedded before any block is searched, in a one-task run (which searches each block as
     soon as it is embedded) and in a run of several tasks alike, so every task and every re-run reads one choice,
     published once (``CacheStore.publish_dual_weights``).
@@ -508,13 +509,13 @@ def search_dual_weights(store: CacheStore) -> list[float]:
         return weights
     duals = manifest["dual_teachers"]
     emb = load_block_embeddings(store, manifest["search"]["blocks"][0], duals)
-    grid = weighing.simplex_grid(len(duals), weighing.RANKED_STEPS)
+    grid = weighing.weighting_grid(len(duals), weighing.RANKED_STEPS)
     counts = weighing.block_top1([emb.images[t] for t in duals], [emb.texts[t] for t in duals],
                                  [manifest["teachers"][t]["logit_scale"] for t in duals], emb.text_image, grid)
     report = weighing.summarize(duals, grid, [counts], images=len(emb.keys), captions=len(emb.text_image))
-    chosen = store.publish_dual_weights({"dual_weights": report["best"], "rule": "ranked", "block": block_name(0),
-                                         "images": report["images"], "captions": report["captions"],
-                                         "rows": report["rows"]})
+    chosen = store.publish_dual_weights({"dual_weights": report["chosen"], "rule": "ranked", "block": block_name(0),
+                                         **{key: report[key] for key in ("images", "captions", "best", "gain",
+                                                                         "margin", "rows")}})
     log.info("dual weights ranked on %s: %s %s", block_name(0), duals, chosen["dual_weights"])
     return chosen["dual_weights"]
 

@@ -14,6 +14,7 @@ best weighting on the first block the store's own (mcad_cache.job.search_dual_we
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import math
 from itertools import combinations
 
 import torch
@@ -64,16 +65,45 @@ def block_top1(images: Sequence[torch.Tensor], texts: Sequence[torch.Tensor], sc
     return torch.stack([i2t, t2i], dim=1)
 
 
+def weighting_grid(n_teachers: int, steps: int) -> list[tuple[float, ...]]:
+    """``simplex_grid`` with equal weights added where the grid lacks them (3 teachers in tenths): equal is
+    what every other weighting is measured against."""
+    grid = simplex_grid(n_teachers, steps)
+    equal = tuple([1 / n_teachers] * n_teachers)
+    if not any(_same(point, equal) for point in grid):
+        grid = sorted([*grid, equal])
+    return grid
+
+
+def _same(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True))
+
+
 def summarize(teachers: Sequence[str], weights_grid: Sequence[Sequence[float]], blocks: Iterable[torch.Tensor],
               images: int, captions: int) -> dict:
-    """Pool the blocks' counts into shares per weighting, and name the best: the highest mean of the two
-    shares, a tie going to the weighting nearest equal weights (the default stays unless another ranks better)."""
+    """Pool the blocks' counts into shares per weighting; name the ``best`` (the highest mean of the two shares,
+    a tie going to the weighting nearest equal) and the one ``chosen`` by `--dual-weighting ranked`: the best,
+    unless its mean share passes equal weights' by no more than ``margin``, two standard errors of equal's mean
+    share (binomial, as if the weightings' counts were independent: they are not, so this errs toward
+    equal). On teachers of one quality the shares differ by noise alone and the weights stay equal.
+    """
     totals = sum(blocks)
-    rows = []
+    equal = tuple([1 / len(teachers)] * len(teachers))
+    rows, shares = [], []
     for weights, (i2t, t2i) in zip(weights_grid, totals.tolist(), strict=True):
-        rows.append({"weights": [round(w, 4) for w in weights], "i2t_top1": round(i2t / images, 4),
-                     "t2i_top1": round(t2i / captions, 4), "mean_top1": round((i2t / images + t2i / captions) / 2, 4)})
-    equal = 1 / len(teachers)
-    best = max(rows, key=lambda r: (r["mean_top1"], -sum(abs(w - equal) for w in r["weights"])))
+        share = (i2t / images, t2i / captions)
+        shares.append(share)
+        rows.append({"weights": [round(w, 4) for w in weights], "i2t_top1": round(share[0], 4),
+                     "t2i_top1": round(share[1], 4), "mean_top1": round(sum(share) / 2, 4)})
+    at_equal = [i for i, weights in enumerate(weights_grid) if _same(weights, equal)]
+    if not at_equal:
+        raise ValueError(f"the grid lacks equal weights {equal} (use weighting_grid)")
+    best = max(range(len(rows)), key=lambda i: (sum(shares[i]), -sum(abs(w - e) for w, e in zip(
+        weights_grid[i], equal, strict=True))))
+    (p_i, p_t) = shares[at_equal[0]]
+    margin = 2 * math.sqrt(p_i * (1 - p_i) / images + p_t * (1 - p_t) / captions) / 2
+    gain = (sum(shares[best]) - sum(shares[at_equal[0]])) / 2
+    chosen = best if gain > margin else at_equal[0]
     return {"teachers": list(teachers), "images": images, "captions": captions, "rows": rows,
-            "best": best["weights"]}
+            "best": rows[best]["weights"], "chosen": rows[chosen]["weights"], "margin": round(margin, 4),
+            "gain": round(gain, 4)}

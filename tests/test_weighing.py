@@ -50,6 +50,24 @@ def test_summarize_names_the_best_and_prefers_equal_weights_on_a_tie():
     assert weighing.summarize(["a", "b"], grid, [torch.tensor([[4, 4], [4, 4], [1, 1]])], 6, 8)["best"] == [0.25, 0.75]
 
 
+def test_ranked_leaves_equal_weights_unless_the_best_passes_them_by_two_standard_errors():
+    # equal (0.5, 0.5) ranks 50 of 100 images and 40 of 100 captions: margin = 2 sqrt(.5*.5/100 + .4*.6/100) / 2
+    margin = (0.25 / 100 + 0.24 / 100) ** 0.5
+    clear = weighing.summarize(["a", "b"], GRID, [torch.tensor([[90, 80], [50, 40], [10, 10]])], 100, 100)
+    assert clear["margin"] == pytest.approx(round(margin, 4)) and clear["gain"] == pytest.approx(0.4)
+    assert clear["best"] == clear["chosen"] == [0.0, 1.0]
+    noise = weighing.summarize(["a", "b"], GRID, [torch.tensor([[52, 41], [50, 40], [10, 10]])], 100, 100)
+    assert noise["gain"] == pytest.approx(0.015) and noise["best"] == [0.0, 1.0] and noise["chosen"] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="lacks equal weights"):
+        weighing.summarize(["a", "b"], [(0.0, 1.0), (1.0, 0.0)], [torch.tensor([[1, 1], [1, 1]])], 2, 2)
+
+
+def test_weighting_grid_adds_equal_weights_where_the_steps_miss_them():
+    three = weighing.weighting_grid(3, 10)
+    assert len(three) == 67 and sum(weighing._same(p, (1 / 3, 1 / 3, 1 / 3)) for p in three) == 1
+    assert weighing.weighting_grid(2, 10) == weighing.simplex_grid(2, 10)
+
+
 def test_cache_info_weights_agrees_with_the_stored_search(tiny_cache):
     """The store's own weighting ranks each block as its search pass did: its top-1 shares equal the share of
     list anchors whose first (highest dual logit) candidate is a true pair (`--lists`' dual column)."""
@@ -68,8 +86,9 @@ def test_cache_info_weights_agrees_with_the_stored_search(tiny_cache):
     own = next(row for row in weighting["rows"] if row["weights"] == report["manifest"]["search"]["dual_weights"])
     assert own["i2t_top1"] == lists["i2t"]["top1_dual"] and own["t2i_top1"] == lists["t2i"]["top1_dual"]
     assert weighting["best"] in [row["weights"] for row in weighting["rows"]]
+    assert weighting["chosen"] in (weighting["best"], [0.5, 0.5])
     text = CliRunner().invoke(main, ["cache-info", "--weights", "4", str(tiny_cache)]).output
-    assert "<- best" in text and "(this store's)" in text and "mcad cache --dual-weights" in text
+    assert "<- best" in text and "(this store's)" in text and "mcad cache --dual-weighting ranked" in text
 
 
 def test_cache_dual_weights_reach_the_manifest_normalized(tmp_path, tiny_world, tokenizer_dir, tiny_clip,
@@ -117,7 +136,7 @@ def test_a_ranked_store_searches_with_the_weights_it_chose_and_keeps_them(tmp_pa
     assert store.manifest["search"]["dual_weighting"] == "ranked" and abs(sum(chosen) - 1) < 1e-6
     # one block (block_shards 10 holds every shard): cache-info's count over the store is the first block's
     report = json.loads(CliRunner().invoke(main, ["cache-info", "--weights", "--json", str(ranked)]).output)
-    assert report["dual_weighting"]["blocks"] == 1 and report["dual_weighting"]["best"] == chosen
+    assert report["dual_weighting"]["blocks"] == 1 and report["dual_weighting"]["chosen"] == chosen
     assert store.chosen_dual_weights()["rows"] == report["dual_weighting"]["rows"]
     by_hand = tmp_path / "by_hand.zarr"
     weights = ",".join(str(w) for w in chosen)
