@@ -358,7 +358,7 @@ class CacheStore:
     def chosen_dual_weights(self) -> dict | None:
         """The ``weighing`` group's record of a "ranked" store (None before the weights are chosen, or for a
         store whose manifest gives the weights)."""
-        if self.stored_manifest["search"].get("dual_weights") != "ranked":
+        if self.stored_manifest.get("search", {}).get("dual_weights") != "ranked":
             return None
         group = self.root.get("weighing")
         return dict(group.attrs) if group is not None and "dual_weights" in group.attrs else None
@@ -399,7 +399,7 @@ class CacheStore:
         if "manifest" not in root.attrs:
             raise SchemaError(f"{path} is a Zarr group but not an MCAD cache store (no manifest)")
         store = cls(path, root)
-        version = store.manifest.get("schema_version")
+        version = store.stored_manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise CacheMismatchError(path, [f"schema version: store has {version}, this code reads {SCHEMA_VERSION}"])
         if expected is not None:
