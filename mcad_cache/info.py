@@ -222,6 +222,6 @@ def _format_dual_weighting(weighting: dict, cached: list[float]) -> list[str]:
                      f"mean {row['mean_top1']:.1%}{mark}")
     chosen = ",".join(f"{w:g}" for w in weighting["chosen"])
     lines.append(f"  best - equal weights: {weighting['gain']:+.1%} of mean top-1 (2 standard errors: "
-                 f"{weighting['margin']:.1%}); `mcad cache --dual-weighting ranked` would take {chosen} "
-                 "(on its first block)")
+                 f"{weighting['margin']:.1%}): the rule keeps {chosen} here; `mcad cache --dual-weighting ranked` "
+                 "applies it to the first block alone")
     return lines
