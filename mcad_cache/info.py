@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from mcad_cache import list_quality
-from mcad_cache.schema import BLOCK_PASSES, SchemaError, block_text_image, read_block_rows
+from mcad_cache.schema import BLOCK_PASSES, SchemaError, block_text_image
 from mcad_cache.store import CacheMismatchError, CacheStore, block_name
 from mcad_core.errors import InputError
 
@@ -55,18 +55,16 @@ def block_lists(store: CacheStore, group: zarr.Group, shards: list[str]) -> tupl
 
 
 def block_weight_counts(store: CacheStore, shards: list[str], grid: list[tuple[float, ...]]):
-    """``weighing.block_top1`` of one block, from its shards' view-0 dual-stream embeddings."""
-    import torch  # only here: cache-info without --weights reads no embedding
-
+    """(``weighing.embedding_counts`` of one block, its images, its captions), from the block's embeddings as
+    the search pass reads them."""
     from mcad_cache import weighing
+    from mcad_cache.job import load_block_embeddings  # only here: cache-info without --weights loads no torch
 
     manifest = store.manifest
     duals = list(manifest["dual_teachers"])
-    rows = read_block_rows(store.root, shards, duals)
-    images = [torch.from_numpy(rows[f"emb/{t}/image"][:, 0].astype(np.float32)) for t in duals]
-    texts = [torch.from_numpy(rows[f"emb/{t}/text"].astype(np.float32)) for t in duals]
+    emb = load_block_embeddings(store, shards, duals)
     scales = [manifest["teachers"][t]["logit_scale"] for t in duals]
-    return weighing.block_top1(images, texts, scales, torch.from_numpy(rows["text_image"]), grid)
+    return weighing.embedding_counts(emb, duals, scales, grid), len(emb.keys), len(emb.text_image)
 
 
 def describe(path: str | Path, lists: bool = False, weight_steps: int = 0) -> dict:
@@ -105,9 +103,10 @@ def describe(path: str | Path, lists: bool = False, weight_steps: int = 0) -> di
     weighed = {"images": 0, "captions": 0}
     for index, block_shards in enumerate(manifest["search"]["blocks"]):
         if grid and all(store.shard_status(s).get("done") for s in block_shards):
-            weight_counts.append(block_weight_counts(store, list(block_shards), grid))
-            weighed["images"] += sum(store.shard_group(s)["keys"].shape[0] for s in block_shards)
-            weighed["captions"] += sum(store.shard_group(s)["text_image"].shape[0] for s in block_shards)
+            counts, n_images, n_captions = block_weight_counts(store, list(block_shards), grid)
+            weight_counts.append(counts)
+            weighed["images"] += n_images
+            weighed["captions"] += n_captions
         name = block_name(index)
         group = store.root["blocks"].get(name)
         passes = dict(group.attrs.get("passes", {})) if group is not None else {}

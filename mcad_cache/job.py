@@ -510,8 +510,7 @@ def search_dual_weights(store: CacheStore) -> list[float]:
     duals = manifest["dual_teachers"]
     emb = load_block_embeddings(store, manifest["search"]["blocks"][0], duals)
     grid = weighing.weighting_grid(len(duals), weighing.RANKED_STEPS)
-    counts = weighing.block_top1([emb.images[t] for t in duals], [emb.texts[t] for t in duals],
-                                 [manifest["teachers"][t]["logit_scale"] for t in duals], emb.text_image, grid)
+    counts = weighing.embedding_counts(emb, duals, [manifest["teachers"][t]["logit_scale"] for t in duals], grid)
     report = weighing.summarize(duals, grid, [counts], images=len(emb.keys), captions=len(emb.text_image))
     chosen = store.publish_dual_weights({"dual_weights": report["chosen"], "rule": "ranked", "block": block_name(0),
                                          **{key: report[key] for key in ("images", "captions", "best", "gain",

@@ -107,3 +107,11 @@ def summarize(teachers: Sequence[str], weights_grid: Sequence[Sequence[float]], 
     return {"teachers": list(teachers), "images": images, "captions": captions, "rows": rows,
             "best": rows[best]["weights"], "chosen": rows[chosen]["weights"], "margin": round(margin, 4),
             "gain": round(gain, 4)}
+
+
+def embedding_counts(emb, teachers: Sequence[str], scales: Sequence[float],
+                     weights_grid: Sequence[Sequence[float]]) -> torch.Tensor:
+    """``block_top1`` of a block as ``mcad_cache.job.load_block_embeddings`` reads it (the search pass's
+    ``BlockEmbeddings``): what `mcad cache-info --weights` and the ranked rule both count."""
+    return block_top1([emb.images[t] for t in teachers], [emb.texts[t] for t in teachers], scales,
+                      emb.text_image, weights_grid)
