@@ -176,7 +176,8 @@ class McadGroup(click.Group):
 def main(verbose: bool) -> None:
     """MCAD: run image-text teachers once into a cache, then distill small students from it.
 
-    Typical order on the embedded default world: data -> teachers -> eval -> cache -> distill.
+    Typical order on the embedded default world: data -> eval -> cache -> distill (its teachers ship in
+    teachers/default; `teachers` retrains them). Your own data: eval -> cache -> distill with hub teachers.
     """
     configure_logging(verbose)
 
