@@ -75,14 +75,17 @@ def _one_lr(summaries: dict[int, dict], seeds: list[int]) -> float | None:
     return lrs.pop()
 
 
-def regime(runs: Path, teachers_json: Path, mode: str, baseline_runs: Path | None = None) -> dict:
+def regime(runs: Path, teachers_json: Path, mode: str, baseline_runs: Path | None = None,
+           student_runs: Path | None = None) -> dict:
     """The report; the contrastive baseline's runs are read from ``baseline_runs`` when given (another
-    learning rate's records, say), else from ``runs``."""
-    baseline_runs = baseline_runs or runs
-    students, baselines = seed_runs(runs, mode), seed_runs(baseline_runs, "contrastive")
+    learning rate's records, say), the default student's from ``student_runs`` when given (a new default's
+    runs beside the compared modes' records), else both from ``runs``."""
+    baseline_runs, student_runs = baseline_runs or runs, student_runs or runs
+    students, baselines = seed_runs(student_runs, mode), seed_runs(baseline_runs, "contrastive")
     seeds = sorted(set(students) & set(baselines))
     if not seeds:
-        raise SystemExit(f"no seed has both a {mode} run under {runs} and a contrastive run under {baseline_runs}")
+        raise SystemExit(f"no seed has both a {mode} run under {student_runs} and a contrastive run under "
+                         f"{baseline_runs}")
     saved = json.loads(teachers_json.read_text())
     teachers = {name: {"mean_recall": round(row["mean_recall"], 2), "params": row.get("parameters")}
                 for name, row in saved["results"].items()}
@@ -166,10 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teachers", type=Path, default=Path("artifacts/eval/teachers.json"))
     parser.add_argument("--baseline", type=Path, default=None,
                         help="where the contrastive baseline's runs are (default: --runs)")
+    parser.add_argument("--student-runs", type=Path, default=None,
+                        help="where the default student's runs are (default: --runs)")
     parser.add_argument("--mode", default="mcad", help="the default student's mode")
     parser.add_argument("--out", type=Path, default=Path("bench/results/distill.json"))
     args = parser.parse_args(argv)
-    report = regime(args.runs, args.teachers, args.mode, args.baseline)
+    report = regime(args.runs, args.teachers, args.mode, args.baseline, args.student_runs)
     atomic_write_json(args.out, report)
     atomic_write_bytes(args.out.with_suffix(".md"), markdown(report).encode())
     print(markdown(report))

@@ -175,3 +175,19 @@ def test_ablation_table_from_records_by_hand(tmp_path):
     _record(runs, "long", "mcad", 0, 50.0, steps=20)
     with pytest.raises(RecordError, match="different steps"):
         main(["--row", f"a={runs / 'mcad'}", "--row", f"b={runs / 'long'}", "--out", str(out), "--note", "x"])
+
+
+def test_the_default_students_runs_can_live_apart_from_the_compared_modes(tmp_path):
+    runs, new_default = tmp_path / "runs", tmp_path / "fd4"
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"results": {"clip_a": {"mean_recall": 70.0, "parameters": 4000}}}))
+    for seed, (old, new, dual, base) in enumerate([(60.0, 64.0, 55.0, 40.0), (61.0, 62.0, 56.0, 42.0)]):
+        _run(runs, "mcad", seed, old)
+        _run(new_default, "mcad", seed, new)
+        _run(runs, "dual_kd", seed, dual)
+        _run(runs, "contrastive", seed, base)
+    report = regime(runs, teachers, "mcad", student_runs=new_default)
+    assert report["student"]["seeds"] == {"0": 64.0, "1": 62.0}
+    assert report["modes"]["dual_kd"]["seeds"] == {"0": 55.0, "1": 56.0}
+    assert report["goals"]["mcad - dual_kd >= 1.5"]["per_seed"] == [9.0, 6.0]
+    assert report["gap_closed"] == pytest.approx(round((24 / 30 + 20 / 28) / 2, 3))
