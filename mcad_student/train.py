@@ -39,6 +39,7 @@ from mcad_student.data import CacheBatches, Position
 from mcad_student.losses import LossWeights, ammkd_kd_loss, fd_loss, ia_loss, itc_loss, kd_loss, total_loss
 from mcad_student.model import STUDENT_PRESETS, Student, StudentConfig, build_student, save_student
 from mcad_student.parallel import DeviceUnavailableError, Parallel, check_split, resolve_device
+from mcad_core.errors import InputError
 from mcad_core.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from mcad_core.lock import main_rank_writer_lock
 from mcad_core.runlog import RunLog
@@ -90,7 +91,9 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 0  # 0: only at the end
-    eval_shards: str = "data/default/val"
+    # "" (the default): the `val` split beside the store's source shards, as `mcad data` lays a world out
+    # (<world>/train, <world>/val); a store whose shards lie elsewhere needs it named (``default_eval_shards``).
+    eval_shards: str = ""
     max_nan_skips: int = 20
     # Where the student trains: "auto" (cuda:$LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda" (this
     # rank's GPU) or "cuda:N". A "where", not a "what": a run may resume on another device (RESUMABLE_CHANGES).
@@ -202,6 +205,32 @@ class DistillInputs:
     store: CacheStore
     paths: dict[str, str]
     tokenizer_dir: str
+    eval_shards: str  # the config's, or the split ``default_eval_shards`` found for it
+
+
+class NoEvalShardsError(InputError, FileNotFoundError):
+    """No --eval-shards given, and no `val` split beside the store's source shards to default to."""
+
+
+def default_eval_shards(source_paths: list[str]) -> str:
+    """The `val` split beside the store's source shards: ``<world>/val`` for shards in ``<world>/<split>/``, as
+    `mcad data` writes a world (so a student of any world is measured on that world's val split, never on the
+    default world's). Relative to the working directory when it lies inside it. Raises ``NoEvalShardsError`` when
+    the shards share no parent directory or no shard file lies in its sibling ``val``."""
+    from mcad_core.shards import NoShardsError, list_shards
+
+    parents = {Path(p).absolute().parent for p in source_paths}
+    val = next(iter(parents)).parent / "val" if len(parents) == 1 else None
+    if val is not None and val not in parents:
+        try:
+            list_shards(val)
+        except NoShardsError:
+            pass
+        else:
+            return str(val.relative_to(Path.cwd())) if val.is_relative_to(Path.cwd()) else str(val)
+    where = ", ".join(sorted(str(p) for p in parents))
+    raise NoEvalShardsError(f"no --eval-shards given and no val split beside the store's source shards ({where}): "
+                            "name the shards the student is measured on with --eval-shards")
 
 
 def check_inputs(cfg: DistillConfig) -> DistillInputs:
@@ -211,7 +240,7 @@ def check_inputs(cfg: DistillConfig) -> DistillInputs:
     run that finishes evaluates, so the shards are checked always. The store's own source shards are
     found and checked against their fingerprints, and its tokenizer against its hash, so data changed or
     moved since `mcad cache` is named here, not part-way through training. Raises FileNotFoundError (a
-    ``NoShardsError`` or ``SourceShardsError``) or ``TokenizerMismatchError``; creates nothing.
+    ``NoShardsError``, ``SourceShardsError`` or ``NoEvalShardsError``) or ``TokenizerMismatchError``; creates nothing.
     Returns what it found (the open store, source shard paths, tokenizer directory) for the run to use.
     """
     from mcad_core.shards import list_shards
@@ -219,8 +248,9 @@ def check_inputs(cfg: DistillConfig) -> DistillInputs:
     store = CacheStore.open(cfg.store)  # "no cache store at ... (run `mcad cache` first)" when absent
     paths = locate_shards(store.manifest, store.path, cfg.shards)  # missing or changed shards: SourceShardsError
     tokenizer_dir = locate_tokenizer(store.manifest, store.path, cfg.tokenizer)
-    list_shards(cfg.eval_shards)
-    return DistillInputs(store, paths, tokenizer_dir)
+    eval_shards = cfg.eval_shards or default_eval_shards(list(paths.values()))
+    list_shards(eval_shards)
+    return DistillInputs(store, paths, tokenizer_dir, eval_shards)
 
 
 @dataclass
@@ -563,6 +593,7 @@ def _distill(cfg: DistillConfig, progress: bool, stop_after: int | None, run_log
         torch.cuda.set_device(device)  # what a library allocates on "the current GPU" lands on this rank's too
     if inputs is None:
         inputs = check_inputs(cfg)  # before the run directory exists: a bad input leaves nothing behind
+    cfg = replace(cfg, eval_shards=inputs.eval_shards)  # the run's config names the split it is measured on
     tokenizer_dir = inputs.tokenizer_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

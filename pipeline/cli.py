@@ -608,7 +608,8 @@ def cache_info(store: Path, as_json: bool, lists: bool, weight_steps: int | None
                      "into its batch (unset: all k; 0: random batches).")
 @distill_option("--image-model", field="student.image_model",
                 help="Image tower of the student: 'vit' (open_clip's ViT) or a timm model name.")
-@distill_option("--eval-shards", help="Shards the final (and periodic) recall is measured on.")
+@distill_option("--eval-shards", help="Shards the final (and periodic) recall is measured on (default: the val split "
+                                      "beside the store's source shards, e.g. data/W/val for data/W/train).")
 @click.option("--shards", help="Directory that now holds the store's source shards, if they moved since `mcad cache` "
                                "(default: the paths the store records, absolute or relative to the store). Found by "
                                "file name and checked against the store's fingerprints before the first step.")
@@ -672,6 +673,7 @@ def distill(config_file: Path | None, teacher_table: Path, results_json: Path | 
         raise click.UsageError(problem)
     try:
         inputs = check_inputs(cfg)  # a missing or changed input is named first (exit 3); the store is opened once
+        cfg = replace(cfg, eval_shards=inputs.eval_shards)
         if problem := batch_size_problem(inputs.store, cfg.batch_size):
             raise click.UsageError(problem)
         summary = run_distill(cfg, inputs=inputs)
@@ -818,8 +820,9 @@ def _teacher_rows(path: Path, eval_shards: str) -> dict:
 @click.option("--rows", default="a,b,c,d,e,f", show_default=True, help="Which rows: a..f (see the README).")
 @click.option("--online-seeds", default="0", show_default=True,
               help="Seeds of the online row (f), which runs the teachers every step and is much slower.")
-@click.option("--eval-shards", default="data/default/val", show_default=True,
-              help="Shards every row's recall is measured on (with --report-only: read from the runs).")
+@click.option("--eval-shards", default="",
+              help="Shards every row's recall is measured on (default: the val split beside the store's source "
+                   "shards; with --report-only: read from the runs).")
 @click.option("--report-only", is_flag=True,
               help="Train nothing and load no model: the table of the runs already finished under --out (others, "
                    "e.g. still training in another process, are left out). Steps, batch size and eval shards come "
@@ -853,7 +856,7 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
         lr = settings["lr"]
         seeds_text = f"the finished runs of seeds {list(seed_list)} (the seeds column counts them)"
     else:
-        from mcad_student.train import DistillConfig, ResumeMismatchError
+        from mcad_student.train import DistillConfig, ResumeMismatchError, check_inputs
         from pipeline.ablation import run_ablation
 
         try:
@@ -861,6 +864,12 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
                                  **({"steps": steps} if steps is not None else {}))
         except ValueError as err:
             raise click.UsageError(str(err)) from err
+        try:
+            eval_shards = check_inputs(base).eval_shards  # a missing input: exit 3 before any row trains
+        except (FileNotFoundError, ValueError) as err:  # shards, store, tokenizer: named, as `mcad distill` does
+            click.echo(f"error: {err}", err=True)
+            sys.exit(3)
+        base = replace(base, eval_shards=eval_shards)
         try:
             results = run_ablation(base, out_dir, seed_list, row_list, online_seeds=online_list)
         except (StaleRowError, ResumeMismatchError) as err:

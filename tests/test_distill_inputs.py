@@ -132,3 +132,43 @@ def test_resume_check_treats_relative_and_absolute_paths_to_the_same_files_alike
     assert "eval_shards" not in config_differences(relative.to_dict(), absolute, "test")
     elsewhere = dataclasses.replace(relative, eval_shards=str(tiny_world / "test"))
     assert "eval_shards" in config_differences(relative.to_dict(), elsewhere, "test")
+
+
+def test_eval_shards_default_to_the_val_split_beside_the_stores_shards(tiny_cache, tiny_world):
+    """No --eval-shards: a student is measured on its own world's val split (tiny_world/val for a store of
+    tiny_world/train), never on a path that names the default world."""
+    from mcad_student.train import check_inputs
+
+    inputs = check_inputs(DistillConfig(store=tiny_cache))
+    assert Path(inputs.eval_shards).resolve() == (tiny_world / "val").resolve()
+    assert check_inputs(DistillConfig(store=tiny_cache, eval_shards=str(tiny_world / "test"))).eval_shards == str(
+        tiny_world / "test")  # a named split is kept as given
+
+
+def test_no_val_split_beside_the_shards_is_a_named_error_before_training(tiny_world, tmp_path):
+    import shutil
+
+    from mcad_student.train import NoEvalShardsError, default_eval_shards
+    from mcad_core.shards import list_shards
+
+    moved = tmp_path / "only_train" / "train"
+    shutil.copytree(tiny_world / "train", moved)
+    with pytest.raises(NoEvalShardsError, match="no --eval-shards given and no val split beside"):
+        default_eval_shards(list_shards(moved))
+    assert Path(default_eval_shards(list_shards(tiny_world / "train"))).resolve() == (tiny_world / "val").resolve()
+    # Shards spread over two directories have no one sibling val split.
+    with pytest.raises(NoEvalShardsError):
+        default_eval_shards([*list_shards(moved), *list_shards(tiny_world / "train")])
+
+
+def test_cli_without_eval_shards_measures_on_the_stores_val_split_and_records_it(tiny_cache, tiny_world, tmp_path):
+    out, config = tmp_path / "run", tmp_path / "distill.json"
+    config.write_text(json.dumps({"student": {"image_size": 32, "text_layers": 1, "text_width": 32, "text_heads": 2,
+                                              "text_intermediate": 64, "embed_dim": 16},
+                                  "batch_size": 16, "warmup": 1, "threads": 1}))
+    result = CliRunner().invoke(main, ["distill", "--config", str(config), "--store", str(tiny_cache), "--out",
+                                       str(out), "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert Path(summary["eval_shards"]).resolve() == (tiny_world / "val").resolve()
+    assert Path(json.loads((out / "config.json").read_text())["eval_shards"]).resolve() == (tiny_world / "val").resolve()
