@@ -608,8 +608,8 @@ def cache_info(store: Path, as_json: bool, lists: bool, weight_steps: int | None
                      "into its batch (unset: all k; 0: random batches).")
 @distill_option("--image-model", field="student.image_model",
                 help="Image tower of the student: 'vit' (open_clip's ViT) or a timm model name.")
-@distill_option("--eval-shards", help="Shards the final (and periodic) recall is measured on (default: the val split "
-                                      "beside the store's source shards, e.g. data/W/val for data/W/train).")
+@distill_option("--eval-shards", shown=lambda value: value or "the val split beside the store's source shards",
+                help="Shards the final (and periodic) recall is measured on (data/W/val for a store of data/W/train).")
 @click.option("--shards", help="Directory that now holds the store's source shards, if they moved since `mcad cache` "
                                "(default: the paths the store records, absolute or relative to the store). Found by "
                                "file name and checked against the store's fingerprints before the first step.")

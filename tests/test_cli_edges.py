@@ -304,7 +304,8 @@ def test_distill_help_shows_the_distillconfig_defaults():
     expected = {"store": cfg.store, "out_dir": cfg.out_dir, "mode": cfg.mode, "steps": cfg.steps,
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup": cfg.warmup, "seed": cfg.seed,
                 "alpha": cfg.loss.alpha, "beta": cfg.loss.beta, "gamma": cfg.loss.gamma,
-                "kd_direction": cfg.loss.kd_direction, "batching": cfg.batching, "eval_shards": cfg.eval_shards,
+                "kd_direction": cfg.loss.kd_direction, "batching": cfg.batching,
+                "eval_shards": cfg.eval_shards or "the val split beside the store's source shards",
                 "checkpoint_every": cfg.checkpoint_every, "fusion_a": cfg.fusion_a, "amp": "no-amp",
                 "student_preset": "vit"}
     records = _help_records(distill, set(expected))
