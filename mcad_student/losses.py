@@ -53,7 +53,7 @@ class LossWeights:
     # image-to-text rows at alpha 0.5 (the default chosen against weaker teachers) reached 57.8 (seed 0);
     # alpha 2 gave 64.9 as well.
     alpha: float = field(default=1.0, metadata={"term": "kd"})
-    # fd at 4, ia at 1: fd at 4 passed fd at 1 on every seed of both worlds (default world: +0.8 / +1.9 / -0.6, mean
+    # fd at 4, ia at 1: fd at 4 passed fd at 1 on the mean of both worlds (default world: +0.8 / +1.9 / -0.6, mean
     # +0.7, sd 1.4 -> 0.4; second world: +1.3 / +1.0 / +0.9; fd at 8: worse), docs/results.md ("fd at 4"). fd and ia at 1 over fused_kd: "The
     # regime". Against teachers weaker than the student they cost 5.7 at weight 1 (docs/experiments.md).
     beta: float = field(default=4.0, metadata={"term": "fd"})
