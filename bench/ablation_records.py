@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from bench.records import RecordError, read_record
-from pipeline.ablation import write_report
+from pipeline.ablation import PAIRS, write_report
 
 
 def row_runs(prefix: Path) -> list[dict]:
@@ -55,16 +55,29 @@ def _row(text: str) -> tuple[str, Path]:
     return label, Path(prefix)
 
 
+def _pair(text: str) -> tuple[str, str]:
+    label, sep, against = text.partition("=")
+    if not sep or not label or not against:
+        raise argparse.ArgumentTypeError(f"expected ROW=AGAINST, got {text!r}")
+    return label, against
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", type=_row, action="append", required=True,
                         help="LABEL=DIR/VARIANT: the row's records are DIR/VARIANT_s<seed>.json (repeat, in order)")
+    parser.add_argument("--pair", type=_pair, action="append", default=[],
+                        help="ROW=AGAINST: also pair these two rows by seed (repeat); the rows (a)-(e) always are")
     parser.add_argument("--out", type=Path, required=True, help="directory for ablation.{json,md,png}")
     parser.add_argument("--note", required=True, help="the line above the table: what the runs were")
     args = parser.parse_args(argv)
     results = results_from(args.row)
+    labels = {label for label, _ in args.row}
+    unknown = sorted({label for pair in args.pair for label in pair} - labels)
+    if unknown:
+        parser.error(f"--pair names rows with no --row: {unknown}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for entry in write_report(results, args.out, args.note):
+    for entry in write_report(results, args.out, args.note, PAIRS + tuple(args.pair)):
         print(f"({entry['row']}) {entry['mode']}: {entry['seeds']} seeds, mean recall {entry['mean_recall']:.1f} "
               f"± {entry['mean_recall_sd']:.1f}, candidates_in_batch {entry['candidates_in_batch']}")
 

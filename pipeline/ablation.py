@@ -187,14 +187,15 @@ def aggregate(results: dict) -> list[dict]:
 PAIRS = (("b", "a"), ("c", "a"), ("d", "a"), ("e", "a"), ("c", "b"), ("d", "b"), ("e", "b"), ("d", "c"))
 
 
-def paired(results: dict, metric: str = "mean_recall") -> list[dict]:
-    """Per-seed differences ``row - against`` on ``metric``, for the pairs both of whose rows ran.
+def paired(results: dict, metric: str = "mean_recall",
+           pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[dict]:
+    """Per-seed differences ``row - against`` on ``metric``, for the ``(row, against)`` pairs both of whose rows ran.
 
     Seeds pair runs that share the initialization and the batch order, so a difference per seed
     removes most of the seed-to-seed spread that a difference of means keeps.
     """
     out = []
-    for label, against in PAIRS:
+    for label, against in pairs:
         if label not in results or against not in results:
             continue
         mine = {r["seed"]: r["recalls"][metric] for r in results[label]["runs"] if "seed" in r}
@@ -249,9 +250,10 @@ def plot(table: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_report(results: dict, out: Path, note: str) -> list[dict]:
+def write_report(results: dict, out: Path, note: str,
+                 pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[dict]:
     table = aggregate(results)
-    pairs = paired(results)
+    pairs = paired(results, pairs=pairs)
     atomic_write_json(out / "ablation.json", {"rows": table, "paired": pairs, "runs": results})
     atomic_write_bytes(out / "ablation.md", markdown(table, note, pairs).encode())
     plot(table, out / "ablation.png")

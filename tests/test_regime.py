@@ -177,6 +177,24 @@ def test_ablation_table_from_records_by_hand(tmp_path):
         main(["--row", f"a={runs / 'mcad'}", "--row", f"b={runs / 'long'}", "--out", str(out), "--note", "x"])
 
 
+def test_ablation_records_pairs_extra_rows_by_seed(tmp_path):
+    from bench.ablation_records import main
+
+    runs = tmp_path / "runs"
+    for seed, (d, g) in enumerate([(80.0, 78.5), (81.0, 81.5), (82.0, 79.0)]):
+        _record(runs, "mcad", "mcad", seed, d)
+        _record(runs, "mcad-gamma0", "mcad", seed, g)
+    out = tmp_path / "out"
+    main(["--row", f"d={runs / 'mcad'}", "--row", f"g={runs / 'mcad-gamma0'}", "--pair", "g=d",
+          "--out", str(out), "--note", "extra pair"])
+    (pair,) = json.loads((out / "ablation.json").read_text())["paired"]
+    assert (pair["row"], pair["against"]) == ("g", "d")
+    assert pair["diffs"] == [-1.5, 0.5, -3.0] and pair["mean"] == pytest.approx(-4.0 / 3) and pair["wins"] == 1
+    assert "| (g) | (d) | -1.5, +0.5, -3.0 | -1.3 ± 1.8 | 1/3 |" in (out / "ablation.md").read_text()
+    with pytest.raises(SystemExit):  # a pair naming a row that is not in the table is refused
+        main(["--row", f"d={runs / 'mcad'}", "--pair", "g=d", "--out", str(out), "--note", "x"])
+
+
 def test_the_default_students_runs_can_live_apart_from_the_compared_modes(tmp_path):
     runs, new_default = tmp_path / "runs", tmp_path / "fd4"
     teachers = tmp_path / "teachers.json"
