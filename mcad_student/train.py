@@ -217,6 +217,7 @@ def default_eval_shards(source_paths: list[str]) -> str:
     `mcad data` writes a world (so a student of any world is measured on that world's val split, never on the
     default world's). Relative to the working directory when it lies inside it. Raises ``NoEvalShardsError`` when
     the shards share no parent directory or no shard file lies in its sibling ``val``."""
+    from mcad_core.paths import relative_to_cwd
     from mcad_core.shards import NoShardsError, list_shards
 
     parents = {Path(p).absolute().parent for p in source_paths}
@@ -227,7 +228,7 @@ def default_eval_shards(source_paths: list[str]) -> str:
         except NoShardsError:
             pass
         else:
-            return str(val.relative_to(Path.cwd())) if val.is_relative_to(Path.cwd()) else str(val)
+            return relative_to_cwd(val)
     where = ", ".join(sorted(str(p) for p in parents))
     raise NoEvalShardsError(f"no --eval-shards given and no val split beside the store's source shards ({where}): "
                             "name the shards the student is measured on with --eval-shards")

@@ -17,6 +17,7 @@ from mcad_world.config import BLIP_VISION_INITS, TEACHERS, TeachersConfig
 from mcad_cache.config import DUAL_WEIGHTINGS, TEACHER_PRECISIONS, CacheConfig
 from mcad_core.config import EvalConfig
 from mcad_core.errors import InputError
+from mcad_core.paths import relative_to_cwd
 from mcad_core.runlog import MCAD_LOGGERS
 from mcad_student.choices import AMMKD_WEIGHTINGS, BATCHINGS, KD_DIRECTIONS, KD_KINDS, PRECISIONS
 
@@ -877,17 +878,10 @@ def ablation(store: Path, out_dir: Path, steps: int, seeds: str, rows: str, onli
         row_steps, batch_size, lr, seeds_text = base.steps, base.batch_size, base.lr, f"seeds {list(seed_list)}"
     lr_text = f"peak lr {lr:g}, " if lr is not None else ""
     note = (f"{row_steps} steps per row, batch {batch_size}, {lr_text}{seeds_text} (online row: "
-            f"{list(online_list)}), recalls on {_relative_to_cwd(eval_shards)} (mean ± sd over seeds).")
+            f"{list(online_list)}), recalls on {relative_to_cwd(eval_shards)} (mean ± sd over seeds).")
     table = write_report(results, out_dir, note)
     click.echo((out_dir / "ablation.md").read_text())
     click.echo(f"wrote {out_dir}/ablation.json, ablation.md, ablation.png ({len(table)} rows)")
-
-
-def _relative_to_cwd(path: str) -> str:
-    """``path`` relative to the working directory when it lies inside it (as the report names it: no machine's
-    absolute paths in committed results), else as given."""
-    absolute = Path(path).absolute()
-    return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else path
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
