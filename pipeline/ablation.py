@@ -253,8 +253,8 @@ def plot(table: list[dict], path: Path) -> None:
 def write_report(results: dict, out: Path, note: str,
                  pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[dict]:
     table = aggregate(results)
-    pairs = paired(results, pairs=pairs)
-    atomic_write_json(out / "ablation.json", {"rows": table, "paired": pairs, "runs": results})
-    atomic_write_bytes(out / "ablation.md", markdown(table, note, pairs).encode())
+    comparisons = paired(results, pairs=pairs)
+    atomic_write_json(out / "ablation.json", {"rows": table, "paired": comparisons, "runs": results})
+    atomic_write_bytes(out / "ablation.md", markdown(table, note, comparisons).encode())
     plot(table, out / "ablation.png")
     return table
