@@ -48,18 +48,21 @@ def results_from(rows: list[tuple[str, Path]]) -> dict:
     return results
 
 
+def _assignment(text: str, form: str) -> tuple[str, str]:
+    """``NAME=VALUE`` as its two non-empty halves; anything else is a usage error showing ``form``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+    return name, value
+
+
 def _row(text: str) -> tuple[str, Path]:
-    label, sep, prefix = text.partition("=")
-    if not sep or not label or not prefix:
-        raise argparse.ArgumentTypeError(f"expected LABEL=DIR/VARIANT, got {text!r}")
+    label, prefix = _assignment(text, "LABEL=DIR/VARIANT")
     return label, Path(prefix)
 
 
 def _pair(text: str) -> tuple[str, str]:
-    label, sep, against = text.partition("=")
-    if not sep or not label or not against:
-        raise argparse.ArgumentTypeError(f"expected ROW=AGAINST, got {text!r}")
-    return label, against
+    return _assignment(text, "ROW=AGAINST")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for ablation.{json,md,png}")
     parser.add_argument("--note", required=True, help="the line above the table: what the runs were")
     args = parser.parse_args(argv)
-    results = results_from(args.row)
     labels = {label for label, _ in args.row}
     unknown = sorted({label for pair in args.pair for label in pair} - labels)
-    if unknown:
+    if unknown:  # refused before any record is read
         parser.error(f"--pair names rows with no --row: {unknown}")
+    results = results_from(args.row)
     args.out.mkdir(parents=True, exist_ok=True)
     for entry in write_report(results, args.out, args.note, PAIRS + tuple(args.pair)):
         print(f"({entry['row']}) {entry['mode']}: {entry['seeds']} seeds, mean recall {entry['mean_recall']:.1f} "
